@@ -1,0 +1,1 @@
+"""Triton code generation: attention templates and kernels generated from fused graph groups."""

@@ -1,0 +1,29 @@
+"""fusegen: an ahead-of-time graph compiler for decoder-only language models.
+
+    import fusegen
+    compiled = fusegen.compile(model)          # capture -> passes -> CompiledModel
+    logits = compiled(input_ids)
+"""
+
+__version__ = "0.1.0"
+
+from fusegen import ops  # noqa: F401  (registers the fusegen:: ops)
+from fusegen.capture import capture
+from fusegen.compiler import CompiledModel, CompileReport, compile
+from fusegen.config import CompileConfig
+from fusegen.errors import (ConfigError, FusegenError, ModelNotFoundError, PassError,
+                            UnsupportedModelError, VerificationError)
+
+
+def load_model(name_or_path, **kwargs):
+    """Load a local HF model directory or the bundled default model (see fusegen.models)."""
+    from fusegen.models import load_model as _load
+
+    return _load(name_or_path, **kwargs)
+
+
+__all__ = [
+    "__version__", "capture", "compile", "load_model", "CompiledModel", "CompileReport",
+    "CompileConfig", "FusegenError", "UnsupportedModelError", "ModelNotFoundError",
+    "ConfigError", "PassError", "VerificationError",
+]

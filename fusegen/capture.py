@@ -1,0 +1,177 @@
+"""Capture: an unmodified decoder model -> a torch.fx GraphModule with symbolic sizes.
+
+The forward pass is traced by ``torch.export`` (non-strict) with dynamic batch and
+sequence dims, through a wrapper whose signature is fixed:
+
+    graph(input_ids [B,S] int64, attention_mask [B,S] int64, position_ids [B,S] int64)
+        -> logits [B,S,V]
+
+Explicit ``position_ids`` make positions a graph input from the start, which is what the
+KV-cache passes need. Capture leaves the user's model as it was: training flag and attention
+implementation are restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import traceback
+
+import torch
+from torch import nn
+
+from fusegen.errors import UnsupportedModelError
+
+GRAPH_INPUTS = ("input_ids", "attention_mask", "position_ids")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+class _LogitsOnly(nn.Module):
+    """Fixed signature for export; forwards only the inputs the model accepts."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.m = model
+        params = inspect.signature(model.forward).parameters
+        self._takes = {name for name in GRAPH_INPUTS[1:] if name in params}
+        self._hf = hasattr(model, "config") and "use_cache" in params
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        kwargs = {}
+        if "attention_mask" in self._takes:
+            kwargs["attention_mask"] = attention_mask
+        if "position_ids" in self._takes:
+            kwargs["position_ids"] = position_ids
+        if self._hf:
+            kwargs["use_cache"] = False
+        out = self.m(input_ids, **kwargs)
+        if isinstance(out, torch.Tensor):
+            return out
+        return out.logits
+
+
+def model_class_name(model: nn.Module) -> str:
+    return type(model).__name__
+
+
+def _check_decoder(model: nn.Module) -> None:
+    name = model_class_name(model)
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(type(model).__name__, "<model>", "not a torch.nn.Module")
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(name, f"{name}.config", "encoder-decoder models are not decoder-only causal LMs")
+    if "input_ids" not in inspect.signature(model.forward).parameters and not _first_param_ok(model):
+        raise UnsupportedModelError(name, f"{name}.forward", "forward takes no token ids")
+
+
+def _first_param_ok(model: nn.Module) -> bool:
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return bool(params)
+
+
+@contextlib.contextmanager
+def _temporarily(model: nn.Module, attn_implementation: str | None):
+    """Eval mode and the requested attention implementation, undone on exit."""
+    was_training = model.training
+    config = getattr(model, "config", None)
+    previous = getattr(config, "_attn_implementation", None) if config is not None else None
+    switch = attn_implementation is not None and config is not None and previous != attn_implementation
+    model.eval()
+    try:
+        if switch:
+            model.set_attn_implementation(attn_implementation)
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(previous)
+        model.train(was_training)
+
+
+def _vocab_size(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "vocab_size", None):
+        return int(config.vocab_size)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is None:
+        emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if emb is None:
+        raise UnsupportedModelError(model_class_name(model), "<model>", "no token embedding found")
+    return int(emb.num_embeddings)
+
+
+def example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> tuple[torch.Tensor, ...]:
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, _vocab_size(model), (batch, seq), generator=g).to(device)
+    mask = torch.ones(batch, seq, dtype=torch.long, device=device)
+    pos = torch.arange(seq, device=device).expand(batch, seq).contiguous()
+    return ids, mask, pos
+
+
+def capture(model: nn.Module, *, attn_implementation: str | None = None,
+            verify: bool = True) -> torch.fx.GraphModule:
+    """Trace ``model`` into an fx GraphModule ``(input_ids, attention_mask, position_ids) -> logits``.
+
+    ``attn_implementation`` selects the HF attention code path traced ("sdpa" or "eager";
+    None keeps the model's own). With ``verify`` the graph is run once on example inputs and
+    compared with the model. Raises UnsupportedModelError naming the class and the module/op
+    that failed."""
+    name = model_class_name(model)
+    _check_decoder(model)
+    if attn_implementation is not None and attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}")
+    if getattr(model, "config", None) is None:
+        attn_implementation = None
+    wrapper = _LogitsOnly(model)
+    args = example_inputs(model)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    seq = torch.export.Dim("seq", min=1, max=1 << 20)
+    dims = {name_: {0: batch, 1: seq} for name_ in GRAPH_INPUTS}
+    with _temporarily(model, attn_implementation), torch.no_grad():
+        try:
+            ep = torch.export.export(wrapper, args, dynamic_shapes=dims, strict=False)
+        except Exception as exc:  # export raises many types; all mean "cannot capture"
+            raise UnsupportedModelError(name, _where(exc, model), _reason(exc)) from exc
+        gm = ep.module()
+        if verify:
+            _verify(gm, model, wrapper, args, name)
+    gm.meta["fusegen_model_class"] = name
+    gm.meta["fusegen_attn_implementation"] = attn_implementation or getattr(
+        getattr(model, "config", None), "_attn_implementation", "plain")
+    return gm
+
+
+def _verify(gm, model, wrapper, args, name) -> None:
+    expected = wrapper(*args)
+    got = gm(*args)
+    tol = 1e-4 if expected.dtype == torch.float32 else 2e-2
+    err = (got.float() - expected.float()).abs().max().item()
+    if not err <= tol * max(1.0, expected.float().abs().max().item()):
+        raise UnsupportedModelError(name, "<captured graph>",
+                                    f"captured graph disagrees with eager forward (max abs error {err:.3g})")
+
+
+def _reason(exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"torch.export failed with {type(exc).__name__}: {first[:300]}"
+
+
+def _where(exc: BaseException, model: nn.Module) -> str:
+    """The innermost module of ``model`` on the failing stack, as 'path (Class.forward, file:line)'."""
+    paths = {id(m): p or "<root>" for p, m in model.named_modules()}
+    frames = traceback.extract_tb(exc.__traceback__)
+    tb = exc.__traceback__
+    found = None
+    while tb is not None:
+        module = tb.tb_frame.f_locals.get("self")
+        if isinstance(module, nn.Module) and id(module) in paths:
+            found = (paths[id(module)], type(module).__name__, tb.tb_frame.f_code.co_name,
+                     tb.tb_frame.f_code.co_filename, tb.tb_lineno)
+        tb = tb.tb_next
+    if found is None:
+        last = frames[-1] if frames else None
+        return f"{last.filename}:{last.lineno}" if last else "<unknown>"
+    path, cls, fn, filename, line = found
+    return f"module '{path}' ({cls}.{fn}, {filename.rsplit('/', 1)[-1]}:{line})"

@@ -1,0 +1,139 @@
+"""``fusegen-cli``: the command line.
+
+    fusegen-cli inspect [MODEL] [--dump-dir DIR] [--config STR]
+
+Each subcommand is one function registered with ``@command(name, help, *arguments)``; its
+arguments are declared next to it with ``arg(...)`` (the same parameters as argparse's
+``add_argument``). A user error (``FusegenError``, a missing file, a bad value) ends the
+command with one line on stderr, ``fusegen-cli: error: <message>``, and exit status 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from typing import Callable
+
+from fusegen import __version__
+from fusegen.errors import FusegenError
+from fusegen.models import DEFAULT_MODEL
+
+PROG = "fusegen-cli"
+EXIT_USER_ERROR = 2
+
+_COMMANDS: list[tuple[str, str, tuple, Callable[[argparse.Namespace], int]]] = []
+
+
+def arg(*flags, **options) -> tuple:
+    """One argument of a subcommand, as argparse's ``add_argument(*flags, **options)``."""
+    return flags, options
+
+
+def command(name: str, help: str, *arguments: tuple):
+    """Register ``fn(args) -> int`` as the subcommand ``name``."""
+    def register(fn: Callable[[argparse.Namespace], int]):
+        _COMMANDS.append((name, help, arguments, fn))
+        return fn
+    return register
+
+
+# Arguments shared by the subcommands that take a model.
+MODEL_ARG = arg("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
+                help=f"a local Hugging Face model directory (config.json + *.safetensors) or a "
+                     f"bundled model name (default: {DEFAULT_MODEL})")
+CONFIG_ARG = arg("--config", metavar="STR", default=None,
+                 help="compile configuration, e.g. 'preset=stateless' or "
+                      "'fuse_attention=1,block_size=32' (default: the default preset)")
+
+
+def _parse_config(text: str | None):
+    from fusegen.config import CompileConfig
+
+    return None if text is None else CompileConfig.from_string(text)
+
+
+# --- subcommands ----------------------------------------------------------------------------
+
+@command("inspect", "compile a model and print what every pass did",
+         MODEL_ARG,
+         arg("--dump-dir", metavar="DIR", default=None,
+             help="write the graph after every pass (NN_<pass>.py) and summary.txt/json here"),
+         CONFIG_ARG)
+def inspect(args: argparse.Namespace) -> int:
+    import fusegen
+    from fusegen.models import load_model
+
+    config = _parse_config(args.config)  # before loading, so a typo fails fast
+    model = load_model(args.model)
+    compiled = fusegen.compile(model, config=config, dump_dir=args.dump_dir)
+    print(compiled.report.table())
+    if compiled.report.dump_dir:
+        print(f"dumps written to {compiled.report.dump_dir}")
+    return 0
+
+
+# --- entry point ----------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="fusegen: an ahead-of-time graph compiler for decoder-only language models.")
+    parser.add_argument("--version", action="version", version=f"fusegen {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of a one-line message")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_text, arguments, fn in _COMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        for flags, options in arguments:
+            p.add_argument(*flags, **options)
+        p.set_defaults(run=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``fusegen-cli`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, and argparse's own usage errors
+        return e.code if isinstance(e.code, int) else EXIT_USER_ERROR
+    try:
+        with _progress_messages_on_stderr():
+            return args.run(args)
+    except (FusegenError, FileNotFoundError, ValueError) as e:
+        return _user_error(e, args.debug)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _user_error(error: BaseException, debug: bool) -> int:
+    if debug:
+        raise error
+    message = " ".join(str(error).split()) or type(error).__name__
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+@contextlib.contextmanager
+def _progress_messages_on_stderr():
+    """Let fusegen's INFO messages (e.g. the one-time model conversion) reach stderr while a
+    command runs."""
+    logger = logging.getLogger("fusegen")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

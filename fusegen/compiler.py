@@ -1,0 +1,188 @@
+"""``fusegen.compile``: capture -> passes -> a CompiledModel."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from fusegen.capture import capture, model_class_name
+from fusegen.config import CompileConfig
+from fusegen.passes.dump import DumpWriter, PassRecord, op_table, resolve_dump_dir, summary_table
+from fusegen.passes.infra import PassContext
+from fusegen.passes.pipeline import run_pipeline
+from fusegen.runtime.dense import DenseRunner
+from fusegen.runtime.generate import greedy_dense, greedy_paged
+from fusegen.runtime.paged import PagedRunner, Sequence
+
+
+@dataclass
+class CompileReport:
+    model_class: str
+    config: CompileConfig
+    records: list[PassRecord] = field(default_factory=list)
+    dump_dir: str | None = None
+
+    @property
+    def counters(self) -> Counter:
+        """Every rewrite counter, as ``"<pass>.<counter>"``."""
+        total: Counter = Counter()
+        for r in self.records:
+            total.update({f"{r.name}.{k}": v for k, v in r.stats.items()})
+        return total
+
+    @property
+    def seconds(self) -> float:
+        return sum(r.seconds for r in self.records)
+
+    def table(self) -> str:
+        head = f"{self.model_class}  config: {self.config}  total: {self.seconds:.2f} s"
+        return head + "\n" + summary_table(self.records)
+
+    def op_table(self) -> str:
+        return op_table(self.records)
+
+
+class CompiledModel:
+    """A captured and optimized model. Call it like the HF model's forward for logits;
+    ``generate`` like HF's greedy ``generate``."""
+
+    def __init__(self, gm: fx.GraphModule, report: CompileReport, facts: dict):
+        self.graph_module = gm
+        self.report = report
+        self.facts = facts
+        names = {n.target for n in gm.graph.nodes if n.op == "placeholder"}
+        self.kind = "paged" if "kv_pool" in names else "dense" if "kv_cache" in names else "stateless"
+
+    @property
+    def config(self) -> CompileConfig:
+        return self.report.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.facts["device"]
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, S, V] for ``input_ids`` [B, S]; ``attention_mask`` [B, S] marks real tokens
+        (left padding). ``position_ids`` default to 0..S-1 for every row, as HF's forward does.
+        Padding positions of a stateful graph get zero logits (they are never computed)."""
+        input_ids, attention_mask, position_ids = _full_inputs(input_ids, attention_mask, position_ids)
+        if self.kind == "stateless":
+            return self.graph_module(input_ids, attention_mask, position_ids)
+        if self.kind == "dense":
+            runner = DenseRunner(self.graph_module, self.facts["kv"], input_ids.shape[0],
+                                 input_ids.shape[1], input_ids.device)
+            return runner.step(input_ids, attention_mask, position_ids)
+        return self._paged_forward(input_ids, attention_mask, position_ids)
+
+    def _paged_forward(self, input_ids, attention_mask, position_ids):
+        real = attention_mask.bool()
+        seqs = [Sequence(input_ids[b, real[b]].tolist(), position_ids[b, real[b]].tolist())
+                for b in range(input_ids.shape[0])]
+        runner = self._paged_runner([len(s.tokens) for s in seqs])
+        logits = runner.step(seqs, [len(s.tokens) for s in seqs])
+        out = logits.new_zeros(*input_ids.shape, logits.shape[-1])
+        out[real] = logits
+        return out
+
+    def _paged_runner(self, lengths: list[int]) -> PagedRunner:
+        bs = self.facts["kv"]["block_size"]
+        blocks = sum(-(-n // bs) for n in lengths)
+        return PagedRunner(self.graph_module, self.facts["kv"], blocks, self.device)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20,
+                 attention_mask: torch.Tensor | None = None, eos_token_id=None,
+                 pad_token_id: int | None = None) -> torch.Tensor:
+        """Greedy decoding. Returns [B, S + n] like HF: the (left-padded) prompts followed by
+        the new tokens, rows that stopped early (eos) filled with ``pad_token_id``."""
+        if self.kind == "stateless":
+            raise ValueError("generate needs a stateful graph; compile with insert_kv_cache=1")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        input_ids, attention_mask, _ = _full_inputs(input_ids, attention_mask, None)
+        eos = _eos_set(self.facts.get("eos_token_id") if eos_token_id is None else eos_token_id)
+        real = attention_mask.bool()
+        prompts = [input_ids[b, real[b]].tolist() for b in range(input_ids.shape[0])]
+        if min(len(p) for p in prompts) == 0:
+            raise ValueError("every row of attention_mask needs at least one real token")
+        self._check_length(max(len(p) for p in prompts) + max_new_tokens)
+        if self.kind == "paged":
+            runner = self._paged_runner([len(p) + max_new_tokens for p in prompts])
+            new = greedy_paged(runner, prompts, max_new_tokens, eos)
+        else:
+            runner = DenseRunner(self.graph_module, self.facts["kv"], input_ids.shape[0],
+                                 input_ids.shape[1] + max_new_tokens, input_ids.device)
+            new = greedy_dense(runner, input_ids, attention_mask, max_new_tokens, eos)
+        pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
+        width = max(len(n) for n in new)
+        rows = [n + [pad] * (width - len(n)) for n in new]
+        return torch.cat([input_ids, torch.tensor(rows, dtype=input_ids.dtype, device=input_ids.device)], 1)
+
+    def _check_length(self, total: int) -> None:
+        limit = self.facts.get("max_position_embeddings") or self.facts.get("n_positions")
+        if limit and total > limit:
+            raise ValueError(f"prompt + max_new_tokens = {total} exceeds the model's "
+                             f"{limit} positions")
+
+    def __repr__(self) -> str:
+        return f"CompiledModel({self.report.model_class}, config={self.config})"
+
+
+def _eos_set(eos) -> set[int]:
+    if eos is None:
+        return set()
+    return {int(e) for e in eos} if isinstance(eos, (list, tuple, set)) else {int(eos)}
+
+
+def _full_inputs(input_ids, attention_mask, position_ids):
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    B, S = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
+    elif attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {(B, S)}")
+    if position_ids is None:
+        position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
+    return input_ids, attention_mask.long(), position_ids
+
+
+def compile(model: nn.Module, config: CompileConfig | str | None = None, *, dump_dir=None,
+            calibration_ids: torch.Tensor | None = None) -> CompiledModel:
+    """Capture ``model`` and run the pass pipeline. ``dump_dir`` (or $FUSEGEN_DUMP_DIR) writes
+    the graph after every pass and a summary. The user's model is left as it was."""
+    if config is None:
+        config = CompileConfig()
+    elif isinstance(config, str):
+        config = CompileConfig.from_string(config)
+    directory = resolve_dump_dir(dump_dir)
+    start = time.perf_counter()
+    gm = capture(model)
+    capture_seconds = time.perf_counter() - start
+    ctx = PassContext(config=config, calibration_ids=calibration_ids, facts=_model_facts(model))
+    dump = DumpWriter(directory) if directory else None
+    gm, records = run_pipeline(gm, ctx, dump, capture_seconds)
+    report = CompileReport(model_class_name(model), config, records, str(directory) if directory else None)
+    return CompiledModel(gm, report, ctx.facts)
+
+
+def _model_facts(model: nn.Module) -> dict:
+    config = getattr(model, "config", None)
+    facts = {"model_class": model_class_name(model)}
+    if config is not None:
+        for key in ("vocab_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                    "hidden_size", "max_position_embeddings", "eos_token_id", "n_positions"):
+            if getattr(config, key, None) is not None:
+                facts[key] = getattr(config, key)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and generation.eos_token_id is not None:
+        facts["eos_token_id"] = generation.eos_token_id
+    param = next(model.parameters())
+    facts["dtype"], facts["device"] = param.dtype, param.device
+    return facts

@@ -1,0 +1,122 @@
+"""One typed compile configuration: a frozen dataclass, named presets, and a one-line
+string form (``"preset=default,fuse_attention=1,gqa_kv_heads=1,gqa_method=lsq"``) for the
+CLI and logs."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+
+from fusegen.errors import ConfigError
+
+GQA_METHODS = ("mean", "lsq")
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    # Graph passes.
+    cleanup: bool = True
+    fuse_attention: bool = True
+    strict: bool = False  # an attention site that cannot be proven equivalent is an error
+    insert_kv_cache: bool = True
+    paged_kv: bool = True
+    # Lossy, opt-in: reduce the number of KV heads to this many (0 = keep).
+    gqa_kv_heads: int = 0
+    gqa_method: str = "lsq"
+    # Runtime shape of the paged KV pool.
+    block_size: int = 16
+    # Longest sequence (prompt + generated) the compiled model serves.
+    max_seq_len: int = 2048
+
+    def __post_init__(self):
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a power of two >= 1, got {self.block_size}")
+        if self.gqa_method not in GQA_METHODS:
+            raise ConfigError(f"gqa_method must be one of {GQA_METHODS}, got {self.gqa_method!r}")
+        if self.gqa_kv_heads < 0:
+            raise ConfigError(f"gqa_kv_heads must be >= 0, got {self.gqa_kv_heads}")
+        if self.max_seq_len < 1:
+            raise ConfigError(f"max_seq_len must be >= 1, got {self.max_seq_len}")
+        if self.paged_kv and not self.insert_kv_cache:
+            raise ConfigError("paged_kv needs insert_kv_cache")
+        if self.insert_kv_cache and not self.fuse_attention:
+            raise ConfigError("insert_kv_cache needs fuse_attention")
+
+    @classmethod
+    def preset(cls, name: str) -> "CompileConfig":
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+        return PRESETS[name]
+
+    def replace(self, **changes) -> "CompileConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_string(self) -> str:
+        """Fields that differ from the default, as ``k=v`` pairs; the default is ``default``."""
+        default = CompileConfig()
+        parts = [
+            f"{f.name}={_format(getattr(self, f.name))}"
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(default, f.name)
+        ]
+        return ",".join(parts) or "default"
+
+    @classmethod
+    def from_string(cls, text: str) -> "CompileConfig":
+        """Parse ``preset=NAME,field=value,...`` (a preset first, if any, then overrides)."""
+        text = text.strip()
+        if text in ("", "default"):
+            return cls()
+        base, overrides = cls(), {}
+        types = {f.name: f.type for f in fields(cls)}
+        for item in text.split(","):
+            key, sep, value = item.partition("=")
+            key, value = key.strip(), value.strip()
+            if not sep:
+                if key in PRESETS:
+                    base = PRESETS[key]
+                    continue
+                raise ConfigError(f"expected key=value or a preset name, got {item!r}")
+            if key == "preset":
+                base = cls.preset(value)
+            elif key in types:
+                overrides[key] = _parse(key, types[key], value)
+            else:
+                raise ConfigError(f"unknown config field {key!r}; fields: {', '.join(types)}")
+        return dataclasses.replace(base, **overrides)
+
+    def __str__(self) -> str:
+        return self.to_string()
+
+
+def _format(value) -> str:
+    return str(int(value)) if isinstance(value, bool) else str(value)
+
+
+def _parse(key: str, type_name, value: str):
+    type_name = getattr(type_name, "__name__", type_name)
+    try:
+        if type_name == "bool":
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if type_name == "int":
+            return int(value)
+        return value
+    except ValueError:
+        raise ConfigError(f"config field {key!r} expects {type_name}, got {value!r}") from None
+
+
+PRESETS: dict[str, CompileConfig] = {
+    "default": CompileConfig(),
+    # Only capture and clean up: the graph computes exactly what the model's code does.
+    "capture_only": CompileConfig(fuse_attention=False, insert_kv_cache=False, paged_kv=False),
+    # Attention fused, still a stateless full-sequence graph.
+    "stateless": CompileConfig(insert_kv_cache=False, paged_kv=False),
+    # Dense per-sequence KV cache instead of the paged pool.
+    "dense_kv": CompileConfig(paged_kv=False),
+    # Refuse to leave any attention site unfused.
+    "strict": CompileConfig(strict=True),
+}

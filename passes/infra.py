@@ -1,0 +1,185 @@
+"""Pass machinery: the result type, the decorator that declares a pass's contract, node
+provenance, the verifier run after every pass, and symbolic shape propagation.
+
+A pass is ``fn(gm, ctx) -> PassResult``. It rewrites ``gm`` in place: the pipeline owns the
+graph it hands to passes (capture made it fresh), so no caller holds a copy that could be
+surprised. ``ctx`` carries the CompileConfig and the data some passes need (calibration
+tokens). ``ensures`` checks the invariants the pass promises, after it ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import fx
+from torch._guards import detect_fake_mode
+
+from fusegen.config import CompileConfig
+from fusegen.errors import VerificationError
+
+PROVENANCE = "fusegen_pass"  # node.meta key: which pass (or "capture") made the node
+
+
+@dataclass
+class PassContext:
+    config: CompileConfig = field(default_factory=CompileConfig)
+    # [N, S] int64 token ids some passes calibrate on (e.g. convert_mha_to_gqa).
+    calibration_ids: Optional[torch.Tensor] = None
+    # Free-form facts passes hand to later passes and to the runtime (e.g. model geometry).
+    facts: dict = field(default_factory=dict)
+
+
+@dataclass
+class PassResult:
+    gm: fx.GraphModule
+    changed: bool
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GraphPass:
+    name: str
+    fn: Callable[[fx.GraphModule, PassContext], PassResult]
+    ensures: Optional[Callable[[fx.GraphModule, PassContext], list[str]]] = None
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        return self.fn(gm, ctx)
+
+
+def graph_pass(name: str, ensures=None):
+    """Declare a pass. ``ensures(gm, ctx)`` returns a list of violated invariants."""
+
+    def wrap(fn):
+        return dataclasses.replace(GraphPass(name, fn), ensures=ensures)
+
+    return wrap
+
+
+# --- provenance -----------------------------------------------------------------------------
+
+def mark_provenance(gm: fx.GraphModule, name: str, before: set[fx.Node] | None = None) -> int:
+    """Stamp every node not in ``before`` as made by ``name``; returns how many."""
+    made = 0
+    for node in gm.graph.nodes:
+        if (before is None or node not in before) and PROVENANCE not in node.meta:
+            node.meta[PROVENANCE] = name
+            made += 1
+    return made
+
+
+# --- shapes ---------------------------------------------------------------------------------
+
+def fake_mode_of(gm: fx.GraphModule):
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+
+
+def propagate_shapes(gm: fx.GraphModule) -> None:
+    """Re-derive every node's FakeTensor ``val`` from the placeholders' (symbolic) ones.
+
+    This is also the strongest check the verifier has: an op called with arguments of the
+    wrong shape or dtype fails here, symbolically, before anything runs."""
+    mode = fake_mode_of(gm)
+    inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+    with mode:
+        _FakeProp(gm, mode).run(*inputs)
+
+
+class _FakeProp(fx.Interpreter):
+    """Runs the graph on FakeTensors, recording each node's result as ``meta["val"]``.
+    Attributes (weights) are converted to FakeTensors once."""
+
+    def __init__(self, gm: fx.GraphModule, mode):
+        super().__init__(gm)
+        self.mode = mode
+        self.fakes: dict[int, torch.Tensor] = {}
+
+    def get_attr(self, target, args, kwargs):
+        value = super().get_attr(target, args, kwargs)
+        if isinstance(value, torch.Tensor):
+            if id(value) not in self.fakes:
+                self.fakes[id(value)] = self.mode.from_tensor(value, static_shapes=True)
+            value = self.fakes[id(value)]
+        return value
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if n.op != "output":
+            n.meta["val"] = result
+        return result
+
+
+def val(node) -> torch.Tensor | None:
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+# --- verification ---------------------------------------------------------------------------
+
+def verify(gm: fx.GraphModule, graph_pass: GraphPass, ctx: PassContext) -> None:
+    try:
+        gm.graph.lint()
+    except Exception as exc:
+        raise VerificationError(graph_pass.name, f"graph lint failed: {exc}") from exc
+    try:
+        propagate_shapes(gm)
+    except Exception as exc:
+        raise VerificationError(graph_pass.name, f"shape propagation failed: {exc}") from exc
+    problems = graph_pass.ensures(gm, ctx) if graph_pass.ensures else []
+    if problems:
+        raise VerificationError(graph_pass.name, "; ".join(problems))
+
+
+# --- counting -------------------------------------------------------------------------------
+
+def op_name(node: fx.Node) -> str:
+    if node.op == "call_function":
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload):
+            return f"{target.namespace}.{target._schema.name.split('::')[-1]}"
+        return getattr(target, "__name__", str(target))
+    return node.op
+
+
+def node_counts(gm: fx.GraphModule) -> Counter:
+    return Counter(op_name(n) for n in gm.graph.nodes)
+
+
+def call_nodes(gm: fx.GraphModule, *targets) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in targets]
+
+
+def erase_unused(gm: fx.GraphModule) -> int:
+    """Dead-code elimination that also drops unused get_attr nodes and submodules."""
+    before = len(gm.graph.nodes)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    return before - len(gm.graph.nodes)
+
+
+# --- graph inputs ---------------------------------------------------------------------------
+
+def placeholders(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    return {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
+
+
+def fresh_val(gm: fx.GraphModule, shape, dtype: torch.dtype) -> torch.Tensor:
+    """A FakeTensor for the graph. ``shape`` entries are ints, SymInts of the graph, or None
+    for a fresh symbolic size."""
+    mode = fake_mode_of(gm)
+    sizes = [mode.shape_env.create_unbacked_symint() if s is None else s for s in shape]
+    with mode:
+        return torch.empty(sizes, dtype=dtype)
+
+
+def add_input(gm: fx.GraphModule, name: str, shape, dtype: torch.dtype) -> fx.Node:
+    """Append a graph input with a FakeTensor ``val`` (see fresh_val)."""
+    fake = fresh_val(gm, shape, dtype)
+    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    with gm.graph.inserting_after(last):
+        node = gm.graph.placeholder(name)
+    node.meta["val"] = fake
+    return node

@@ -1,0 +1,87 @@
+"""insert_paged_blocks: the dense per-sequence cache becomes one pool of fixed-size blocks
+shared by every sequence.
+
+After:   logits = graph(input_ids [1,T], position_ids [1,T], kv_pool, slot_mapping [T],
+                        block_tables [N,M], seq_lens [N], query_start_loc [N+1])
+
+    kv_pool [layers, 2, num_blocks, block_size, Hkv, D]
+
+    packed tokens   | seq 0 (3 new)  | seq 1 (1 new) | seq 2 (5 new)      |  T = 9
+    query_start_loc   0                3               4                    9
+    seq_lens          [ 3,               17,             5 ]   (cached + new)
+    block_tables      [[ 4, -, -],     [ 0, 7, -],     [ 2, -, -]]   (block_size 16)
+
+The tokens of all sequences are packed without padding, so one call mixes prefills (whole
+or chunked) and decode steps; only attention knows where a sequence starts. The padding
+mask disappears: a packed sequence has none.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from fusegen.errors import PassError
+from fusegen.passes.infra import (PassContext, PassResult, add_input, call_nodes, erase_unused,
+                                  graph_pass, placeholders, val)
+
+ops = torch.ops.fusegen
+PAGED_INPUTS = ("kv_pool", "slot_mapping", "block_tables", "seq_lens", "query_start_loc")
+
+
+def _add_paged_inputs(gm: fx.GraphModule, geometry: dict, block_size: int) -> dict[str, fx.Node]:
+    tokens = val(placeholders(gm)["input_ids"]).shape[1]
+    pool = add_input(gm, "kv_pool", (geometry["layers"], 2, None, block_size, geometry["kv_heads"],
+                                     geometry["head_dim"]), geometry["dtype"])
+    slots = add_input(gm, "slot_mapping", (tokens,), torch.int32)
+    tables = add_input(gm, "block_tables", (None, None), torch.int32)
+    n_seqs = val(tables).shape[0]
+    lens = add_input(gm, "seq_lens", (n_seqs,), torch.int32)
+    starts = add_input(gm, "query_start_loc", (n_seqs + 1,), torch.int32)
+    return {"kv_pool": pool, "slot_mapping": slots, "block_tables": tables, "seq_lens": lens,
+            "query_start_loc": starts}
+
+
+@graph_pass("insert_paged_blocks", ensures=lambda gm, ctx: _ensures(gm))
+def insert_paged_blocks(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    writes = call_nodes(gm, ops.dense_kv_write.default)
+    reads = call_nodes(gm, ops.dense_kv_attention.default)
+    if not reads:
+        raise PassError("insert_paged_blocks", "no cached attention in the graph (run insert_kv_cache first)")
+    geometry = ctx.facts["kv"]
+    block_size = ctx.config.block_size
+    paged = _add_paged_inputs(gm, geometry, block_size)
+    for node in writes:
+        _, layer, k, v, _ = node.args
+        with gm.graph.inserting_before(node):
+            gm.graph.call_function(ops.paged_kv_write.default, (paged["kv_pool"], layer, k, v,
+                                                                 paged["slot_mapping"]))
+        gm.graph.erase_node(node)
+    for node in reads:
+        q, _, layer, _, scale, causal, window, softcap = node.args
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(ops.paged_attention.default, (
+                q, paged["kv_pool"], layer, paged["block_tables"], paged["seq_lens"],
+                paged["query_start_loc"], scale, causal, window, softcap))
+        new.meta.update({k_: node.meta[k_] for k_ in ("val", "nn_module_stack", "stack_trace") if k_ in node.meta})
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    inputs = placeholders(gm)
+    for stale in ("attention_mask", "kv_cache"):
+        if inputs[stale].users:
+            raise PassError("insert_paged_blocks", f"{stale} is still used by "
+                            f"{[u.name for u in inputs[stale].users]}")
+        gm.graph.erase_node(inputs[stale])
+    erase_unused(gm)
+    ctx.facts["kv"] = dict(geometry, block_size=block_size)
+    return PassResult(gm, True, {"paged_writes": len(writes), "paged_attention": len(reads)})
+
+
+def _ensures(gm: fx.GraphModule) -> list[str]:
+    problems = []
+    if call_nodes(gm, ops.dense_kv_write.default, ops.dense_kv_attention.default, ops.attention.default):
+        problems.append("dense attention/cache ops left after paging")
+    missing = [name for name in PAGED_INPUTS if name not in placeholders(gm)]
+    if missing:
+        problems.append(f"missing paged inputs {missing}")
+    return problems

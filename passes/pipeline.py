@@ -1,0 +1,60 @@
+"""The pass order, as one list. Optional passes sit inline behind their flag."""
+
+from __future__ import annotations
+
+import time
+
+from torch import fx
+
+from fusegen.config import CompileConfig
+from fusegen.passes.cleanup_graph import cleanup_graph
+from fusegen.passes.convert_mha_to_gqa import convert_mha_to_gqa
+from fusegen.passes.dump import DumpWriter, PassRecord
+from fusegen.passes.fuse_attention import fuse_attention
+from fusegen.passes.infra import GraphPass, PassContext, mark_provenance, node_counts, verify
+from fusegen.passes.insert_kv_cache import insert_kv_cache
+from fusegen.passes.insert_paged_blocks import insert_paged_blocks
+from fusegen.passes.normalize_graph import normalize_graph
+
+
+def build_pipeline(cfg: CompileConfig) -> list[GraphPass]:
+    passes = [
+        # Phase 1 - clean up what capture left and put the graph in canonical form.
+        cleanup_graph if cfg.cleanup else None,
+        normalize_graph,
+        # Phase 2 - attention: one fused op per site, then (opt-in, lossy) fewer KV heads.
+        fuse_attention if cfg.fuse_attention else None,
+        convert_mha_to_gqa if cfg.gqa_kv_heads else None,
+        # Phase 3 - state: K/V written to a cache, then the cache becomes a paged pool.
+        insert_kv_cache if cfg.insert_kv_cache else None,
+        insert_paged_blocks if cfg.paged_kv else None,
+    ]
+    return [p for p in passes if p is not None]
+
+
+def run_pipeline(gm: fx.GraphModule, ctx: PassContext, dump: DumpWriter | None = None,
+                 capture_seconds: float = 0.0) -> tuple[fx.GraphModule, list[PassRecord]]:
+    """Run every pass of ``build_pipeline(ctx.config)`` on ``gm`` (which the pipeline owns),
+    verifying and (optionally) dumping after each one."""
+    made = mark_provenance(gm, "capture")
+    records = [PassRecord("capture", True, capture_seconds, {}, node_counts(gm), made)]
+    if dump:
+        dump.graph(0, records[0], gm)
+    for index, graph_pass in enumerate(build_pipeline(ctx.config), start=1):
+        before = set(gm.graph.nodes)
+        start = time.perf_counter()
+        result = graph_pass(gm, ctx)
+        gm = result.gm
+        gm.recompile()
+        if result.changed:
+            verify(gm, graph_pass, ctx)
+        seconds = time.perf_counter() - start
+        made = mark_provenance(gm, graph_pass.name, before)
+        record = PassRecord(graph_pass.name, result.changed, seconds, dict(result.stats),
+                            node_counts(gm), made)
+        records.append(record)
+        if dump:
+            dump.graph(index, record, gm)
+    if dump:
+        dump.summary(records)
+    return gm, records

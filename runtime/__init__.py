@@ -1,0 +1,1 @@
+"""The generation runtime: paged KV pool, block tables, scheduling, the generate loop."""

@@ -17,9 +17,11 @@ import logging
 import sys
 from typing import Callable
 
+import fusegen
 from fusegen import __version__
+from fusegen.config import CompileConfig
 from fusegen.errors import FusegenError
-from fusegen.models import DEFAULT_MODEL
+from fusegen.models import DEFAULT_MODEL, load_model
 
 PROG = "fusegen-cli"
 EXIT_USER_ERROR = 2
@@ -49,9 +51,7 @@ CONFIG_ARG = arg("--config", metavar="STR", default=None,
                       "'fuse_attention=1,block_size=32' (default: the default preset)")
 
 
-def _parse_config(text: str | None):
-    from fusegen.config import CompileConfig
-
+def _parse_config(text: str | None) -> CompileConfig | None:
     return None if text is None else CompileConfig.from_string(text)
 
 
@@ -62,10 +62,7 @@ def _parse_config(text: str | None):
          arg("--dump-dir", metavar="DIR", default=None,
              help="write the graph after every pass (NN_<pass>.py) and summary.txt/json here"),
          CONFIG_ARG)
-def inspect(args: argparse.Namespace) -> int:
-    import fusegen
-    from fusegen.models import load_model
-
+def inspect_command(args: argparse.Namespace) -> int:
     config = _parse_config(args.config)  # before loading, so a typo fails fast
     model = load_model(args.model)
     compiled = fusegen.compile(model, config=config, dump_dir=args.dump_dir)
@@ -99,23 +96,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, and argparse's own usage errors
-        return e.code if isinstance(e.code, int) else EXIT_USER_ERROR
+        return 0 if e.code is None else e.code if isinstance(e.code, int) else EXIT_USER_ERROR
     try:
         with _progress_messages_on_stderr():
             return args.run(args)
     except (FusegenError, FileNotFoundError, ValueError) as e:
-        return _user_error(e, args.debug)
+        if args.debug:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__  # always one line
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-
-
-def _user_error(error: BaseException, debug: bool) -> int:
-    if debug:
-        raise error
-    message = " ".join(str(error).split()) or type(error).__name__
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    return EXIT_USER_ERROR
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ class CompileConfig:
     cleanup: bool = True
     fuse_attention: bool = True
     strict: bool = False  # an attention site that cannot be proven equivalent is an error
+    verify_shapes: bool = False  # re-run the graph symbolically after every pass (slow)
     insert_kv_cache: bool = True
     paged_kv: bool = True
     # Lossy, opt-in: reduce the number of KV heads to this many (0 = keep).

@@ -192,7 +192,7 @@ def _remove_stale_temp_dirs(target: Path) -> None:
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
@@ -206,22 +206,22 @@ def load_model(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torc
 
     Raises ``ModelNotFoundError`` when the name does not resolve to weights and
     ``UnsupportedModelError`` when the config is not a decoder-only causal LM."""
-    from transformers import AutoModelForCausalLM
-
     path = resolve_model(name_or_path)
     check_causal_lm_config(path / "config.json")
+    from transformers import AutoModelForCausalLM  # after the checks: importing it takes seconds
+
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     return model.eval()
 
 
 def load_tokenizer(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL):
     """The tokenizer saved next to the model at ``name_or_path``."""
-    from transformers import AutoTokenizer
-
     path = resolve_model(name_or_path)
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         raise ModelNotFoundError(f"{path}: no tokenizer files (expected one of "
                                  f"{', '.join(_TOKENIZER_FILES)})")
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
@@ -244,11 +244,13 @@ def check_causal_lm_config(config_file: Path) -> None:
     def unsupported(reason: str) -> UnsupportedModelError:
         return UnsupportedModelError(model_class=architecture, where=str(config_file), reason=reason)
 
-    if config.get("is_encoder_decoder") or (model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
-                                            and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+    seq2seq_only = (model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+                    and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    if config.get("is_encoder_decoder") or seq2seq_only:
         raise unsupported("it is an encoder-decoder model; fusegen compiles decoder-only causal LMs")
     if model_type not in CONFIG_MAPPING_NAMES:
-        remote = " (its code lives in the checkpoint, which fusegen never runs)" if "auto_map" in config else ""
+        remote = (" (its code lives in the checkpoint, which fusegen never runs)"
+                  if "auto_map" in config else "")
         raise unsupported(f"model_type {model_type!r} is unknown to the installed transformers{remote}")
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise unsupported(f"AutoModelForCausalLM has no class for model_type {model_type!r}")

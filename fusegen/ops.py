@@ -26,15 +26,16 @@ from torch import Tensor
 def _attend(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, scale: float, softcap: float) -> Tensor:
     """q [B,Hq,S,D], k/v [B,Hkv,L,D], keep broadcastable to [B,Hq,S,L] (bool)."""
     group = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    acc = torch.promote_types(q.dtype, torch.float32)
+    k = k.repeat_interleave(group, dim=1).to(acc)
+    v = v.repeat_interleave(group, dim=1).to(acc)
+    scores = torch.matmul(q.to(acc), k.transpose(-1, -2)) * scale
     if softcap > 0.0:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~keep, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows
-    return torch.matmul(probs, v.float()).to(q.dtype)
+    any_key = keep.any(-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~any_key, 0.0), dim=-1) * any_key  # empty rows -> 0
+    return torch.matmul(probs, v).to(q.dtype)
 
 
 def causal_keep(S: int, L: int, causal: bool, window: int, device) -> Tensor:
@@ -54,8 +55,8 @@ def _check_heads(q: Tensor, k: Tensor, v: Tensor, op: str) -> None:
         raise ValueError(f"fusegen.{op}: expected q [B,Hq,S,D] and k, v [B,Hkv,L,D], "
                          f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if q.shape[1] % k.shape[1] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"fusegen.{op}: query heads {q.shape[1]} must be a multiple of KV heads "
-                         f"{k.shape[1]} and head dims must match (q {q.shape[-1]}, k {k.shape[-1]})")
+        raise ValueError(f"fusegen.{op}: query heads must be a multiple of KV heads and head dims "
+                         f"must match: q {tuple(q.shape)}, k {tuple(k.shape)}")
 
 
 # --- attention over a full sequence (what fuse_attention inserts) -------------------------
@@ -66,6 +67,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale
     """Scaled dot-product attention with GQA (k/v NOT expanded), causal / sliding window,
     optional tanh softcap and key padding mask ``key_mask`` [B, L] (nonzero = keep)."""
     _check_heads(q, k, v, "attention")
+    if q.shape[2] > k.shape[2]:
+        raise ValueError(f"fusegen.attention: {q.shape[2]} queries but only {k.shape[2]} keys")
     keep = causal_keep(q.shape[2], k.shape[2], causal, window, q.device)[None, None]
     if key_mask is not None:
         keep = keep & key_mask.bool()[:, None, None, :]
@@ -86,6 +89,8 @@ def _(q, k, v, key_mask, scale, causal, window, softcap):
 def dense_kv_write(kv_cache: Tensor, layer: int, k: Tensor, v: Tensor, key_mask: Tensor) -> None:
     """Write the new keys/values k, v [B,Hkv,S,D] at positions L-S..L-1 of ``layer``."""
     L, S = key_mask.shape[1], k.shape[2]
+    if S > L:
+        raise ValueError(f"fusegen.dense_kv_write: {S} new tokens but a context of only {L}")
     if L > kv_cache.shape[4]:
         raise ValueError(f"fusegen.dense_kv_write: context length {L} exceeds the cache's "
                          f"{kv_cache.shape[4]} positions")
@@ -164,6 +169,12 @@ def paged_attention(q: Tensor, kv_pool: Tensor, layer: int, block_tables: Tensor
     Covers packed varlen prefill (chunked or not) and batched decode (one query each)."""
     if q.shape[0] != 1:
         raise ValueError(f"fusegen.paged_attention: queries must be packed as [1,Hq,T,D], got {tuple(q.shape)}")
+    if q.shape[1] % kv_pool.shape[4] or q.shape[3] != kv_pool.shape[5]:
+        raise ValueError(f"fusegen.paged_attention: q {tuple(q.shape)} does not fit the pool's "
+                         f"{kv_pool.shape[4]} KV heads of dim {kv_pool.shape[5]}")
+    if query_start_loc.numel() != seq_lens.numel() + 1 or int(query_start_loc[-1]) > q.shape[2]:
+        raise ValueError(f"fusegen.paged_attention: query_start_loc {query_start_loc.tolist()} must "
+                         f"have N+1 = {seq_lens.numel() + 1} entries ending at most at T = {q.shape[2]}")
     out = torch.zeros_like(q)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()

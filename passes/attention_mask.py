@@ -19,6 +19,7 @@ import torch
 from torch import fx
 
 from fusegen.ops import causal_keep
+from fusegen.passes.infra import getattr_path
 
 MASK_INPUTS = ("input_ids", "attention_mask", "position_ids")
 VERY_NEGATIVE = -1e4  # additive mask entries at or below this count as "masked"
@@ -69,12 +70,6 @@ def _extract(gm: fx.GraphModule, mask: fx.Node) -> fx.GraphModule:
             env[n] = graph.node_copy(n, lambda x: env[x])
     graph.output(env[mask])
     return fx.GraphModule(gm, graph)
-
-
-def getattr_path(module, target: str):
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def _keep(value: torch.Tensor, kind: str, where: str) -> torch.Tensor:

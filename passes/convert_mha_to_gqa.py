@@ -1,4 +1,179 @@
-from fusegen.passes.infra import graph_pass, PassResult
-@graph_pass("convert_mha_to_gqa")
-def convert_mha_to_gqa(gm, ctx):
-    raise NotImplementedError
+"""convert_mha_to_gqa (opt-in, lossy): reduce every layer's KV heads to ``gqa_kv_heads``.
+
+Contiguous groups of ``r = Hkv / target`` key/value heads become one head (query heads keep
+their order, so query head h now reads KV head h // (Hq / target)). The K and V projection
+weights and biases are replaced by merged ones (see gqa_merge.py for ``mean`` and ``lsq``),
+the head count in the reshape after each projection follows, and the attention ops read
+the smaller k/v as they are — their group size comes from the shapes.
+
+Quality is always measured: perplexity of the graph on the calibration tokens before and
+after, reported in the pass counters together with the KV-cache bytes per token.
+
+Supported projections: separate ``linear`` K/V projections (Llama, Mistral, Qwen2, ...).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import fx, nn
+
+from fusegen.errors import PassError
+from fusegen.passes import gqa_merge
+from fusegen.passes.infra import (PassContext, PassResult, call_nodes, erase_unused, getattr_path,
+                                  graph_pass, refresh_vals, val)
+
+aten = torch.ops.aten
+attention_op = torch.ops.fusegen.attention.default
+NAME = "convert_mha_to_gqa"
+
+
+def _back_to_linear(start: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """The one ``linear`` feeding ``start`` (not looking past linears), and the nodes between."""
+    seen, stack, linears = set(), [start], []
+    while stack:
+        node = stack.pop()
+        if node in seen or node.op != "call_function":
+            continue
+        seen.add(node)
+        if node.target is aten.linear.default:
+            linears.append(node)
+            continue
+        if node.target is aten.addmm.default:
+            raise PassError(NAME, f"{node.name}: fused Conv1D/addmm projections are not supported")
+        stack.extend(node.all_input_nodes)
+    if len(linears) != 1 or linears[0].args[1].op != "get_attr":
+        raise PassError(NAME, f"{start.name}: expected one linear projection with a weight "
+                              f"attribute, found {[n.name for n in linears]}")
+    return linears[0], [n for n in seen if n is not linears[0]]
+
+
+def _forward_to_linear(start: fx.Node) -> fx.Node:
+    frontier = list(start.users)
+    for _ in range(8):
+        for node in frontier:
+            if node.target is aten.linear.default:
+                return node
+        frontier = [u for n in frontier for u in n.users]
+    raise PassError(NAME, f"{start.name}: no output projection found after attention")
+
+
+def _is_rotary(path: list[fx.Node], head_dim: int) -> bool:
+    slices = {(n.args[2], n.args[3]) for n in path if n.target is aten.slice.Tensor and len(n.args) >= 4}
+    if not any(n.target is aten.cat.default for n in path):
+        return False
+    if (0, head_dim // 2) in slices:
+        return True
+    raise PassError(NAME, "rotary embedding found but not in rotate_half layout; use gqa_method=mean")
+
+
+def _calibrate(gm: fx.GraphModule, sites: list[fx.Node], ids: torch.Tensor):
+    """Per site: sum over calibration tokens of q q^T per query head [Hq, D, D]; and perplexity."""
+    moments = [None] * len(sites)
+    index = {node: i for i, node in enumerate(sites)}
+
+    class Recorder(fx.Interpreter):
+        def call_function(self, target, args, kwargs):
+            if target is attention_op:
+                node = self.current_node
+                q = args[0].double()
+                m = torch.einsum("bhsd,bhse->hde", q, q)
+                i = index[node]
+                moments[i] = m if moments[i] is None else moments[i] + m
+            return super().call_function(target, args, kwargs)
+
+        def run_node(self, n):
+            self.current_node = n
+            return super().run_node(n)
+
+    logits = Recorder(gm).run(*_graph_args(ids))
+    return [m.float() for m in moments], _perplexity(logits, ids)
+
+
+def _graph_args(ids: torch.Tensor):
+    B, S = ids.shape
+    return ids, torch.ones_like(ids), torch.arange(S).expand(B, S)
+
+
+def _perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                       ids[:, 1:].reshape(-1))
+    return math.exp(loss.item())
+
+
+def _set_weight(gm: fx.GraphModule, linear: fx.Node, position: int, name: str, value: torch.Tensor) -> None:
+    gm.register_buffer(name, value)
+    with gm.graph.inserting_before(linear):
+        attr = gm.graph.get_attr(name)
+    attr.meta["val"] = val(linear.args[position])
+    args = list(linear.args)
+    args[position] = attr
+    linear.args = tuple(args)
+
+
+def _rewrite_projection(gm, linear: fx.Node, B: torch.Tensor, group: int, tag: str,
+                        old_heads: int, new_heads: int) -> None:
+    W = getattr_path(gm, linear.args[1].target)
+    _set_weight(gm, linear, 1, f"fusegen_gqa_{tag}_weight", gqa_merge.merge_weight(W, B, group))
+    if len(linear.args) > 2 and linear.args[2] is not None:
+        b = getattr_path(gm, linear.args[2].target)
+        _set_weight(gm, linear, 2, f"fusegen_gqa_{tag}_bias", gqa_merge.merge_bias(b, B, group))
+    for user in linear.users:  # [B, S, H, D] reshape with an explicit head count
+        if user.target in (aten.view.default, aten.reshape.default) and len(user.args[1]) == 4 \
+                and user.args[1][2] == old_heads:
+            shape = list(user.args[1])
+            shape[2] = new_heads
+            user.args = (user.args[0], shape)
+
+
+def _merges(method: str, q_moments, W_o, rotary: bool, Hq: int, Hkv: int, D: int, group: int):
+    if method == "mean":
+        B = gqa_merge.mean_matrices(Hkv, D, group)
+        return B, B
+    C = q_moments.reshape(Hkv, Hq // Hkv, D, D).sum(1)
+    if rotary:
+        C = gqa_merge.rotary_commutant(C)
+    M = gqa_merge.output_metrics(W_o, Hq, Hkv)
+    return gqa_merge.merge_matrices(C, group), gqa_merge.merge_matrices(M, group)
+
+
+@graph_pass(NAME)
+def convert_mha_to_gqa(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    target, method = ctx.config.gqa_kv_heads, ctx.config.gqa_method
+    sites = call_nodes(gm, attention_op)
+    if not sites:
+        raise PassError(NAME, "no fused attention to convert")
+    Hq, Hkv, D = val(sites[0].args[0]).shape[1], val(sites[0].args[1]).shape[1], val(sites[0].args[1]).shape[3]
+    if target >= Hkv:
+        return PassResult(gm, False, {"kv_heads_before": Hkv, "kv_heads_after": Hkv})
+    if Hkv % target:
+        raise PassError(NAME, f"cannot merge {Hkv} KV heads into {target}: {target} does not divide {Hkv}")
+    if ctx.calibration_ids is None:
+        raise PassError(NAME, "needs calibration_ids (token ids of real text) to fit and to measure "
+                              "the conversion; fusegen.data.calibration_text() is English text to tokenize")
+    group = Hkv // target
+    ids = ctx.calibration_ids
+    moments, ppl_before = _calibrate(gm, sites, ids)
+    touched = []
+    for layer, site in enumerate(sites):
+        k_lin, k_path = _back_to_linear(site.args[1])
+        v_lin, v_path = _back_to_linear(site.args[2])
+        rotary = _is_rotary(k_path, D)
+        W_o = getattr_path(gm, _forward_to_linear(site).args[1].target)
+        Bk, Bv = _merges(method, moments[layer], W_o, rotary, Hq, Hkv, D, group)
+        _rewrite_projection(gm, k_lin, Bk, group, f"k{layer}", Hkv, target)
+        _rewrite_projection(gm, v_lin, Bv, group, f"v{layer}", Hkv, target)
+        touched += [k_lin, v_lin, *k_path, *v_path, site]
+    refresh_vals(gm, touched)
+    erase_unused(gm)
+    gm.recompile()
+    _, ppl_after = _calibrate(gm, sites, ids)
+    itemsize = val(sites[0].args[1]).element_size()
+    stats = {
+        "layers_converted": len(sites), "kv_heads_before": Hkv, "kv_heads_after": target,
+        "kv_bytes_per_token_before": 2 * len(sites) * Hkv * D * itemsize,
+        "kv_bytes_per_token_after": 2 * len(sites) * target * D * itemsize,
+        "calibration_ppl_before": round(ppl_before, 3), "calibration_ppl_after": round(ppl_after, 3),
+    }
+    return PassResult(gm, True, stats)

@@ -120,14 +120,21 @@ def val(node) -> torch.Tensor | None:
 # --- verification ---------------------------------------------------------------------------
 
 def verify(gm: fx.GraphModule, graph_pass: GraphPass, ctx: PassContext) -> None:
+    """Lint, every value-producing node carries a ``val``, the pass's own ``ensures``; with
+    ``config.verify_shapes`` also a full symbolic re-run of the graph (slow on big graphs)."""
     try:
         gm.graph.lint()
     except Exception as exc:
         raise VerificationError(graph_pass.name, f"graph lint failed: {exc}") from exc
-    try:
-        propagate_shapes(gm)
-    except Exception as exc:
-        raise VerificationError(graph_pass.name, f"shape propagation failed: {exc}") from exc
+    missing = [n.name for n in gm.graph.nodes
+               if n.op in ("placeholder", "call_function") and "val" not in n.meta and n.users]
+    if missing:
+        raise VerificationError(graph_pass.name, f"nodes without shape metadata: {missing[:10]}")
+    if ctx.config.verify_shapes:
+        try:
+            propagate_shapes(gm)
+        except Exception as exc:
+            raise VerificationError(graph_pass.name, f"shape propagation failed: {exc}") from exc
     problems = graph_pass.ensures(gm, ctx) if graph_pass.ensures else []
     if problems:
         raise VerificationError(graph_pass.name, "; ".join(problems))
@@ -183,3 +190,32 @@ def add_input(gm: fx.GraphModule, name: str, shape, dtype: torch.dtype) -> fx.No
         node = gm.graph.placeholder(name)
     node.meta["val"] = fake
     return node
+
+
+def refresh_vals(gm: fx.GraphModule, nodes) -> None:
+    """Recompute ``meta["val"]`` of ``nodes`` (in graph order) from their inputs' vals: the
+    cheap, local alternative to propagate_shapes after a rewrite that changed a few shapes."""
+    mode = fake_mode_of(gm)
+    wanted = set(nodes)
+    fakes: dict[int, torch.Tensor] = {}
+
+    def fake(arg):
+        if arg.op == "get_attr":
+            value = getattr_path(gm, arg.target)
+            if id(value) not in fakes:
+                fakes[id(value)] = mode.from_tensor(value, static_shapes=True)
+            return fakes[id(value)]
+        return arg.meta["val"]
+
+    with mode:
+        for node in gm.graph.nodes:
+            if node in wanted and node.op == "call_function":
+                args = fx.map_arg(node.args, fake)
+                kwargs = fx.map_arg(node.kwargs, fake)
+                node.meta["val"] = node.target(*args, **kwargs)
+
+
+def getattr_path(module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module

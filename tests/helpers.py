@@ -44,6 +44,7 @@ def assert_close_report(got: torch.Tensor, want: torch.Tensor, atol: float | Non
                         rtol: float | None = None, msg: str = "") -> None:
     """``torch.testing.assert_close`` (dtype not checked) whose failure message names the
     index of the largest error and the two values there. Tolerances default per dtype."""
+    __tracebackhide__ = True
     if got.shape != want.shape:
         raise AssertionError(f"{msg}shape mismatch: got {tuple(got.shape)}, want {tuple(want.shape)}")
     default_atol, default_rtol = ATOL_RTOL.get(want.dtype, (1e-5, 1e-5))

@@ -1,0 +1,89 @@
+"""fusegen-cli: run in-process through ``main(argv)``, and once as a real process."""
+
+import subprocess
+import sys
+
+import pytest
+
+import fusegen
+from fusegen.cli import main
+from fusegen.config import CompileConfig
+from fusegen.errors import ModelNotFoundError
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("fusegen-cli: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"fusegen {fusegen.__version__}\n"
+
+
+def test_help_lists_the_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: fusegen-cli")
+    assert "inspect" in out
+
+
+def test_inspect_help_lists_its_options(capsys):
+    assert main(["inspect", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--dump-dir" in out and "--config" in out and "smollm2" in out
+
+
+def test_missing_model_is_one_line_and_exit_2(tmp_path, capsys):
+    missing = tmp_path / "missing"
+    assert main(["inspect", str(missing)]) == 2
+    captured = capsys.readouterr()
+    line = _one_error_line(captured.err)
+    assert str(missing) in line and "no such directory" in line
+    assert captured.out == ""
+
+
+def test_bad_config_fails_before_loading_the_model(tmp_path, capsys):
+    # The model path does not exist either: the config error must come first.
+    assert main(["inspect", str(tmp_path / "missing"), "--config", "fuse_atention=1"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "unknown config field 'fuse_atention'" in line
+
+
+def test_unsupported_model_names_its_class(tiny_t5_dir, capsys):
+    assert main(["inspect", str(tiny_t5_dir)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "T5ForConditionalGeneration is not supported" in line and "encoder-decoder" in line
+
+
+def test_debug_shows_the_exception(tmp_path):
+    with pytest.raises(ModelNotFoundError):
+        main(["--debug", "inspect", str(tmp_path / "missing")])
+
+
+def test_inspect_writes_dumps_and_prints_the_table(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("FUSEGEN_DUMP_DIR", raising=False)
+    dumps = tmp_path / "dumps"
+    config = "block_size=32"  # any non-default setting: checks it reaches fusegen.compile
+    assert main(["inspect", str(tiny_llama_dir), "--dump-dir", str(dumps), "--config", config]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "LlamaForCausalLM" in out[0] and str(CompileConfig.from_string(config)) in out[0]
+    assert out[-1] == f"dumps written to {dumps}"
+
+    assert (dumps / "00_capture.py").is_file()
+    after_capture = sorted(dumps.glob("01_*.py"))
+    assert after_capture, sorted(p.name for p in dumps.iterdir())
+    for dump in sorted(dumps.glob("[0-9][0-9]_*.py")):  # one table row per dumped pass
+        assert any(dump.stem[3:] in line for line in out[1:-1]), (dump.name, out)
+
+
+def test_python_dash_m_exits_2_without_traceback(tmp_path):
+    missing = tmp_path / "missing"
+    proc = subprocess.run([sys.executable, "-m", "fusegen", "inspect", str(missing)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert str(missing) in _one_error_line(proc.stderr)
+    assert proc.stdout == ""

@@ -6,8 +6,8 @@ many research and teaching codebases write them. Run it to see what fusegen foun
     python examples/plain_decoder.py
 
 ``bias_mode`` selects two attention variants that are NOT plain causal attention:
-``"learned"`` adds a trained bias to the scores, ``"bidirectional"`` lets every token see
-every other one.
+``"learned"`` adds a trained distance bias to the scores (ALiBi with learned slopes),
+``"bidirectional"`` lets every token see every other one.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=False)
         if bias_mode == "learned":
-            self.attn_bias = nn.Parameter(0.1 * torch.randn(heads, max_len, max_len))
+            self.slopes = nn.Parameter(0.1 + 0.1 * torch.rand(heads))
 
     def forward(self, x, cos, sin, attention_mask=None):
         B, S, _ = x.shape
@@ -77,7 +77,9 @@ class Attention(nn.Module):
 
         scores = q @ k.transpose(-2, -1) / self.head_dim ** 0.5
         if self.bias_mode == "learned":
-            scores = scores + self.attn_bias[:, :S, :S]
+            pos = torch.arange(S, device=x.device)
+            distance = (pos[None, :] - pos[:, None]).to(scores.dtype)
+            scores = scores + self.slopes[:, None, None] * distance
         if self.bias_mode != "bidirectional":
             mask = torch.ones(S, S, dtype=torch.bool, device=x.device).triu(1)
             scores = scores.masked_fill(mask, float("-inf"))

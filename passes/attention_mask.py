@@ -48,8 +48,9 @@ def ancestors(node: fx.Node) -> list[fx.Node]:
     return [n for n in node.graph.nodes if n in seen]
 
 
-def _extract(gm: fx.GraphModule, mask: fx.Node) -> fx.GraphModule:
-    nodes = ancestors(mask)
+def _extract(gm: fx.GraphModule, masks: list[fx.Node]) -> fx.GraphModule:
+    """A GraphModule computing the tuple ``masks`` from the graph inputs."""
+    nodes = sorted(set().union(*(ancestors(m) for m in masks)), key=_order(gm))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for n in nodes:
         if n.op == "placeholder" and n.target not in MASK_INPUTS:
@@ -68,8 +69,13 @@ def _extract(gm: fx.GraphModule, mask: fx.Node) -> fx.GraphModule:
     for n in nodes:
         if n.op != "placeholder":
             env[n] = graph.node_copy(n, lambda x: env[x])
-    graph.output(env[mask])
+    graph.output(tuple(env[m] for m in masks))
     return fx.GraphModule(gm, graph)
+
+
+def _order(gm: fx.GraphModule):
+    index = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return index.__getitem__
 
 
 def _keep(value: torch.Tensor, kind: str, where: str) -> torch.Tensor:
@@ -122,20 +128,29 @@ def _structure(keep: torch.Tensor) -> tuple[bool, int]:
     return True, window
 
 
-def analyze_mask(gm: fx.GraphModule, mask: fx.Node, kind: str, probe_len: int,
+def _combined_keep(sub, masks, B, S, pad, device) -> torch.Tensor:
+    """[B, S, S] keep matrix: the AND of every mask applied to the scores."""
+    keep = torch.ones(B, S, S, dtype=torch.bool)
+    for (node, kind), value in zip(masks, sub(*_inputs(B, S, pad, device))):
+        keep &= _rows(_keep(value, kind, f"mask node {node.name!r}"), B, S).cpu()
+    return keep
+
+
+def analyze_mask(gm: fx.GraphModule, masks: list[tuple[fx.Node, str]], probe_len: int,
                  device=torch.device("cpu")) -> MaskSemantics:
-    """Recover (causal, window, key_padding) of ``mask``; raises MaskNotRecognised."""
-    sub = _extract(gm, mask)
-    where = f"mask node {mask.name!r}"
+    """Recover (causal, window, key_padding) of the masks applied to one site's scores
+    (``kind`` per mask: "bool", "additive" or "fill"); raises MaskNotRecognised."""
+    sub = _extract(gm, [node for node, _ in masks])
+    where = "mask " + ", ".join(node.name for node, _ in masks)
     with torch.no_grad():
         ones = torch.ones(1, probe_len, dtype=torch.long)
-        big = _rows(_keep(sub(*_inputs(1, probe_len, ones, device)), kind, where), 1, probe_len)[0]
-        causal, window = _structure(big.cpu())
+        big = _combined_keep(sub, masks, 1, probe_len, ones, device)[0]
+        causal, window = _structure(big)
         uses_padding = False
         for S in (7, 13):
             B = 3
             pad = _padding_patterns(B, S)
-            got = _rows(_keep(sub(*_inputs(B, S, pad, device)), kind, where), B, S).cpu()
+            got = _combined_keep(sub, masks, B, S, pad, device)
             base = causal_keep(S, S, causal, window, "cpu")
             with_pad = base[None] & pad.bool()[:, None, :]
             real = pad.bool()[:, :, None].expand(B, S, S)  # rows of real query tokens

@@ -52,8 +52,9 @@ class Site:
     k: fx.Node
     v: fx.Node
     scale: float
-    mask: fx.Node | None = None
-    mask_kind: str = "bool"        # "bool" (True = keep), "additive", "fill" (True = masked)
+    # masks applied to the scores, with their kind: "bool" (True = keep), "additive"
+    # (0 / -inf added), "fill" (masked_fill: True = masked)
+    masks: tuple = ()
     causal_flag: bool = False
     softcap: float = 0.0
     notes: list = field(default_factory=list)
@@ -108,8 +109,8 @@ def match_sdpa(node: fx.Node) -> Site:
     if scale is None:
         scale = 1.0 / math.sqrt(val(q).shape[-1])
     mask = kw.get("attn_mask")
-    kind = "bool" if mask is None or val(mask).dtype == torch.bool else "additive"
-    return Site("sdpa", node, q, kw["key"], kw["value"], float(scale), mask, kind,
+    masks = () if mask is None else ((mask, "bool" if val(mask).dtype == torch.bool else "additive"),)
+    return Site("sdpa", node, q, kw["key"], kw["value"], float(scale), masks,
                 bool(kw.get("is_causal", False)))
 
 
@@ -126,14 +127,7 @@ def match_eager(softmax: fx.Node) -> Site:
         raise NotAttention("softmax output does not feed one matmul with values")
     out, v = users[0], users[0].args[1]
     # backward: mask, softcap, scale, matmul(q, k^T)
-    scores = _skip_casts(softmax.args[0])
-    mask, kind = None, "bool"
-    if _is(scores, aten.add.Tensor) and all(isinstance(a, fx.Node) for a in scores.args):
-        scores, mask = _split_mask(scores)
-        kind = "additive"
-    elif _is(scores, aten.masked_fill.Scalar) and scores.args[2] <= -1e4:
-        scores, mask, kind = scores.args[0], scores.args[1], "fill"
-    scores = _skip_casts(scores)
+    scores, masks = _peel_masks(_skip_casts(softmax.args[0]))
     softcap = 0.0
     capped = _scalar_mul(scores)
     if capped and _is(capped[0], aten.tanh.default):
@@ -155,7 +149,22 @@ def match_eager(softmax: fx.Node) -> Site:
         if pre:
             scale *= pre[1]
             q, k = (pre[0], k) if side == "q" else (q, pre[0])
-    return Site("eager", out, q, k, v, scale, mask, kind, False, softcap)
+    return Site("eager", out, q, k, v, scale, masks, False, softcap)
+
+
+def _peel_masks(scores: fx.Node):
+    """Strip every ``+ mask`` / ``masked_fill(mask, -inf)`` off the scores, outermost first."""
+    masks = []
+    while True:
+        if _is(scores, aten.add.Tensor) and all(isinstance(a, fx.Node) for a in scores.args):
+            scores, mask = _split_mask(scores)
+            masks.append((mask, "additive"))
+        elif _is(scores, aten.masked_fill.Scalar) and scores.args[2] <= -1e4:
+            masks.append((scores.args[1], "fill"))
+            scores = scores.args[0]
+        else:
+            return _skip_casts(scores), tuple(masks)
+        scores = _skip_casts(scores)
 
 
 def _split_mask(add: fx.Node):
@@ -195,12 +204,12 @@ def _check_shapes(site: Site, k: fx.Node, v: fx.Node, group: int) -> None:
 
 
 def _semantics(gm, site: Site, probe_len: int, cache: dict) -> MaskSemantics:
-    if site.mask is None:
+    if not site.masks:
         return MaskSemantics(site.causal_flag, 0, False)
-    key = (site.mask, site.mask_kind)
+    key = site.masks
     if key not in cache:
         try:
-            cache[key] = analyze_mask(gm, site.mask, site.mask_kind, probe_len)
+            cache[key] = analyze_mask(gm, list(site.masks), probe_len)
         except MaskNotRecognised as exc:
             cache[key] = exc
     sem = cache[key]

@@ -123,23 +123,46 @@ def capture(model: nn.Module, *, attn_implementation: str | None = None,
     if attn_implementation is not None and attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}")
     if getattr(model, "config", None) is None:
-        attn_implementation = None
+        attn_implementation = None  # a plain module has one attention code path
+    own = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    first = attn_implementation or own
+    # HF's sdpa mask code specialises on the sequence length on CUDA (alignment padding),
+    # which a dynamic capture cannot express; its eager path computes the same thing.
+    attempts = [first, "eager"] if attn_implementation is None and first == "sdpa" else [first]
+    for i, impl in enumerate(attempts):
+        try:
+            gm = _export(model, impl if impl != own else None, verify, name)
+        except UnsupportedModelError:
+            if i + 1 == len(attempts):
+                raise
+            continue
+        gm.meta["fusegen_model_class"] = name
+        gm.meta["fusegen_attn_implementation"] = impl or "plain"
+        return gm
+
+
+def _export(model, attn_implementation, verify: bool, name: str) -> torch.fx.GraphModule:
     wrapper = _LogitsOnly(model)
     args = example_inputs(model)
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=1, max=1 << 20)
-    dims = {name_: {0: batch, 1: seq} for name_ in GRAPH_INPUTS}
+    named = {name_: {0: batch, 1: seq} for name_ in GRAPH_INPUTS}
+    # Some kernels' shape logic (CUDA alignment, stride comparisons) emits guards that hold
+    # for every size >= 1 but that export cannot prove for a named Dim; AUTO dims accept them.
+    auto = {name_: {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO} for name_ in GRAPH_INPUTS}
     with _temporarily(model, attn_implementation), torch.no_grad():
-        try:
-            ep = torch.export.export(wrapper, args, dynamic_shapes=dims, strict=False)
-        except Exception as exc:  # export raises many types; all mean "cannot capture"
-            raise UnsupportedModelError(name, _where(exc, model), _reason(exc)) from exc
+        for dims in (named, auto):
+            try:
+                ep = torch.export.export(wrapper, args, dynamic_shapes=dims, strict=False)
+                break
+            except Exception as exc:  # export raises many types; all mean "cannot capture"
+                error = exc
+        else:
+            raise UnsupportedModelError(name, _where(error, model), _reason(error)) from error
         gm = ep.module()
         if verify:
-            _verify(gm, model, wrapper, args, name)
-    gm.meta["fusegen_model_class"] = name
-    gm.meta["fusegen_attn_implementation"] = attn_implementation or getattr(
-        getattr(model, "config", None), "_attn_implementation", "plain")
+            for example in (args, example_inputs(model, batch=1, seq=1)):
+                _verify(gm, model, wrapper, example, name)
     return gm
 
 

@@ -209,7 +209,8 @@ def _semantics(gm, site: Site, probe_len: int, cache: dict) -> MaskSemantics:
     key = site.masks
     if key not in cache:
         try:
-            cache[key] = analyze_mask(gm, list(site.masks), probe_len)
+            device = val(_attention_mask_input(gm)).device  # the graph's constants live there
+            cache[key] = analyze_mask(gm, list(site.masks), probe_len, device)
         except MaskNotRecognised as exc:
             cache[key] = exc
     sem = cache[key]

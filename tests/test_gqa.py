@@ -1,0 +1,325 @@
+"""Merging key/value heads: the arithmetic of gqa_merge.py, the convert_mha_to_gqa pass on a
+mini Llama, and an exactness check (merging heads that are already identical is lossless)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import fusegen
+from fusegen import CompileConfig, PassError
+from fusegen.passes import gqa_merge
+from fusegen.passes.convert_mha_to_gqa import convert_mha_to_gqa
+from fusegen.passes.infra import PassContext, call_nodes, node_counts, val
+from helpers import assert_close_report
+
+ops = torch.ops.fusegen
+
+LAYERS = 2
+HEADS, HEAD_DIM = 4, 16
+HIDDEN = HEADS * HEAD_DIM
+VOCAB = 256
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# --- gqa_merge: the arithmetic ---------------------------------------------------------------
+
+def _heads(t: torch.Tensor, H: int) -> torch.Tensor:
+    """[H*D, ...] -> [H, D, ...]"""
+    return t.reshape(H, -1, *t.shape[1:])
+
+
+@pytest.mark.parametrize("H, group", [(4, 2), (4, 4), (6, 3), (8, 1)])
+def test_merge_weight_with_mean_matrices_is_the_mean_of_the_heads(H, group):
+    D, inputs = 8, 12
+    W = torch.randn(H * D, inputs, generator=_gen(H + group))
+    b = torch.randn(H * D, generator=_gen(1))
+    B = gqa_merge.mean_matrices(H, D, group)
+
+    merged = gqa_merge.merge_weight(W, B, group)
+    assert merged.shape == (H // group * D, inputs)
+    want = _heads(W, H).reshape(H // group, group, D, inputs).mean(1).reshape(-1, inputs)
+    assert_close_report(merged, want)
+
+    merged_bias = gqa_merge.merge_bias(b, B, group)
+    assert_close_report(merged_bias, _heads(b, H).reshape(H // group, group, D).mean(1).reshape(-1))
+
+
+def test_merged_projection_computes_the_merged_heads():
+    """k' = sum_g k_g B_g for every token, with k_g = x W_g^T + b_g (the module docstring)."""
+    H, D, inputs, group = 4, 8, 12, 2
+    W = torch.randn(H * D, inputs, generator=_gen(0), dtype=torch.float64)
+    b = torch.randn(H * D, generator=_gen(1), dtype=torch.float64)
+    B = torch.randn(H, D, D, generator=_gen(2), dtype=torch.float64)
+    x = torch.randn(5, inputs, generator=_gen(3), dtype=torch.float64)
+
+    k = _heads((x @ W.T + b).T, H).permute(2, 0, 1)  # [tokens, H, D]
+    want = torch.einsum("thd,hde->the", k, B).reshape(5, H // group, group, D).sum(2)
+
+    W2, b2 = gqa_merge.merge_weight(W, B, group), gqa_merge.merge_bias(b, B, group)
+    got = (x @ W2.T + b2).reshape(5, H // group, D)
+    assert_close_report(got, want, atol=1e-10, rtol=1e-10)
+
+
+def _rotary_matrix(D: int, angles: torch.Tensor) -> torch.Tensor:
+    """R with x @ R == x * cos + rotate_half(x) * sin, the rotate_half rotary layout."""
+    cos = torch.cat([angles.cos(), angles.cos()]).double()
+    sin = torch.cat([angles.sin(), angles.sin()]).double()
+    eye = torch.eye(D, dtype=torch.float64)
+    rotate_half = torch.cat([-eye[:, D // 2:], eye[:, :D // 2]], dim=-1)
+    return eye * cos + rotate_half * sin
+
+
+def test_rotary_matrix_is_rotate_half():
+    D = 8
+    angles = torch.rand(D // 2, generator=_gen(0), dtype=torch.float64) * 6.3
+    x = torch.randn(3, D, generator=_gen(1), dtype=torch.float64)
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = torch.cat([angles.cos()] * 2), torch.cat([angles.sin()] * 2)
+    assert_close_report(x @ _rotary_matrix(D, angles), x * cos + torch.cat([-x2, x1], -1) * sin)
+
+
+@pytest.mark.parametrize("D", [2, 8, 16])
+def test_rotary_commutant_commutes_with_every_rotation(D):
+    C = torch.randn(3, D, D, generator=_gen(D), dtype=torch.float64)
+    A = gqa_merge.rotary_commutant(C)
+    for seed in range(4):
+        R = _rotary_matrix(D, torch.rand(D // 2, generator=_gen(100 + seed), dtype=torch.float64) * 6.3)
+        assert_close_report(A @ R, R @ A, atol=1e-12, rtol=1e-12)
+        assert not torch.allclose(C @ R, R @ C)  # the test would notice a no-op
+    # a projection: idempotent, and the residual is orthogonal to the commutant
+    assert_close_report(gqa_merge.rotary_commutant(A), A, atol=1e-12, rtol=1e-12)
+    inner = ((C - A) * A).sum((-1, -2))
+    assert_close_report(inner, torch.zeros_like(inner), atol=1e-10, rtol=0)
+
+
+def _spd(D: int, seed: int) -> torch.Tensor:
+    X = torch.randn(D, 3 * D, generator=_gen(seed))
+    return X @ X.T / (3 * D) + 0.1 * torch.eye(D)
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_merge_matrices_of_identical_metrics_is_identity_over_r(group):
+    D, H = 8, 4
+    M = _spd(D, 0).expand(H, D, D).contiguous()
+    B = gqa_merge.merge_matrices(M, group)
+    assert_close_report(B, torch.eye(D).expand(H, D, D) / group, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_matrices_of_a_group_sum_to_identity():
+    """sum_g B_g = I: a token whose heads all agree keeps its key."""
+    D, H, group = 8, 6, 3
+    M = torch.stack([_spd(D, seed) for seed in range(H)])
+    B = gqa_merge.merge_matrices(M, group).reshape(H // group, group, D, D).sum(1)
+    assert_close_report(B, torch.eye(D).expand(H // group, D, D), atol=1e-5, rtol=1e-5)
+
+
+def test_output_metrics_sum_over_the_query_heads_of_a_group():
+    Hq, Hkv, D, hidden = 4, 2, 8, 12
+    W_o = torch.randn(hidden, Hq * D, generator=_gen(0))
+    M = gqa_merge.output_metrics(W_o, Hq, Hkv)
+    for g in range(Hkv):
+        want = sum(W_o[:, h * D:(h + 1) * D].T.double() @ W_o[:, h * D:(h + 1) * D].double()
+                   for h in range(g * Hq // Hkv, (g + 1) * Hq // Hkv))
+        assert_close_report(M[g], want.float(), atol=1e-4, rtol=1e-5)
+
+
+# --- the pass on a mini Llama ----------------------------------------------------------------
+
+def _llama(kv_heads: int = HEADS, attention_bias: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,  # 32000
+        hidden_size=HIDDEN,  # 4096
+        intermediate_size=128,  # 11008
+        num_hidden_layers=LAYERS,  # 32
+        num_attention_heads=HEADS,  # 32
+        num_key_value_heads=kv_heads,  # 32: Llama-2-7B is MHA
+        max_position_embeddings=128,  # 4096
+        attention_bias=attention_bias,  # False (Qwen2 has K/V biases)
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def calibration_ids():
+    return torch.randint(0, VOCAB, (2, 32), generator=_gen(7))
+
+
+@pytest.fixture(scope="module")
+def mha():
+    return _llama()
+
+
+@pytest.fixture(scope="module")
+def stateless(mha):
+    return fusegen.compile(mha, "stateless")
+
+
+def _copy(gm):
+    with warnings.catch_warnings():  # copying export's pytree specs warns about a deprecated API
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(gm)
+
+
+def _context(target: int, method: str = "lsq", calibration_ids=None) -> PassContext:
+    config = CompileConfig.preset("stateless").replace(gqa_kv_heads=target, gqa_method=method)
+    return PassContext(config=config, calibration_ids=calibration_ids)
+
+
+TARGETS = [(2, "mean"), (2, "lsq"), (1, "mean"), (1, "lsq")]
+
+
+@pytest.mark.parametrize("target, method", TARGETS)
+def test_pass_rewrites_the_kv_projections(stateless, calibration_ids, target, method):
+    gm = _copy(stateless.graph_module)
+    result = convert_mha_to_gqa(gm, _context(target, method, calibration_ids))
+    result.gm.recompile()
+
+    assert result.changed
+    stats = result.stats
+    assert stats["layers_converted"] == LAYERS
+    assert (stats["kv_heads_before"], stats["kv_heads_after"]) == (HEADS, target)
+    assert stats["kv_bytes_per_token_before"] == 2 * LAYERS * HEADS * HEAD_DIM * 4
+    assert stats["kv_bytes_per_token_after"] == stats["kv_bytes_per_token_before"] * target // HEADS
+    assert stats["calibration_ppl_before"] > 1 and stats["calibration_ppl_after"] > 1
+
+    sites = call_nodes(result.gm, ops.attention.default)
+    assert len(sites) == LAYERS
+    for site in sites:
+        q, k, v = (val(a) for a in site.args[:3])
+        assert q.shape[1] == HEADS
+        assert k.shape[1] == target and v.shape[1] == target
+        assert k.shape[3] == HEAD_DIM
+    merged = [name for name, _ in result.gm.named_buffers() if name.startswith("fusegen_gqa_")]
+    assert sorted(merged) == sorted(f"fusegen_gqa_{kv}{layer}_weight"
+                                    for kv in "kv" for layer in range(LAYERS))
+    for name in merged:
+        assert getattr(result.gm, name).shape == (target * HEAD_DIM, HIDDEN)
+
+    ids = torch.randint(0, VOCAB, (2, 7), generator=_gen(1))
+    with torch.no_grad():
+        logits = result.gm(ids, torch.ones_like(ids), torch.arange(7).expand(2, 7))
+    assert logits.shape == (2, 7, VOCAB) and torch.isfinite(logits).all()
+
+
+def test_pass_refuses_a_target_that_does_not_divide_the_heads(stateless, calibration_ids):
+    gm = _copy(stateless.graph_module)
+    before = node_counts(gm)
+    with pytest.raises(PassError) as info:
+        convert_mha_to_gqa(gm, _context(3, calibration_ids=calibration_ids))
+    assert info.value.pass_name == "convert_mha_to_gqa"
+    assert str(info.value) == ("[convert_mha_to_gqa] cannot merge 4 KV heads into 3: "
+                               "3 does not divide 4")
+    assert node_counts(gm) == before
+
+
+def test_pass_needs_calibration_ids(stateless):
+    gm = _copy(stateless.graph_module)
+    with pytest.raises(PassError, match=r"^\[convert_mha_to_gqa\] needs calibration_ids"):
+        convert_mha_to_gqa(gm, _context(2, calibration_ids=None))
+
+
+def test_pass_keeps_a_target_at_or_above_the_head_count(stateless):
+    gm = _copy(stateless.graph_module)
+    before = node_counts(gm)
+    result = convert_mha_to_gqa(gm, _context(HEADS))
+    assert not result.changed
+    assert result.stats == {"kv_heads_before": HEADS, "kv_heads_after": HEADS}
+    assert node_counts(result.gm) == before
+
+
+@pytest.fixture(scope="module", params=TARGETS, ids=[f"{t}-{m}" for t, m in TARGETS])
+def converted(request, mha, calibration_ids):
+    target, method = request.param
+    config = CompileConfig(gqa_kv_heads=target, gqa_method=method)
+    return target, fusegen.compile(mha, config, calibration_ids=calibration_ids)
+
+
+def test_compiled_gqa_model_caches_fewer_heads_and_generates(converted):
+    target, compiled = converted
+    counters = compiled.report.counters
+    assert counters["convert_mha_to_gqa.kv_heads_before"] == HEADS
+    assert counters["convert_mha_to_gqa.kv_heads_after"] == target
+    assert (counters["convert_mha_to_gqa.kv_bytes_per_token_after"] * HEADS
+            == counters["convert_mha_to_gqa.kv_bytes_per_token_before"] * target)
+    assert compiled.kind == "paged"
+    assert compiled.facts["kv"]["kv_heads"] == target
+    assert compiled.facts["kv"]["query_heads"] == HEADS
+    gm = compiled.graph_module
+    pool = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.target == "kv_pool")
+    assert val(pool).shape[4] == target
+    for write in call_nodes(gm, ops.paged_kv_write.default):
+        assert val(write.args[2]).shape[1] == target
+
+    prompt = torch.randint(3, VOCAB, (2, 5), generator=_gen(2))
+    out = compiled.generate(prompt, max_new_tokens=4)
+    assert out.shape == (2, 9)
+    assert torch.equal(out[:, :5], prompt)
+
+
+# --- exactness -------------------------------------------------------------------------------
+
+def _identical_heads_llama(kv_heads: int, group: int):
+    """Every group of ``group`` consecutive KV heads has one set of K and V weights and biases,
+    so merging each group into one head changes nothing."""
+    model = _llama(kv_heads=kv_heads, attention_bias=True)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
+                weight, bias = _heads(proj.weight, kv_heads), _heads(proj.bias, kv_heads)
+                for head in range(kv_heads):
+                    first = head - head % group
+                    weight[head] = weight[first]
+                    bias[head] = bias[first]
+    return model
+
+
+@pytest.fixture(scope="module")
+def identical_heads():
+    return _identical_heads_llama(kv_heads=HEADS, group=2)
+
+
+@pytest.mark.parametrize("method", ["mean", "lsq"])
+def test_merging_identical_heads_is_lossless(identical_heads, calibration_ids, method):
+    model = identical_heads
+    compiled = fusegen.compile(model, f"stateless,gqa_kv_heads={HEADS // 2},gqa_method={method}",
+                               calibration_ids=calibration_ids)
+    counters = compiled.report.counters
+    assert counters["convert_mha_to_gqa.kv_heads_after"] == HEADS // 2
+    assert (counters["convert_mha_to_gqa.calibration_ppl_after"]
+            == pytest.approx(counters["convert_mha_to_gqa.calibration_ppl_before"], rel=1e-5))
+    for site in call_nodes(compiled.graph_module, ops.attention.default):
+        assert val(site.args[1]).shape[1] == HEADS // 2
+    ids = torch.randint(0, VOCAB, (2, 11), generator=_gen(3))
+    with torch.no_grad():
+        want = model(ids).logits
+    assert_close_report(compiled(ids), want, atol=1e-5, rtol=1e-5, msg=method)
+
+
+def test_merging_identical_heads_of_a_gqa_model_is_lossless(calibration_ids):
+    """Already grouped (4 query heads over 2 KV heads) down to one KV head: query head h reads
+    merged head h // 4 where it read head h // 2, so the head order must survive the merge."""
+    model = _identical_heads_llama(kv_heads=2, group=2)
+    stateless = fusegen.compile(model, "stateless")
+    ids = torch.randint(0, VOCAB, (2, 11), generator=_gen(4))
+    with torch.no_grad():
+        want = model(ids).logits
+    for method in ("mean", "lsq"):
+        result = convert_mha_to_gqa(_copy(stateless.graph_module),
+                                    _context(1, method, calibration_ids))
+        result.gm.recompile()
+        assert (result.stats["kv_heads_before"], result.stats["kv_heads_after"]) == (2, 1)
+        with torch.no_grad():
+            got = result.gm(ids, torch.ones_like(ids), torch.arange(11).expand(2, 11))
+        assert_close_report(got, want, atol=1e-5, rtol=1e-5, msg=method)

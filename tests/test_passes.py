@@ -1,0 +1,710 @@
+"""Each graph pass before and after, on tiny graphs.
+
+- cleanup_graph / normalize_graph: hand-written modules captured with ``fusegen.capture``,
+  the pass run directly, exact counters, the rewritten nodes, numerics unchanged.
+- fuse_attention: the HF sdpa and eager paths, a hand-written decoder and a sliding-window
+  model; sites that are not plain attention (a learned bias) are left alone and reported.
+- insert_kv_cache / insert_paged_blocks: graph inputs, one write and one read per layer,
+  provenance; the paged graph run step by step against the HF model.
+- The block pool the paged runtime allocates from, with exact block ids.
+
+Every compile is module-scoped and shared: capturing is the slow part (a few seconds each).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import fusegen
+from fusegen.passes.cleanup_graph import cleanup_graph
+from fusegen.passes.infra import PROVENANCE, PassContext, call_nodes, node_counts, val
+from fusegen.passes.normalize_graph import normalize_graph
+from fusegen.passes.pipeline import run_pipeline
+from fusegen.runtime.block_pool import BlockPool
+from fusegen.runtime.paged import PagedRunner, Sequence
+from helpers import assert_close_report
+
+aten = torch.ops.aten
+ops = torch.ops.fusegen
+
+LAYERS = 3
+HEADS, KV_HEADS, HEAD_DIM = 4, 2, 16
+VOCAB = 256
+
+
+def _load_plain_decoder():
+    path = Path(__file__).resolve().parents[1] / "examples" / "plain_decoder.py"
+    spec = importlib.util.spec_from_file_location("plain_decoder", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PlainDecoder = _load_plain_decoder().PlainDecoder
+
+
+def _llama(attn_implementation: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,  # 32000
+        hidden_size=HEADS * HEAD_DIM,  # 4096
+        intermediate_size=128,  # 11008
+        num_hidden_layers=LAYERS,  # 32
+        num_attention_heads=HEADS,  # 32
+        num_key_value_heads=KV_HEADS,  # 8 (Llama-3-8B)
+        max_position_embeddings=128,  # 8192
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation=attn_implementation,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def _mistral(sliding_window: int):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(
+        vocab_size=VOCAB,  # 32000
+        hidden_size=HEADS * HEAD_DIM,  # 4096
+        intermediate_size=128,  # 14336
+        num_hidden_layers=LAYERS,  # 32
+        num_attention_heads=HEADS,  # 32
+        num_key_value_heads=KV_HEADS,  # 8
+        max_position_embeddings=128,  # 32768
+        sliding_window=sliding_window,  # 4096 (Mistral-7B-v0.1)
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    return MistralForCausalLM(config).eval()
+
+
+def _plain(bias_mode=None):
+    torch.manual_seed(0)
+    return PlainDecoder(vocab=VOCAB, hidden=HEADS * HEAD_DIM, layers=LAYERS, heads=HEADS,
+                        kv_heads=KV_HEADS, bias_mode=bias_mode).eval()
+
+
+def _logits(model, ids, mask=None):
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def _padded_batch(S: int = 11, seed: int = 0):
+    """Two rows, the second left-padded by 3."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (2, S), generator=g)
+    mask = torch.ones(2, S, dtype=torch.long)
+    mask[1, :3] = 0
+    return ids, mask
+
+
+def _graph_inputs(ids, mask=None):
+    B, S = ids.shape
+    mask = torch.ones_like(ids) if mask is None else mask
+    return ids, mask, torch.arange(S).expand(B, S)
+
+
+def _targets(gm) -> set:
+    return {n.target for n in gm.graph.nodes if n.op == "call_function"}
+
+
+# --- cleanup_graph ---------------------------------------------------------------------------
+
+class Leftovers(nn.Module):
+    """Token ids -> logits through ops that compute nothing at inference."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.drop = nn.Dropout(0.1)
+        self.head = nn.Linear(16, 32)
+
+    def forward(self, input_ids):
+        x = self.drop(self.embed(input_ids))            # eval: dropout(x, 0.1, train=False)
+        x = x.clone().contiguous()                      # export drops contiguous() of a contiguous tensor
+        x = x.to(torch.float32)                         # already float32
+        return self.head(x)
+
+
+def _capture(module: nn.Module):
+    torch.manual_seed(0)
+    module = module.eval()
+    return module, fusegen.capture(module)
+
+
+def _run(gm, ids):
+    with torch.no_grad():
+        return gm(*_graph_inputs(ids))
+
+
+def test_cleanup_graph_removes_identities_with_exact_counts():
+    model, gm = _capture(Leftovers())
+    before = node_counts(gm)
+    assert before["aten.dropout"] == 1 and before["aten.clone"] == 1 and before["aten.to"] == 1
+
+    result = cleanup_graph(gm, PassContext())
+    result.gm.recompile()
+
+    assert result.changed
+    assert result.stats == {
+        "dropout_removed": 1,
+        "identity_removed": 1,      # clone
+        "noop_cast_removed": 1,     # .to(float32) of a float32 tensor
+        "asserts_removed": 1,       # the dtype assert export put before the cast
+        "guards_removed": 1,        # export's input guard module
+    }
+    after = node_counts(result.gm)
+    for op in ("aten.dropout", "aten.clone", "aten.contiguous", "aten.to",
+               "aten._assert_tensor_metadata", "call_module"):
+        assert after[op] == 0, op
+    placeholders = [n.target for n in result.gm.graph.nodes if n.op == "placeholder"]
+    assert placeholders == ["input_ids", "attention_mask", "position_ids"]
+
+    ids = torch.randint(0, 32, (2, 7))
+    with torch.no_grad():
+        want = model(ids)
+    assert torch.equal(_run(result.gm, ids), want)
+
+
+def test_cleanup_graph_on_a_clean_graph_changes_nothing_but_the_calling_convention():
+    class Clean(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(32, 16)
+            self.head = nn.Linear(16, 32)
+
+        def forward(self, input_ids):
+            return self.head(torch.relu(self.embed(input_ids)))
+
+    _, gm = _capture(Clean())
+    result = cleanup_graph(gm, PassContext())
+    assert result.stats == {"guards_removed": 1}
+    assert node_counts(result.gm)["aten.relu"] == 1
+
+
+class ContiguousThenView(nn.Module):
+    """``x.transpose(1, 2).contiguous().view(...)``: the view needs the copy contiguous() made
+    (nanoGPT's attention ends this way)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.head = nn.Linear(16, 32)
+
+    def forward(self, input_ids):
+        B, S = input_ids.shape
+        x = self.embed(input_ids).view(B, S, 4, 4).transpose(1, 2).contiguous().view(B, 4, S * 4)
+        return self.head(x.transpose(1, 2).reshape(B, S, 16))
+
+
+def test_cleanup_graph_keeps_the_contiguous_a_view_depends_on():
+    model, gm = _capture(ContiguousThenView())
+    result = cleanup_graph(gm, PassContext())
+    result.gm.recompile()
+    ids = torch.randint(0, 32, (2, 7))
+    with torch.no_grad():
+        want = model(ids)
+    assert_close_report(_run(result.gm, ids), want)
+
+
+class CloneThenInPlace(nn.Module):
+    """A clone that is then modified in place: the original must stay as it was."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.head = nn.Linear(16, 32)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        y = x.clone()
+        y.mul_(2.0)
+        return self.head(x + y)
+
+
+def test_cleanup_graph_keeps_a_clone_that_is_mutated_in_place():
+    model, gm = _capture(CloneThenInPlace())
+    result = cleanup_graph(gm, PassContext())
+    result.gm.recompile()
+    ids = torch.randint(0, 32, (2, 7))
+    with torch.no_grad():
+        want = model(ids)
+    assert_close_report(_run(result.gm, ids), want)
+
+
+class CloneOfAWeight(nn.Module):
+    """Scales a copy of its weight in place; the weight itself never changes."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.head = nn.Linear(16, 32, bias=False)
+
+    def forward(self, input_ids):
+        weight = self.head.weight.clone()
+        weight.mul_(2.0)
+        return nn.functional.linear(self.embed(input_ids), weight)
+
+
+def test_running_the_cleaned_graph_leaves_the_weights_alone():
+    model, gm = _capture(CloneOfAWeight())
+    weight = model.head.weight.detach().clone()
+    result = cleanup_graph(gm, PassContext())
+    result.gm.recompile()
+    ids = torch.randint(0, 32, (2, 7))
+    _run(result.gm, ids)
+    _run(result.gm, ids)
+    assert torch.equal(model.head.weight, weight)
+
+
+# --- normalize_graph -------------------------------------------------------------------------
+
+class Spellings(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.head = nn.Linear(16, 32)
+
+    def forward(self, input_ids):
+        B, S = input_ids.shape
+        x = self.embed(input_ids).view(B, S, 4, 4)
+        x = (x / 4.0).transpose(-1, -2)
+        x = torch.softmax(x, dim=-1)
+        return self.head(x.reshape(B, S, 16))
+
+
+def test_normalize_graph_rewrites_to_one_spelling():
+    model, gm = _capture(Spellings())
+    ids = torch.randint(0, 32, (2, 7))
+    with torch.no_grad():
+        want = model(ids)
+
+    result = normalize_graph(gm, PassContext())
+    result.gm.recompile()
+
+    assert result.changed
+    assert result.stats == {"div_to_mul": 1, "transpose_canonical": 1, "softmax_canonical": 1}
+    targets = _targets(result.gm)
+    assert aten.div.Tensor not in targets and aten.softmax.int not in targets
+    (mul,) = call_nodes(result.gm, aten.mul.Tensor)
+    assert mul.args[1] == 0.25
+    (transpose,) = call_nodes(result.gm, aten.transpose.int)
+    assert transpose.args[0] is mul and tuple(transpose.args[1:]) == (2, 3)
+    (softmax,) = call_nodes(result.gm, aten._softmax.default)
+    assert softmax.args[0] is transpose and tuple(softmax.args[1:]) == (3, False)
+    assert_close_report(_run(result.gm, ids), want)
+
+
+def test_normalize_graph_leaves_canonical_graphs_alone():
+    class Canonical(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(32, 16)
+            self.head = nn.Linear(16, 32)
+
+        def forward(self, input_ids):
+            return self.head(self.embed(input_ids) * 0.5)
+
+    _, gm = _capture(Canonical())
+    result = normalize_graph(gm, PassContext())
+    assert not result.changed and result.stats == {}
+
+
+# --- fuse_attention --------------------------------------------------------------------------
+
+# name -> (model factory, fuse_attention counters after a "stateless" compile, window)
+FORMS = {
+    "llama_sdpa": (lambda: _llama("sdpa"), {"fused_sdpa": LAYERS}, 0),
+    "llama_eager": (lambda: _llama("eager"), {"fused_eager": LAYERS}, 0),
+    "plain_decoder": (_plain, {"fused_eager": LAYERS}, 0),
+    "mistral_window4": (lambda: _mistral(4), {"fused_sdpa": LAYERS, "sliding_window": LAYERS}, 4),
+}
+# PlainDecoder's own output is NaN on real tokens of a left-padded batch: a pad query row sees
+# no key, its NaN hidden state becomes a masked value row, and 0 * NaN reaches real rows.
+NAN_WITH_PADDING = {"plain_decoder"}
+
+
+@pytest.fixture(scope="module", params=list(FORMS))
+def fused(request):
+    make, form_counters, window = FORMS[request.param]
+    model = make()
+    compiled = fusegen.compile(model, "stateless")
+    counters = {"fused": LAYERS, "causal": LAYERS, "gqa": LAYERS, "key_padding": LAYERS, **form_counters}
+    return request.param, model, compiled, counters, window
+
+
+def _stats(compiled, name: str) -> dict:
+    (record,) = [r for r in compiled.report.records if r.name == name]
+    return record.stats
+
+
+def test_fuse_attention_counts_every_site(fused):
+    _, _, compiled, counters, _ = fused
+    assert _stats(compiled, "fuse_attention") == counters
+    assert compiled.facts["fuse_attention.unfused"] == []
+
+
+def test_fuse_attention_leaves_no_unfused_attention(fused):
+    _, _, compiled, _, _ = fused
+    targets = _targets(compiled.graph_module)
+    for op in (aten.scaled_dot_product_attention.default, aten._softmax.default, aten.softmax.int):
+        assert op not in targets
+    assert len(call_nodes(compiled.graph_module, ops.attention.default)) == LAYERS
+
+
+def test_fused_attention_arguments(fused):
+    _, _, compiled, _, window = fused
+    gm = compiled.graph_module
+    mask_input = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.target == "attention_mask")
+    for node in call_nodes(gm, ops.attention.default):
+        q, k, v, key_mask, scale, causal, node_window, softcap = node.args
+        assert scale == pytest.approx(1 / math.sqrt(HEAD_DIM))
+        assert causal is True
+        assert node_window == window
+        assert softcap == 0.0
+        assert key_mask is mask_input
+        # repeat_kv undone: k and v keep their own head count
+        assert val(q).shape[1] == HEADS
+        assert val(k).shape[1] == KV_HEADS and val(v).shape[1] == KV_HEADS
+        assert node.meta[PROVENANCE] == "fuse_attention"
+
+
+def test_fused_graph_matches_the_model(fused):
+    name, model, compiled, _, _ = fused
+    ids, mask = _padded_batch(S=11)  # longer than the sliding window
+    assert_close_report(compiled(ids), _logits(model, ids), atol=1e-5, rtol=1e-5, msg=name)
+    if name not in NAN_WITH_PADDING:
+        real = mask.bool()
+        assert_close_report(compiled(ids, mask)[real], _logits(model, ids, mask)[real],
+                            atol=1e-5, rtol=1e-5, msg=f"{name}, left-padded")
+
+
+def test_a_window_longer_than_max_seq_len_is_not_silently_dropped():
+    """The mask is probed at ``max_seq_len`` tokens, where a 16-token window is invisible, so
+    the site is fused as full causal attention. A 30-token input must then be refused (it is
+    longer than the 14 tokens the model was compiled for) or computed with the window."""
+    model = _mistral(16)
+    compiled = fusegen.compile(model, "stateless,max_seq_len=14")
+    ids = torch.randint(3, VOCAB, (1, 30), generator=torch.Generator().manual_seed(2))
+    try:
+        got = compiled(ids)
+    except ValueError as refused:
+        assert "14" in str(refused)
+        return
+    assert_close_report(got, _logits(model, ids), atol=1e-5, rtol=1e-5)
+
+
+# --- fuse_attention: sites that are not plain attention --------------------------------------
+#
+# One capture of the learned-bias model serves three configs: ``fusegen.compile`` is capture
+# followed by ``run_pipeline``, so running the pipeline on copies of the capture is the same
+# compile at a third of the cost.
+
+@pytest.fixture(scope="module")
+def learned_bias():
+    """ALiBi with learned slopes: an additive bias computed from a parameter."""
+    model = _plain("learned")
+    return model, fusegen.capture(model)
+
+
+def _pipeline(captured, config):
+    ctx = PassContext(config=fusegen.CompileConfig.preset(config) if isinstance(config, str) else config)
+    with warnings.catch_warnings():  # copying export's pytree specs warns about a deprecated API
+        warnings.simplefilter("ignore", FutureWarning)
+        captured = copy.deepcopy(captured)
+    gm, records = run_pipeline(captured, ctx)
+    return gm, {r.name: r for r in records}, ctx.facts
+
+
+def test_learned_bias_is_not_fused(learned_bias):
+    model, captured = learned_bias
+    gm, records, facts = _pipeline(captured, "stateless")
+    assert records["fuse_attention"].stats == {"unfused": LAYERS}
+    assert not records["fuse_attention"].changed
+    reasons = facts["fuse_attention.unfused"]
+    assert len(reasons) == LAYERS
+    for layer, reason in enumerate(reasons):
+        assert f"blocks.{layer}.attn.slopes" in reason and "learned bias" in reason
+    assert not call_nodes(gm, ops.attention.default)
+    assert len(call_nodes(gm, aten._softmax.default)) == LAYERS
+
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = gm(*_graph_inputs(ids))
+    assert_close_report(got, _logits(model, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_strict_refuses_the_learned_bias(learned_bias):
+    _, captured = learned_bias
+    config = fusegen.CompileConfig(strict=True, insert_kv_cache=False, paged_kv=False)
+    with pytest.raises(fusegen.PassError) as info:
+        _pipeline(captured, config)
+    assert info.value.pass_name == "fuse_attention"
+    message = str(info.value)
+    assert message.startswith("[fuse_attention]")
+    assert f"{LAYERS} attention site(s) left unfused" in message
+    assert "slopes" in message
+
+
+def test_kv_cache_refuses_unfused_sites(learned_bias):
+    """The default config caches K/V; an unfused site has no K/V the pass could cache, and the
+    error must say so (not that no attention was found)."""
+    _, captured = learned_bias
+    with pytest.raises(fusegen.PassError) as info:
+        _pipeline(captured, "default")
+    assert info.value.pass_name == "insert_kv_cache"
+    message = str(info.value)
+    assert "not fused" in message and "cannot be cached" in message
+    assert "slopes" in message
+
+
+def test_bidirectional_attention_is_fused_without_causality():
+    model = _plain("bidirectional")
+    compiled = fusegen.compile(model, "stateless")
+    assert _stats(compiled, "fuse_attention") == {
+        "fused": LAYERS, "fused_eager": LAYERS, "gqa": LAYERS, "key_padding": LAYERS}
+    nodes = call_nodes(compiled.graph_module, ops.attention.default)
+    assert len(nodes) == LAYERS
+    for node in nodes:
+        assert node.args[5] is False and node.args[6] == 0  # causal, window
+    ids, mask = _padded_batch()
+    real = mask.bool()
+    assert_close_report(compiled(ids, mask)[real], _logits(model, ids, mask)[real],
+                        atol=1e-5, rtol=1e-5)
+
+
+# --- insert_kv_cache / insert_paged_blocks ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama():
+    return _llama("sdpa")
+
+
+@pytest.fixture(scope="module")
+def dense(llama):
+    return fusegen.compile(llama, "dense_kv")
+
+
+@pytest.fixture(scope="module")
+def paged(llama):
+    return fusegen.compile(llama, "default")
+
+
+def _placeholders(gm) -> list[str]:
+    return [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def _layers_once(nodes, position: int) -> None:
+    assert sorted(n.args[position] for n in nodes) == list(range(LAYERS))
+
+
+def _check_provenance(gm, made_by: str, made: set) -> None:
+    for node in gm.graph.nodes:
+        assert PROVENANCE in node.meta, node.name
+        if node.op == "output":
+            continue
+        want = made_by if (node.target in made) else "capture"
+        assert node.meta[PROVENANCE] == want, (node.name, node.target)
+
+
+def test_insert_kv_cache_graph(dense):
+    gm = dense.graph_module
+    assert dense.kind == "dense"
+    assert _placeholders(gm) == ["input_ids", "attention_mask", "position_ids", "kv_cache"]
+    assert _stats(dense, "insert_kv_cache") == {"layers_cached": LAYERS, "kv_writes": LAYERS}
+    writes = call_nodes(gm, ops.dense_kv_write.default)
+    reads = call_nodes(gm, ops.dense_kv_attention.default)
+    assert len(writes) == len(reads) == LAYERS
+    assert not call_nodes(gm, ops.attention.default)
+    _layers_once(writes, 1)
+    _layers_once(reads, 2)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for w, r in zip(writes, reads):
+        assert w.args[1] == r.args[2] and order[w] < order[r]
+    cache = next(n for n in gm.graph.nodes if n.target == "kv_cache")
+    shape = val(cache).shape
+    assert (shape[0], shape[1], shape[3], shape[5]) == (LAYERS, 2, KV_HEADS, HEAD_DIM)
+    assert dense.facts["kv"] == {"layers": LAYERS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
+                                 "dtype": torch.float32, "query_heads": HEADS}
+    _check_provenance(gm, "insert_kv_cache",
+                      {ops.dense_kv_write.default, ops.dense_kv_attention.default, "kv_cache"})
+
+
+def test_insert_paged_blocks_graph(paged):
+    gm = paged.graph_module
+    assert paged.kind == "paged"
+    assert _placeholders(gm) == ["input_ids", "position_ids", "kv_pool", "slot_mapping",
+                                 "block_tables", "seq_lens", "query_start_loc"]
+    assert _stats(paged, "insert_paged_blocks") == {"paged_writes": LAYERS, "paged_attention": LAYERS}
+    writes = call_nodes(gm, ops.paged_kv_write.default)
+    reads = call_nodes(gm, ops.paged_attention.default)
+    assert len(writes) == len(reads) == LAYERS
+    for gone in (ops.attention.default, ops.dense_kv_write.default, ops.dense_kv_attention.default):
+        assert not call_nodes(gm, gone)
+    _layers_once(writes, 1)
+    _layers_once(reads, 2)
+    for node in reads:
+        assert node.args[6] == pytest.approx(1 / math.sqrt(HEAD_DIM))
+        assert node.args[7] is True and node.args[8] == 0
+    pool = next(n for n in gm.graph.nodes if n.target == "kv_pool")
+    shape = val(pool).shape
+    assert (shape[0], shape[1], shape[3], shape[4], shape[5]) == (LAYERS, 2, 16, KV_HEADS, HEAD_DIM)
+    assert paged.facts["kv"]["block_size"] == 16
+    _check_provenance(gm, "insert_paged_blocks",
+                      {ops.paged_kv_write.default, ops.paged_attention.default, "kv_pool",
+                       "slot_mapping", "block_tables", "seq_lens", "query_start_loc"})
+
+
+def test_every_step_records_the_nodes_it_made(paged):
+    made = {r.name: r.nodes_made for r in paged.report.records}
+    # capture stamps everything; the paged pass adds 5 inputs and 2 ops per layer
+    assert made["insert_kv_cache"] == 1 + 2 * LAYERS
+    assert made["insert_paged_blocks"] == 5 + 2 * LAYERS
+    assert made["fuse_attention"] == LAYERS
+
+
+# --- the paged graph, step by step -----------------------------------------------------------
+
+def _prompt(n: int, seed: int) -> list[int]:
+    return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _hf_logits(model, tokens: list[int]) -> torch.Tensor:
+    return _logits(model, torch.tensor([tokens]))[0]
+
+
+def test_paged_prefill_two_prompts_then_decode(llama, paged):
+    runner = PagedRunner(paged.graph_module, paged.facts["kv"], num_blocks=8, device="cpu")
+    seqs = [Sequence(_prompt(14, seed=1)), Sequence(_prompt(19, seed=2))]
+
+    logits = runner.step(seqs, [14, 19])  # one packed prefill, T = 33
+    assert logits.shape == (33, VOCAB)
+    assert_close_report(logits[:14], _hf_logits(llama, seqs[0].tokens), atol=1e-4, rtol=1e-4)
+    assert_close_report(logits[14:], _hf_logits(llama, seqs[1].tokens), atol=1e-4, rtol=1e-4)
+    assert [s.blocks for s in seqs] == [[0], [1, 2]]
+    last = logits[[13, 32]]
+
+    for step in range(4):  # sequence 0 crosses the block boundary at 16 tokens
+        for seq, row in zip(seqs, last):
+            seq.append(int(row.argmax()))
+        last = runner.step(seqs, [1, 1])
+        assert last.shape == (2, VOCAB)
+        for seq, row in zip(seqs, last):
+            assert_close_report(row, _hf_logits(llama, seq.tokens)[-1], atol=1e-4, rtol=1e-4,
+                                msg=f"decode step {step}, {len(seq.tokens)} tokens")
+    assert [s.num_cached for s in seqs] == [18, 23]
+    assert [s.blocks for s in seqs] == [[0, 3], [1, 2]]
+    for seq in seqs:
+        runner.release(seq)
+    assert runner.pool.num_free == 8
+
+
+def test_paged_chunked_prefill(llama, paged):
+    runner = PagedRunner(paged.graph_module, paged.facts["kv"], num_blocks=4, device="cpu")
+    prompt = _prompt(21, seed=3)
+    seq = Sequence(list(prompt))
+    want = _hf_logits(llama, prompt)
+
+    first = runner.step([seq], [5])
+    assert_close_report(first, _hf_logits(llama, prompt[:5]), atol=1e-4, rtol=1e-4)
+    rest = runner.step([seq], [len(prompt) - 5])
+    assert rest.shape == (16, VOCAB)
+    assert_close_report(rest, want[5:], atol=1e-4, rtol=1e-4)
+    assert seq.num_cached == 21 and seq.blocks == [0, 1]
+
+
+def test_paged_step_mixes_a_prefill_chunk_and_a_decode(llama, paged):
+    runner = PagedRunner(paged.graph_module, paged.facts["kv"], num_blocks=4, device="cpu")
+    a, b = Sequence(_prompt(6, seed=4)), Sequence(_prompt(9, seed=5))
+    runner.step([a, b], [6, 4])  # a whole, b's first chunk
+    a.append(7)
+    logits = runner.step([a, b], [1, 5])  # a decodes while b finishes its prefill
+    assert_close_report(logits[0], _hf_logits(llama, a.tokens)[-1], atol=1e-4, rtol=1e-4)
+    assert_close_report(logits[1:], _hf_logits(llama, b.tokens)[4:], atol=1e-4, rtol=1e-4)
+
+
+def test_dense_graph_matches_the_model_with_left_padding(llama, dense):
+    ids, mask = _padded_batch()
+    real = mask.bool()
+    assert_close_report(dense(ids, mask)[real], _logits(llama, ids, mask)[real], atol=1e-4, rtol=1e-4)
+
+
+# --- the block pool --------------------------------------------------------------------------
+
+def test_block_pool_hands_out_blocks_in_order_and_reuses_freed_ones_last():
+    pool = BlockPool(num_blocks=8, block_size=16)
+    assert pool.allocate(3) == [0, 1, 2]
+    assert pool.allocate(2) == [3, 4]
+    assert pool.num_free == 3
+    pool.free([1, 0])
+    assert pool.num_free == 5
+    assert pool.allocate(4) == [5, 6, 7, 1]
+    assert pool.allocate(0) == []
+
+
+def test_block_pool_exhaustion_returns_none_and_takes_nothing():
+    pool = BlockPool(num_blocks=4, block_size=16)
+    assert pool.allocate(3) == [0, 1, 2]
+    assert pool.allocate(2) is None
+    assert pool.num_free == 1
+    assert pool.allocate(1) == [3]
+    assert pool.allocate(1) is None
+
+
+def test_block_pool_blocks_for():
+    pool = BlockPool(num_blocks=4, block_size=16)
+    assert [pool.blocks_for(n) for n in (0, 1, 16, 17, 32, 33)] == [0, 1, 1, 2, 2, 3]
+
+
+def test_block_pool_shared_blocks_return_when_the_last_holder_frees():
+    pool = BlockPool(num_blocks=4, block_size=16)
+    blocks = pool.allocate(2)
+    assert blocks == [0, 1]
+    pool.share([0])
+    pool.share([0])
+    assert [pool.ref_count(b) for b in range(4)] == [3, 1, 0, 0]
+    pool.free([0, 1])
+    assert [pool.ref_count(b) for b in range(4)] == [2, 0, 0, 0]
+    assert pool.num_free == 3
+    pool.free([0])
+    pool.free([0])
+    assert pool.ref_count(0) == 0 and pool.num_free == 4
+    assert pool.allocate(4) == [2, 3, 1, 0]
+
+
+def test_block_pool_misuse_raises_value_error_with_the_numbers():
+    pool = BlockPool(num_blocks=4, block_size=16)
+    pool.allocate(2)
+    pool.free([1])
+    with pytest.raises(ValueError, match=r"^cannot free block 1: not held \(pool of 4\)$"):
+        pool.free([1])
+    with pytest.raises(ValueError, match=r"^cannot free block 3: not held \(pool of 4\)$"):
+        pool.free([3])
+    with pytest.raises(ValueError, match=r"^cannot free block 4: not held \(pool of 4\)$"):
+        pool.free([4])
+    with pytest.raises(ValueError, match=r"^cannot share block 2: it is free$"):
+        pool.share([2])
+    with pytest.raises(ValueError, match=r"^cannot allocate -1 blocks$"):
+        pool.allocate(-1)
+    with pytest.raises(ValueError, match=r"num_blocks >= 1 and block_size >= 1, got 0 and 16"):
+        BlockPool(0, 16)
+
+
+def test_block_pool_rejects_block_ids_outside_the_pool_when_sharing():
+    pool = BlockPool(num_blocks=4, block_size=16)
+    pool.allocate(4)
+    for bad in (-1, 4):
+        with pytest.raises(ValueError, match=f"block {bad}"):
+            pool.share([bad])
+    assert [pool.ref_count(b) for b in range(4)] == [1, 1, 1, 1]

@@ -1,0 +1,347 @@
+"""The compile pipeline as a whole: the typed config and its string form, the pass order,
+the per-step dumps, verification after every pass, and the user's model left untouched."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import warnings
+
+import pytest
+import torch
+
+import fusegen
+from fusegen import CompileConfig, ConfigError, VerificationError
+from fusegen.passes import PassResult, build_pipeline, graph_pass
+from fusegen.passes.dump import resolve_dump_dir
+from fusegen.passes.infra import PassContext, placeholders, val, verify
+from helpers import assert_close_report
+
+aten = torch.ops.aten
+
+LAYERS = 2
+VOCAB = 256
+
+
+def _llama(kv_heads: int = 2, attn_implementation: str = "sdpa"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,  # 32000
+        hidden_size=64,  # 4096
+        intermediate_size=128,  # 11008
+        num_hidden_layers=LAYERS,  # 32
+        num_attention_heads=4,  # 32
+        num_key_value_heads=kv_heads,  # 32 (Llama-2-7B), 8 (Llama-3-8B)
+        max_position_embeddings=128,  # 4096
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation=attn_implementation,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+def _ids(B: int = 2, S: int = 9, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (B, S), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+# --- CompileConfig ---------------------------------------------------------------------------
+
+def test_presets():
+    assert CompileConfig.preset("default") == CompileConfig()
+    assert CompileConfig.preset("stateless") == CompileConfig(insert_kv_cache=False, paged_kv=False)
+    assert CompileConfig.preset("dense_kv") == CompileConfig(paged_kv=False)
+    assert CompileConfig.preset("strict") == CompileConfig(strict=True)
+    assert CompileConfig.preset("capture_only") == CompileConfig(
+        fuse_attention=False, insert_kv_cache=False, paged_kv=False)
+    with pytest.raises(ConfigError, match=r"unknown preset 'fast'; presets: default, capture_only"):
+        CompileConfig.preset("fast")
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        CompileConfig().strict = True  # type: ignore[misc]
+    assert CompileConfig().replace(block_size=32).block_size == 32
+
+
+@pytest.mark.parametrize("config, text", [
+    (CompileConfig(), "default"),
+    (CompileConfig.preset("stateless"), "insert_kv_cache=0,paged_kv=0"),
+    (CompileConfig.preset("dense_kv"), "paged_kv=0"),
+    (CompileConfig.preset("capture_only"), "fuse_attention=0,insert_kv_cache=0,paged_kv=0"),
+    (CompileConfig(gqa_kv_heads=1, gqa_method="mean", block_size=32),
+     "gqa_kv_heads=1,gqa_method=mean,block_size=32"),
+    (CompileConfig(strict=True, verify_shapes=True, max_seq_len=512),
+     "strict=1,verify_shapes=1,max_seq_len=512"),
+])
+def test_to_string_and_back(config, text):
+    assert config.to_string() == text
+    assert str(config) == text
+    assert CompileConfig.from_string(text) == config
+
+
+@pytest.mark.parametrize("text, want", [
+    ("", CompileConfig()),
+    ("stateless", CompileConfig.preset("stateless")),
+    ("preset=stateless", CompileConfig.preset("stateless")),
+    (" preset = dense_kv , block_size = 64 ", CompileConfig(paged_kv=False, block_size=64)),
+    ("preset=stateless,strict=true", CompileConfig(insert_kv_cache=False, paged_kv=False, strict=True)),
+    ("gqa_kv_heads=2,gqa_method=mean", CompileConfig(gqa_kv_heads=2, gqa_method="mean")),
+    ("verify_shapes=on,cleanup=yes", CompileConfig(verify_shapes=True)),
+])
+def test_from_string(text, want):
+    assert CompileConfig.from_string(text) == want
+
+
+@pytest.mark.parametrize("text, field", [
+    ("bogus=1", "bogus"),
+    ("block_size=abc", "block_size"),
+    ("strict=maybe", "strict"),
+    ("block_size=24", "block_size"),
+    ("block_size=0", "block_size"),
+    ("gqa_method=svd", "gqa_method"),
+    ("gqa_kv_heads=-1", "gqa_kv_heads"),
+    ("max_seq_len=0", "max_seq_len"),
+    ("preset=fast", "fast"),
+    ("paged_kv=1,insert_kv_cache=0", "paged_kv"),
+    ("preset=stateless,paged_kv=1", "paged_kv"),
+    ("insert_kv_cache=1,fuse_attention=0", "insert_kv_cache"),
+    ("nokeyvalue", "nokeyvalue"),
+])
+def test_bad_config_names_the_field(text, field):
+    with pytest.raises(ConfigError, match=field):
+        CompileConfig.from_string(text)
+
+
+def test_bad_config_messages():
+    with pytest.raises(ConfigError) as info:
+        CompileConfig.from_string("block_size=abc")
+    assert str(info.value) == "config field 'block_size' expects int, got 'abc'"
+    with pytest.raises(ConfigError) as info:
+        CompileConfig.from_string("bogus=1")
+    assert str(info.value).startswith("unknown config field 'bogus'; fields: cleanup, fuse_attention")
+    with pytest.raises(ConfigError, match=r"^block_size must be a power of two >= 1, got 24$"):
+        CompileConfig(block_size=24)
+    assert isinstance(info.value, ValueError)  # callers may catch the builtin
+
+
+# --- pass order ------------------------------------------------------------------------------
+
+def _names(config) -> list[str]:
+    if isinstance(config, str):
+        config = CompileConfig.from_string(config)
+    return [p.name for p in build_pipeline(config)]
+
+
+def test_pipeline_order():
+    assert _names("default") == ["cleanup_graph", "normalize_graph", "fuse_attention",
+                                 "insert_kv_cache", "insert_paged_blocks"]
+    assert _names("stateless") == ["cleanup_graph", "normalize_graph", "fuse_attention"]
+    assert _names("dense_kv") == ["cleanup_graph", "normalize_graph", "fuse_attention",
+                                  "insert_kv_cache"]
+    assert _names("capture_only") == ["cleanup_graph", "normalize_graph"]
+    assert _names("gqa_kv_heads=1") == ["cleanup_graph", "normalize_graph", "fuse_attention",
+                                        "convert_mha_to_gqa", "insert_kv_cache",
+                                        "insert_paged_blocks"]
+    assert _names("stateless,gqa_kv_heads=1") == ["cleanup_graph", "normalize_graph",
+                                                  "fuse_attention", "convert_mha_to_gqa"]
+
+
+# --- dumps -----------------------------------------------------------------------------------
+
+DUMP_FILES = ["00_capture.py", "01_cleanup_graph.py", "02_normalize_graph.py",
+              "03_fuse_attention.py", "04_insert_kv_cache.py", "05_insert_paged_blocks.py",
+              "summary.json", "summary.txt"]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return _llama().eval()
+
+
+@pytest.fixture(scope="module")
+def dumped(llama, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("dumps")
+    return fusegen.compile(llama, dump_dir=directory), directory
+
+
+def _files(directory) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_dump_writes_one_file_per_step_and_a_summary(dumped):
+    compiled, directory = dumped
+    assert _files(directory) == DUMP_FILES
+    assert compiled.report.dump_dir == str(directory)
+
+
+def test_dump_summary_json_matches_the_report(dumped):
+    compiled, directory = dumped
+    summary = json.loads((directory / "summary.json").read_text())
+    records = compiled.report.records
+    assert [step["name"] for step in summary] == [r.name for r in records]
+    for step, record in zip(summary, records):
+        assert step["node_counts"] == dict(record.node_counts), record.name
+        assert step["stats"] == record.stats, record.name
+        assert step["changed"] == record.changed and step["nodes_made"] == record.nodes_made
+        assert sum(step["node_counts"].values()) == record.total_nodes
+
+
+def test_dump_files_read_as_the_graph_after_each_step(dumped):
+    compiled, directory = dumped
+    capture = (directory / "00_capture.py").read_text()
+    assert capture.startswith("# fusegen graph after step 00: capture\n")
+    assert "scaled_dot_product_attention" in capture and "fusegen." not in capture
+
+    fused = (directory / "03_fuse_attention.py").read_text().splitlines()
+    assert fused[0] == "# fusegen graph after step 03: fuse_attention"
+    counters = next(line for line in fused if line.startswith("# counters: "))
+    assert counters == (f"# counters: causal={LAYERS}, fused={LAYERS}, fused_sdpa={LAYERS}, "
+                        f"gqa={LAYERS}, key_padding={LAYERS}")
+    assert any(line.startswith("# nodes made by this step: ") for line in fused)
+    body = "\n".join(fused)
+    assert body.count("fusegen.attention.default(") == LAYERS
+    assert "scaled_dot_product_attention" not in body
+
+    paged = (directory / "05_insert_paged_blocks.py").read_text()
+    assert paged.count("fusegen.paged_attention.default(") == LAYERS
+    assert "fusegen.attention.default(" not in paged
+
+    summary = (directory / "summary.txt").read_text()
+    for record in compiled.report.records:
+        assert record.name in summary
+    assert "fusegen.paged_attention" in summary
+
+
+def test_dump_dir_from_the_environment(llama, tmp_path, monkeypatch):
+    (tmp_path / "07_stale_pass.py").write_text("# from an older run\n")
+    monkeypatch.setenv("FUSEGEN_DUMP_DIR", str(tmp_path))
+    compiled = fusegen.compile(llama)
+    assert _files(tmp_path) == DUMP_FILES  # the stale numbered file is gone
+    assert compiled.report.dump_dir == str(tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [s["name"] for s in summary] == [r.name for r in compiled.report.records]
+
+
+def test_dump_dir_argument_wins_over_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("FUSEGEN_DUMP_DIR", raising=False)
+    assert resolve_dump_dir(None) is None
+    monkeypatch.setenv("FUSEGEN_DUMP_DIR", "")
+    assert resolve_dump_dir(None) is None
+    monkeypatch.setenv("FUSEGEN_DUMP_DIR", str(tmp_path / "env"))
+    assert resolve_dump_dir(None) == tmp_path / "env"
+    assert resolve_dump_dir(tmp_path / "arg") == tmp_path / "arg"
+
+
+# --- verification ----------------------------------------------------------------------------
+
+def test_verify_shapes_compiles(llama):
+    compiled = fusegen.compile(llama, "verify_shapes=1")
+    assert compiled.config.verify_shapes
+    assert [r.name for r in compiled.report.records][-1] == "insert_paged_blocks"
+    ids = _ids()
+    assert_close_report(compiled(ids), _logits(llama, ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture
+def graph(dumped):
+    """A private copy of a compiled graph that a test may break."""
+    compiled, _ = dumped
+    with warnings.catch_warnings():  # copying export's pytree specs warns about a deprecated API
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(compiled.graph_module)
+
+
+def _linears(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.linear.default]
+
+
+@graph_pass("break_it")
+def break_it(gm, ctx):
+    """Feed the lm_head the MLP's 128-wide intermediate instead of the 64-wide hidden state."""
+    linears = _linears(gm)
+    lm_head = linears[-1]
+    wide = next(n for n in linears if val(n).shape[-1] == 128)
+    lm_head.args = (wide, *lm_head.args[1:])
+    return PassResult(gm, True, {"rewired": 1})
+
+
+def test_verify_shapes_catches_a_wrong_shaped_input(graph):
+    result = break_it(graph, PassContext())
+    result.gm.recompile()
+    ctx = PassContext(config=CompileConfig(verify_shapes=True))
+    with pytest.raises(VerificationError) as info:
+        verify(result.gm, break_it, ctx)
+    assert info.value.pass_name == "break_it"
+    assert str(info.value).startswith("[break_it] shape propagation failed:")
+    assert isinstance(info.value, fusegen.PassError)
+
+
+def test_verify_runs_the_pass_ensures(graph):
+    @graph_pass("lose_a_layer", ensures=lambda gm, ctx: ["layer 1 has no cache write"])
+    def lose_a_layer(gm, ctx):
+        return PassResult(gm, False)
+
+    with pytest.raises(VerificationError, match=r"^\[lose_a_layer\] layer 1 has no cache write$"):
+        verify(graph, lose_a_layer, PassContext())
+
+
+def test_verify_lints_the_graph(graph):
+    @graph_pass("use_before_def")
+    def use_before_def(gm, ctx):
+        first, last = _linears(gm)[0], _linears(gm)[-1]
+        first.args = (last, *first.args[1:])
+        return PassResult(gm, True)
+
+    use_before_def(graph, PassContext())
+    with pytest.raises(VerificationError, match=r"^\[use_before_def\] graph lint failed"):
+        verify(graph, use_before_def, PassContext())
+
+
+def test_verify_wants_shape_metadata_on_new_nodes(graph):
+    @graph_pass("no_meta")
+    def no_meta(gm, ctx):
+        ids = placeholders(gm)["input_ids"]
+        first = next(n for n in gm.graph.nodes if n.op == "call_function" and ids in n.args)
+        with gm.graph.inserting_before(first):
+            absolute = gm.graph.call_function(aten.abs.default, (ids,))
+        first.replace_input_with(ids, absolute)
+        return PassResult(gm, True)
+
+    no_meta(graph, PassContext())
+    with pytest.raises(VerificationError, match=r"^\[no_meta\] nodes without shape metadata: \['abs\w*'\]$"):
+        verify(graph, no_meta, PassContext())
+
+
+# --- the user's model is left as it was ------------------------------------------------------
+
+def test_compile_leaves_the_model_as_it_was():
+    model = _llama(kv_heads=4, attn_implementation="eager").train()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    grads = {k: p.requires_grad for k, p in model.named_parameters()}
+    ids = _ids(S=32)
+
+    compiled = fusegen.compile(model, "gqa_kv_heads=2", calibration_ids=ids)
+
+    assert compiled.report.counters["convert_mha_to_gqa.kv_heads_after"] == 2
+    assert model.training and all(m.training for m in model.modules())
+    assert model.config._attn_implementation == "eager"
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == grads
+    assert model.config.num_key_value_heads == 4
+    assert model.model.layers[0].self_attn.k_proj.weight.shape == (64, 64)
+
+    # and calling the compiled model does not reach back into it either
+    compiled.generate(_ids(S=5), max_new_tokens=3)
+    for name, value in before.items():
+        assert torch.equal(model.state_dict()[name], value), name

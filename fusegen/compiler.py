@@ -72,6 +72,7 @@ class CompiledModel:
         (left padding). ``position_ids`` default to 0..S-1 for every row, as HF's forward does.
         Padding positions of a stateful graph get zero logits (they are never computed)."""
         input_ids, attention_mask, position_ids = _full_inputs(input_ids, attention_mask, position_ids)
+        self._check_length(input_ids.shape[1])
         if self.kind == "stateless":
             return self.graph_module(input_ids, attention_mask, position_ids)
         if self.kind == "dense":
@@ -129,6 +130,10 @@ class CompiledModel:
         if limit and total > limit:
             raise ValueError(f"prompt + max_new_tokens = {total} exceeds the model's "
                              f"{limit} positions")
+        # Attention semantics (e.g. a sliding window) were proven up to this length.
+        if total > self.config.max_seq_len:
+            raise ValueError(f"prompt + max_new_tokens = {total} exceeds max_seq_len="
+                             f"{self.config.max_seq_len} the model was compiled for")
 
     def __repr__(self) -> str:
         return f"CompiledModel({self.report.model_class}, config={self.config})"

@@ -21,8 +21,9 @@ aten = torch.ops.aten
 
 ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default,
            aten.sym_constrain_range_for_size.default}
-IDENTITY = {aten.alias.default, aten.detach.default, aten.detach_.default, aten.clone.default,
-            aten.contiguous.default, aten.lift_fresh_copy.default}
+IDENTITY = {aten.alias.default, aten.detach.default, aten.detach_.default, aten.lift_fresh_copy.default}
+# Copies: identities only when nothing writes to either side and the layout cannot matter.
+COPIES = {aten.clone.default, aten.contiguous.default}
 CASTS = {aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default,
          aten.type_as.default}
 
@@ -33,6 +34,27 @@ def _is_dropout_noop(node: fx.Node) -> bool:
     p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.0)
     train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
     return p == 0.0 or train is False
+
+
+def _mutates(node: fx.Node) -> bool:
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable
+
+
+def _is_removable_copy(node: fx.Node) -> bool:
+    """clone/contiguous of an already-contiguous tensor that no op mutates (on either side)."""
+    if node.target not in COPIES:
+        return False
+    src = node.args[0]
+    if not isinstance(src, fx.Node) or src.op == "get_attr":
+        return False
+    if any(_mutates(u) for u in list(node.users) + list(src.users)):
+        return False
+    value = val(src)
+    try:
+        return isinstance(value, torch.Tensor) and bool(value.is_contiguous())
+    except Exception:  # symbolic strides we cannot decide
+        return False
 
 
 def _is_noop_cast(node: fx.Node) -> bool:
@@ -69,7 +91,7 @@ def _bypass_identities(gm: fx.GraphModule, stats: Counter) -> None:
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
-        if node.target in IDENTITY:
+        if node.target in IDENTITY or _is_removable_copy(node):
             kind = "identity_removed"
         elif _is_dropout_noop(node):
             kind = "dropout_removed"

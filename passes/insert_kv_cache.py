@@ -49,13 +49,13 @@ def kv_geometry(sites: list[fx.Node]) -> dict:
 
 @graph_pass("insert_kv_cache", ensures=lambda gm, ctx: _ensures(gm))
 def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    sites = call_nodes(gm, ops.attention.default)
-    if not sites:
-        raise PassError("insert_kv_cache", "no fused attention in the graph (fuse_attention found no site)")
     unfused = ctx.facts.get("fuse_attention.unfused") or []
     if unfused:
         raise PassError("insert_kv_cache", f"{len(unfused)} attention site(s) were not fused, so their "
                         f"keys/values cannot be cached: " + "; ".join(unfused))
+    sites = call_nodes(gm, ops.attention.default)
+    if not sites:
+        raise PassError("insert_kv_cache", "no fused attention in the graph (fuse_attention found no site)")
     inputs = placeholders(gm)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     geometry = kv_geometry(sites)

@@ -45,8 +45,8 @@ class BlockPool:
     def share(self, blocks: list[int]) -> None:
         """One more holder for each block (prefix sharing)."""
         for b in blocks:
-            if self._refs[b] == 0:
-                raise ValueError(f"cannot share block {b}: it is free")
+            if not 0 <= b < self.num_blocks or self._refs[b] == 0:
+                raise ValueError(f"cannot share block {b}: not held (pool of {self.num_blocks})")
             self._refs[b] += 1
 
     def free(self, blocks: list[int]) -> None:

@@ -1,7 +1,7 @@
 """cleanup_graph: remove what capture leaves behind that computes nothing at inference.
 
 - export's guard module call and tensor-metadata asserts;
-- identity ops: alias, detach, clone, contiguous, lift_fresh_copy, dropout in eval mode
+- identity ops: alias, detach, lift_fresh_copy, contiguous of a contiguous tensor, dropout in eval mode
   (or p == 0), and casts/moves to the dtype and device the tensor already has;
 - dead code, unused attributes and submodules;
 - export's pytree calling convention: the graph becomes a plain
@@ -22,8 +22,9 @@ aten = torch.ops.aten
 ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default,
            aten.sym_constrain_range_for_size.default}
 IDENTITY = {aten.alias.default, aten.detach.default, aten.detach_.default, aten.lift_fresh_copy.default}
-# Copies: identities only when nothing writes to either side and the layout cannot matter.
-COPIES = {aten.clone.default, aten.contiguous.default}
+# contiguous() of a contiguous tensor returns the tensor itself, so dropping it changes
+# nothing even under mutation; clone() is a real copy that in-place ops may rely on.
+COPIES = {aten.contiguous.default}
 CASTS = {aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default,
          aten.type_as.default}
 
@@ -42,7 +43,7 @@ def _mutates(node: fx.Node) -> bool:
 
 
 def _is_removable_copy(node: fx.Node) -> bool:
-    """clone/contiguous of an already-contiguous tensor that no op mutates (on either side)."""
+    """contiguous() of an already-contiguous tensor that no op mutates (on either side)."""
     if node.target not in COPIES:
         return False
     src = node.args[0]

@@ -9,10 +9,13 @@ the smaller k/v as they are — their group size comes from the shapes.
 Quality is always measured: perplexity of the graph on the calibration tokens before and
 after, reported in the pass counters together with the KV-cache bytes per token.
 
-Supported projections: separate ``linear`` K/V projections (Llama, Mistral, Qwen2, ...).
+Supported projections: separate ``linear`` K/V projections (Llama, Mistral, Qwen2, ...) and
+GPT-2's fused Conv1D ``c_attn`` (``addmm`` into [q | k | v] columns, then ``split``).
 """
 
 from __future__ import annotations
+
+import operator
 
 import math
 
@@ -30,30 +33,38 @@ NAME = "convert_mha_to_gqa"
 
 
 def _back_to_linear(start: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
-    """The one ``linear`` feeding ``start`` (not looking past linears), and the nodes between."""
+    """The one ``linear`` (or Conv1D ``addmm``) feeding ``start``, not looking past
+    projections, and the nodes between."""
     seen, stack, linears = set(), [start], []
     while stack:
         node = stack.pop()
         if node in seen or node.op != "call_function":
             continue
         seen.add(node)
-        if node.target is aten.linear.default:
+        if node.target in (aten.linear.default, aten.addmm.default):
             linears.append(node)
             continue
-        if node.target is aten.addmm.default:
-            raise PassError(NAME, f"{node.name}: fused Conv1D/addmm projections are not supported")
         stack.extend(node.all_input_nodes)
-    if len(linears) != 1 or linears[0].args[1].op != "get_attr":
+    weight = linears[0].args[2 if linears[0].target is aten.addmm.default else 1] if linears else None
+    if len(linears) != 1 or weight.op != "get_attr":
         raise PassError(NAME, f"{start.name}: expected one linear projection with a weight "
                               f"attribute, found {[n.name for n in linears]}")
     return linears[0], [n for n in seen if n is not linears[0]]
+
+
+def _output_weight(gm: fx.GraphModule, site: fx.Node) -> torch.Tensor:
+    """o_proj's weight in linear layout [hidden, Hq*D]."""
+    proj = _forward_to_linear(site)
+    if proj.target is aten.addmm.default:
+        return getattr_path(gm, proj.args[2].target).t()
+    return getattr_path(gm, proj.args[1].target)
 
 
 def _forward_to_linear(start: fx.Node) -> fx.Node:
     frontier = list(start.users)
     for _ in range(8):
         for node in frontier:
-            if node.target is aten.linear.default:
+            if node.target in (aten.linear.default, aten.addmm.default):
                 return node
         frontier = [u for n in frontier for u in n.users]
     raise PassError(NAME, f"{start.name}: no output projection found after attention")
@@ -138,6 +149,28 @@ def _merges(method: str, q_moments, W_o, rotary: bool, Hq: int, Hkv: int, D: int
     return gqa_merge.merge_matrices(C, group), gqa_merge.merge_matrices(M, group)
 
 
+def _rewrite_fused_qkv(gm, addmm: fx.Node, Bk, Bv, group: int, layer: int, kv_cols: int) -> list[fx.Node]:
+    """GPT-2 Conv1D: addmm(bias, x, W[in, q|k|v]) -> view -> split -> getitem 0/1/2."""
+    bias, W = getattr_path(gm, addmm.args[0].target), getattr_path(gm, addmm.args[2].target)
+    q_cols = W.shape[1] - 2 * kv_cols
+    wq, wk, wv = W.split([q_cols, kv_cols, kv_cols], dim=1)
+    bq, bk, bv = bias.split([q_cols, kv_cols, kv_cols])
+    wk2, wv2 = (gqa_merge.merge_weight(w.t(), B, group).t() for w, B in ((wk, Bk), (wv, Bv)))
+    bk2, bv2 = gqa_merge.merge_bias(bk, Bk, group), gqa_merge.merge_bias(bv, Bv, group)
+    _set_weight(gm, addmm, 2, f"fusegen_gqa_qkv{layer}_weight", torch.cat([wq, wk2, wv2], 1).contiguous())
+    _set_weight(gm, addmm, 0, f"fusegen_gqa_qkv{layer}_bias", torch.cat([bq, bk2, bv2]))
+    new_cols, total = wk2.shape[1], q_cols + 2 * wk2.shape[1]
+    touched = [addmm]
+    for view in [u for u in addmm.users if u.target is aten.view.default]:
+        view.args = (view.args[0], list(view.args[1][:-1]) + [total])
+        touched.append(view)
+        for split in [u for u in view.users if u.target is aten.split.Tensor]:
+            split.target = aten.split_with_sizes.default
+            split.args = (view, [q_cols, new_cols, new_cols], split.args[2])
+            touched += [split, *[g for g in split.users if g.target is operator.getitem]]
+    return touched
+
+
 @graph_pass(NAME)
 def convert_mha_to_gqa(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     target, method = ctx.config.gqa_kv_heads, ctx.config.gqa_method
@@ -160,10 +193,14 @@ def convert_mha_to_gqa(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         k_lin, k_path = _back_to_linear(site.args[1])
         v_lin, v_path = _back_to_linear(site.args[2])
         rotary = _is_rotary(k_path, D)
-        W_o = getattr_path(gm, _forward_to_linear(site).args[1].target)
-        Bk, Bv = _merges(method, moments[layer], W_o, rotary, Hq, Hkv, D, group)
-        _rewrite_projection(gm, k_lin, Bk, group, f"k{layer}", Hkv, target)
-        _rewrite_projection(gm, v_lin, Bv, group, f"v{layer}", Hkv, target)
+        Bk, Bv = _merges(method, moments[layer], _output_weight(gm, site), rotary, Hq, Hkv, D, group)
+        if k_lin.target is aten.addmm.default:
+            if v_lin is not k_lin:
+                raise PassError(NAME, f"{k_lin.name}: keys from a fused projection, values from another")
+            touched += _rewrite_fused_qkv(gm, k_lin, Bk, Bv, group, layer, Hkv * D)
+        else:
+            _rewrite_projection(gm, k_lin, Bk, group, f"k{layer}", Hkv, target)
+            _rewrite_projection(gm, v_lin, Bv, group, f"v{layer}", Hkv, target)
         touched += [k_lin, v_lin, *k_path, *v_path, site]
     refresh_vals(gm, touched)
     erase_unused(gm)

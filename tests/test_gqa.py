@@ -323,3 +323,36 @@ def test_merging_identical_heads_of_a_gqa_model_is_lossless(calibration_ids):
         with torch.no_grad():
             got = result.gm(ids, torch.ones_like(ids), torch.arange(11).expand(2, 11))
         assert_close_report(got, want, atol=1e-5, rtol=1e-5, msg=method)
+
+
+def test_gpt2_fused_c_attn_identical_heads_merge_losslessly():
+    """GPT-2's Conv1D c_attn holds [q | k | v] columns; merging identical K/V heads must not
+    change the logits, and the split after the projection follows the new sizes."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from families import mini_model
+
+    model = mini_model("gpt2")
+    with torch.no_grad():
+        for block in model.transformer.h:
+            W, b = block.attn.c_attn.weight, block.attn.c_attn.bias
+            for part in (1, 2):  # keys, values: 4 heads of 16 columns each
+                cols = slice(part * 64, (part + 1) * 64)
+                w = W[:, cols].reshape(64, 4, 16).clone()
+                w[:, 1], w[:, 3] = w[:, 0], w[:, 2]
+                W[:, cols] = w.reshape(64, 64)
+                bb = b[cols].reshape(4, 16).clone()
+                bb[1], bb[3] = bb[0], bb[2]
+                b[cols] = bb.reshape(64)
+    calib = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+    for method in ("mean", "lsq"):
+        compiled = fusegen.compile(model, f"stateless,gqa_kv_heads=2,gqa_method={method}",
+                                   calibration_ids=calib)
+        stats = next(r.stats for r in compiled.report.records if r.name == "convert_mha_to_gqa")
+        assert stats["kv_heads_after"] == 2 and stats["kv_bytes_per_token_after"] == 512
+        assert (compiled(ids) - want).abs().max().item() < 1e-5

@@ -258,8 +258,24 @@ class CloneThenSliceAssign(nn.Module):
         return self.head(x + y)
 
 
-def test_cleanup_graph_keeps_a_clone_written_through_a_view():
-    model, gm = _capture(CloneThenSliceAssign())
+class SourceWrittenAfterClone(nn.Module):
+    """The original is written through a view after the copy was taken."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.head = nn.Linear(16, 32)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids) * 1.0
+        y = x.clone()
+        x[:, 0].zero_()
+        return self.head(x + y)
+
+
+@pytest.mark.parametrize("module", [CloneThenSliceAssign, SourceWrittenAfterClone])
+def test_cleanup_graph_keeps_a_clone_written_through_a_view(module):
+    model, gm = _capture(module())
     result = cleanup_graph(gm, PassContext())
     result.gm.recompile()
     ids = torch.randint(0, 32, (2, 7))

@@ -10,12 +10,15 @@ import torch
 from torch import fx, nn
 
 from fusegen.capture import capture, model_class_name
+from fusegen.codegen.lower import lower
 from fusegen.config import CompileConfig
 from fusegen.passes.dump import DumpWriter, PassRecord, op_table, resolve_dump_dir, summary_table
 from fusegen.passes.infra import PassContext
 from fusegen.passes.pipeline import run_pipeline
 from fusegen.runtime.dense import DenseRunner
-from fusegen.runtime.generate import greedy_dense, greedy_paged
+from fusegen.runtime.cuda_graphs import DEFAULT_BUCKETS
+from fusegen.runtime.engine import Engine
+from fusegen.runtime.generate import greedy_dense
 from fusegen.runtime.paged import PagedRunner, Sequence
 
 
@@ -96,12 +99,62 @@ class CompiledModel:
         blocks = sum(-(-n // bs) for n in lengths)
         return PagedRunner(self.graph_module, self.facts["kv"], blocks, self.device)
 
+    def engine(self, num_blocks: int | None = None, cuda_graphs: bool = True, **kwargs) -> Engine:
+        """A serving engine over this paged graph: continuous batching, chunked prefill,
+        prefix caching, preemption. ``num_blocks`` defaults to ``config.kv_blocks`` or, when
+        that is 0, to what fits (half the free GPU memory; on CPU, max_num_seqs full-length
+        sequences capped at 1 GiB)."""
+        if self.kind != "paged":
+            raise ValueError(f"engine needs a paged graph, this one is {self.kind}; compile with paged_kv=1")
+        runner = PagedRunner(self.graph_module, self.facts["kv"], num_blocks or self._auto_blocks(), self.device)
+        kwargs.setdefault("max_num_batched_tokens", self.config.max_num_batched_tokens)
+        kwargs.setdefault("max_num_seqs", self.config.max_num_seqs)
+        if cuda_graphs and self.config.cuda_graphs and self.device.type == "cuda":
+            buckets = [b for b in DEFAULT_BUCKETS if b < kwargs["max_num_seqs"]] + [kwargs["max_num_seqs"]]
+            runner.enable_cuda_graphs(self._max_len(), buckets)
+        return Engine(runner, sorted(_eos_set(self.facts.get("eos_token_id"))),
+                      max_model_len=self._max_len(), **kwargs)
+
+    def _auto_blocks(self) -> int:
+        kv = self.facts["kv"]
+        block_bytes = (kv["layers"] * 2 * kv["block_size"] * kv["kv_heads"] * kv["head_dim"]
+                       * torch.empty((), dtype=kv["dtype"]).element_size())
+        if self.config.kv_blocks:
+            return self.config.kv_blocks
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return max(1, int(free * 0.5) // block_bytes)
+        want = self.config.max_num_seqs * -(-self._max_len() // kv["block_size"])
+        return max(1, min(want, (1 << 30) // block_bytes))
+
+    def _max_len(self) -> int:
+        limits = [self.config.max_seq_len, self.facts.get("max_position_embeddings") or self.facts.get("n_positions")]
+        return min(n for n in limits if n)
+
+    @property
+    def _engine(self) -> Engine:
+        if getattr(self, "_shared_engine", None) is None:
+            self._shared_engine = self.engine()
+        return self._shared_engine
+
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int = 20, **sampling) -> list[list[int]]:
+        """New tokens for many requests (token lists), continuously batched. ``sampling``:
+        do_sample, temperature, top_k, top_p, repetition_penalty, seed, eos_token_id."""
+        return self._engine.generate_batch(prompts, max_new_tokens, **_sampling(**sampling))
+
+    def stream(self, prompt: list[int], max_new_tokens: int = 20, **sampling):
+        """Yield the new tokens of one request as they are produced."""
+        return self._engine.stream(prompt, max_new_tokens, **_sampling(**sampling))
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20,
                  attention_mask: torch.Tensor | None = None, eos_token_id=None,
-                 pad_token_id: int | None = None) -> torch.Tensor:
-        """Greedy decoding. Returns [B, S + n] like HF: the (left-padded) prompts followed by
-        the new tokens, rows that stopped early (eos) filled with ``pad_token_id``."""
+                 pad_token_id: int | None = None, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                 seed: int | None = None) -> torch.Tensor:
+        """HF-style ``generate``: returns [B, S + n], the (left-padded) prompts followed by the
+        new tokens, rows that stopped early (eos) filled with ``pad_token_id``. Greedy unless
+        ``do_sample``; ``seed`` makes sampling reproducible."""
         if self.kind == "stateless":
             raise ValueError("generate needs a stateful graph; compile with insert_kv_cache=1")
         if max_new_tokens < 1:
@@ -113,10 +166,17 @@ class CompiledModel:
         if min(len(p) for p in prompts) == 0:
             raise ValueError("every row of attention_mask needs at least one real token")
         self._check_length(max(len(p) for p in prompts) + max_new_tokens)
+        sampling = _sampling(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                             repetition_penalty=repetition_penalty, seed=seed)
         if self.kind == "paged":
-            runner = self._paged_runner([len(p) + max_new_tokens for p in prompts])
-            new = greedy_paged(runner, prompts, max_new_tokens, eos)
+            bs = self.facts["kv"]["block_size"]
+            engine = self._engine if self.device.type == "cuda" else self.engine(
+                num_blocks=sum(-(-(len(p) + max_new_tokens) // bs) for p in prompts),
+                max_num_batched_tokens=sum(len(p) for p in prompts), max_num_seqs=len(prompts))
+            new = engine.generate_batch(prompts, max_new_tokens, eos_token_ids=sorted(eos), **sampling)
         else:
+            if do_sample:
+                raise ValueError("the dense-cache graph decodes greedily only; use the paged graph to sample")
             runner = DenseRunner(self.graph_module, self.facts["kv"], input_ids.shape[0],
                                  input_ids.shape[1] + max_new_tokens, input_ids.device)
             new = greedy_dense(runner, input_ids, attention_mask, max_new_tokens, eos)
@@ -137,6 +197,16 @@ class CompiledModel:
 
     def __repr__(self) -> str:
         return f"CompiledModel({self.report.model_class}, config={self.config})"
+
+
+def _sampling(do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+              repetition_penalty: float = 1.0, seed: int | None = None, eos_token_id=None) -> dict:
+    """HF's argument names -> the runtime's SamplingParams fields (greedy = temperature 0)."""
+    params = {"temperature": temperature if do_sample else 0.0, "top_k": top_k, "top_p": top_p,
+              "repetition_penalty": repetition_penalty, "seed": seed}
+    if eos_token_id is not None:
+        params["eos_token_ids"] = sorted(_eos_set(eos_token_id))
+    return params
 
 
 def _eos_set(eos) -> set[int]:
@@ -173,6 +243,11 @@ def compile(model: nn.Module, config: CompileConfig | str | None = None, *, dump
     ctx = PassContext(config=config, calibration_ids=calibration_ids, facts=_model_facts(model))
     dump = DumpWriter(directory) if directory else None
     gm, records = run_pipeline(gm, ctx, dump, capture_seconds)
+    ctx.facts["kernels"] = lower(gm, directory)
+    if ctx.facts["device"].type == "cuda":
+        from fusegen.codegen import attention
+
+        attention.register()
     report = CompileReport(model_class_name(model), config, records, str(directory) if directory else None)
     return CompiledModel(gm, report, ctx.facts)
 

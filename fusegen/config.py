@@ -21,6 +21,9 @@ class CompileConfig:
     verify_shapes: bool = False  # re-run the graph symbolically after every pass (slow)
     insert_kv_cache: bool = True
     paged_kv: bool = True
+    # Kernels: horizontal fusion of projections, pointwise/row-reduction groups -> Triton.
+    fuse_projections: bool = True
+    fuse_pointwise: bool = True
     # Lossy, opt-in: reduce the number of KV heads to this many (0 = keep).
     gqa_kv_heads: int = 0
     gqa_method: str = "lsq"
@@ -28,6 +31,11 @@ class CompileConfig:
     block_size: int = 16
     # Longest sequence (prompt + generated) the compiled model serves.
     max_seq_len: int = 2048
+    # Serving engine: KV blocks in the pool (0 = size from free memory), batch limits per step.
+    kv_blocks: int = 0
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    cuda_graphs: bool = True  # decode steps replay CUDA graphs (on CUDA only)
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -113,7 +121,8 @@ def _parse(key: str, type_name, value: str):
 PRESETS: dict[str, CompileConfig] = {
     "default": CompileConfig(),
     # Only capture and clean up: the graph computes exactly what the model's code does.
-    "capture_only": CompileConfig(fuse_attention=False, insert_kv_cache=False, paged_kv=False),
+    "capture_only": CompileConfig(fuse_attention=False, insert_kv_cache=False, paged_kv=False,
+                                  fuse_projections=False, fuse_pointwise=False),
     # Attention fused, still a stateless full-sequence graph.
     "stateless": CompileConfig(insert_kv_cache=False, paged_kv=False),
     # Dense per-sequence KV cache instead of the paged pool.

@@ -44,6 +44,8 @@ def _back_to_linear(start: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
         if node.target in (aten.linear.default, aten.addmm.default):
             linears.append(node)
             continue
+        if node.target is aten.split_with_sizes.default and node.args[0].target is aten.linear.default:
+            raise PassError(NAME, f"{node.name}: projections were already fused; run before fuse_projections")
         stack.extend(node.all_input_nodes)
     weight = linears[0].args[2 if linears[0].target is aten.addmm.default else 1] if linears else None
     if len(linears) != 1 or weight.op != "get_attr":

@@ -38,8 +38,8 @@ class DumpWriter:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        for old in self.directory.glob("[0-9][0-9]_*.py"):
-            old.unlink()
+        for old in [*self.directory.glob("[0-9][0-9]_*.py"), *self.directory.glob("kernels/*.py")]:
+            old.unlink()  # a dump describes one compile: nothing of an older one stays
 
     def graph(self, index: int, record: PassRecord, gm: fx.GraphModule) -> Path:
         path = self.directory / f"{index:02d}_{record.name}.py"

@@ -2,7 +2,8 @@
 shared by every sequence.
 
 After:   logits = graph(input_ids [1,T], position_ids [1,T], kv_pool, slot_mapping [T],
-                        block_tables [N,M], seq_lens [N], query_start_loc [N+1])
+                        block_tables [N,M], seq_lens [N], query_start_loc [N+1],
+                        logits_indices [R])          -> logits [1, R, V]
 
     kv_pool [layers, 2, num_blocks, block_size, Hkv, D]
 
@@ -13,7 +14,9 @@ After:   logits = graph(input_ids [1,T], position_ids [1,T], kv_pool, slot_mappi
 
 The tokens of all sequences are packed without padding, so one call mixes prefills (whole
 or chunked) and decode steps; only attention knows where a sequence starts. The padding
-mask disappears: a packed sequence has none.
+mask disappears: a packed sequence has none. ``logits_indices`` picks the packed tokens whose
+logits are wanted (the last of each sequence when decoding) before the LM head, so a long
+prefill does not pay for a [T, vocab] product it throws away.
 """
 
 from __future__ import annotations
@@ -23,10 +26,30 @@ from torch import fx
 
 from fusegen.errors import PassError
 from fusegen.passes.infra import (PassContext, PassResult, add_input, call_nodes, erase_unused,
-                                  graph_pass, placeholders, val)
+                                  fresh_val, graph_pass, placeholders, val)
 
 ops = torch.ops.fusegen
-PAGED_INPUTS = ("kv_pool", "slot_mapping", "block_tables", "seq_lens", "query_start_loc")
+PAGED_INPUTS = ("kv_pool", "slot_mapping", "block_tables", "seq_lens", "query_start_loc",
+                "logits_indices")
+aten = torch.ops.aten
+
+
+def _select_logit_rows(gm: fx.GraphModule) -> fx.Node:
+    """Insert index_select(hidden, 1, logits_indices) before the LM head (the output's linear)."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    head = output.args[0]
+    if not (isinstance(head, fx.Node) and head.target is aten.linear.default):
+        raise PassError("insert_paged_blocks", f"graph output {head} is not an LM-head linear")
+    hidden = head.args[0]
+    indices = add_input(gm, "logits_indices", (None,), torch.int32)
+    with gm.graph.inserting_before(head):
+        picked = gm.graph.call_function(aten.index_select.default, (hidden, 1, indices))
+    h = val(hidden)
+    picked.meta["val"] = fresh_val(gm, (h.shape[0], val(indices).shape[0], h.shape[2]), h.dtype)
+    head.args = (picked,) + tuple(head.args[1:])
+    head.meta["val"] = fresh_val(gm, (h.shape[0], val(indices).shape[0], val(head).shape[2]),
+                                 val(head).dtype)
+    return picked
 
 
 def _add_paged_inputs(gm: fx.GraphModule, geometry: dict, block_size: int) -> dict[str, fx.Node]:
@@ -72,6 +95,7 @@ def insert_paged_blocks(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             raise PassError("insert_paged_blocks", f"{stale} is still used by "
                             f"{[u.name for u in inputs[stale].users]}")
         gm.graph.erase_node(inputs[stale])
+    _select_logit_rows(gm)
     erase_unused(gm)
     ctx.facts["kv"] = dict(geometry, block_size=block_size)
     return PassResult(gm, True, {"paged_writes": len(writes), "paged_attention": len(reads)})

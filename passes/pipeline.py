@@ -11,6 +11,8 @@ from fusegen.passes.cleanup_graph import cleanup_graph
 from fusegen.passes.convert_mha_to_gqa import convert_mha_to_gqa
 from fusegen.passes.dump import DumpWriter, PassRecord
 from fusegen.passes.fuse_attention import fuse_attention
+from fusegen.passes.fuse_pointwise import fuse_pointwise
+from fusegen.passes.fuse_projections import fuse_projections
 from fusegen.passes.infra import GraphPass, PassContext, mark_provenance, node_counts, verify
 from fusegen.passes.insert_kv_cache import insert_kv_cache
 from fusegen.passes.insert_paged_blocks import insert_paged_blocks
@@ -25,9 +27,13 @@ def build_pipeline(cfg: CompileConfig) -> list[GraphPass]:
         # Phase 2 - attention: one fused op per site, then (opt-in, lossy) fewer KV heads.
         fuse_attention if cfg.fuse_attention else None,
         convert_mha_to_gqa if cfg.gqa_kv_heads else None,
+        # Projections of one input become one GEMM (after GQA, which needs separate K/V linears).
+        fuse_projections if cfg.fuse_projections else None,
         # Phase 3 - state: K/V written to a cache, then the cache becomes a paged pool.
         insert_kv_cache if cfg.insert_kv_cache else None,
         insert_paged_blocks if cfg.paged_kv else None,
+        # Phase 4 - kernels: small ops grouped for generated Triton kernels.
+        fuse_pointwise if cfg.fuse_pointwise else None,
     ]
     return [p for p in passes if p is not None]
 

@@ -11,6 +11,14 @@
 import os
 from pathlib import Path
 
+# Without a GPU, Triton kernels run in Triton's interpreter (set before triton is imported).
+try:
+    import torch as _torch
+    if not _torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # pragma: no cover
+    pass
+
 import pytest
 import torch
 

@@ -5,7 +5,9 @@
 - fuse_attention: the HF sdpa and eager paths, a hand-written decoder and a sliding-window
   model; sites that are not plain attention (a learned bias) are left alone and reported.
 - insert_kv_cache / insert_paged_blocks: graph inputs, one write and one read per layer,
-  provenance; the paged graph run step by step against the HF model.
+  the LM head computing only the rows ``logits_indices`` picks, provenance next to what
+  fuse_projections and fuse_pointwise (which run in the same compile) leave in the graph;
+  the paged graph run step by step against the HF model.
 - The block pool the paged runtime allocates from, with exact block ids.
 
 Every compile is module-scoped and shared: capturing is the slow part (a few seconds each).
@@ -16,6 +18,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import math
+import operator
 import warnings
 from pathlib import Path
 
@@ -533,13 +536,62 @@ def _layers_once(nodes, position: int) -> None:
     assert sorted(n.args[position] for n in nodes) == list(range(LAYERS))
 
 
+# fuse_pointwise on this Llama: per layer the RMSNorm before attention and the one before the
+# MLP (each with the residual add in front of it, except layer 0's first norm, which reads the
+# embedding) and silu(gate) * up; then the final norm with the last residual add.
+GROUPS = 3 * LAYERS + 1
+# ops that only occur in those groups (the norms' pow/mean/rsqrt, the MLP's silu)
+GROUPED_OPS = {aten.pow.Tensor_Scalar, aten.mean.dim, aten.rsqrt.default, aten.silu.default}
+FUSED_PROJ = "fusegen_fused_proj_"
+
+
+def _is_fused_projection(node) -> bool:
+    return (node.op == "call_function" and node.target is aten.linear.default
+            and node.args[1].op == "get_attr" and node.args[1].target.startswith(FUSED_PROJ))
+
+
+def _kernel_pass(node) -> str | None:
+    """Which of fuse_projections / fuse_pointwise made ``node``, judged by what their rewrites
+    look like: fused weight -> linear -> split_with_sizes -> getitems; call_module -> getitems."""
+    if node.op == "call_module":
+        return "fuse_pointwise"
+    if node.op == "get_attr" and node.target.startswith(FUSED_PROJ):
+        return "fuse_projections"
+    if _is_fused_projection(node):
+        return "fuse_projections"
+    if node.op == "call_function" and node.target is aten.split_with_sizes.default \
+            and _is_fused_projection(node.args[0]):
+        return "fuse_projections"
+    if node.op == "call_function" and node.target is operator.getitem:
+        source = node.args[0]
+        if source.op == "call_module":
+            return "fuse_pointwise"
+        if source.target is aten.split_with_sizes.default and _is_fused_projection(source.args[0]):
+            return "fuse_projections"
+    return None
+
+
 def _check_provenance(gm, made_by: str, made: set) -> None:
+    """Nodes whose target is in ``made`` come from ``made_by``, what the kernel passes rewrote
+    from them, everything else from capture. Nodes fuse_pointwise moved into a FusedGroup are
+    gone from the graph and keep their capture stamp inside the group's reference graph."""
     for node in gm.graph.nodes:
         assert PROVENANCE in node.meta, node.name
         if node.op == "output":
             continue
-        want = made_by if (node.target in made) else "capture"
+        want = made_by if (node.target in made) else (_kernel_pass(node) or "capture")
         assert node.meta[PROVENANCE] == want, (node.name, node.target)
+    assert not call_nodes(gm, *GROUPED_OPS)
+    groups = [n for n in gm.graph.nodes if n.op == "call_module"]
+    assert [n.target for n in groups] == [f"fused_{i}" for i in range(GROUPS)]
+    moved = set()
+    for group in groups:
+        for node in gm.get_submodule(group.target).reference.graph.nodes:
+            if node.op == "call_function":
+                assert node.meta[PROVENANCE] == "capture", (group.target, node.name)
+                moved.add(node.target)
+    assert GROUPED_OPS <= moved
+    assert len(call_nodes(gm, aten.split_with_sizes.default)) == 2 * LAYERS  # q/k/v and gate/up
 
 
 def test_insert_kv_cache_graph(dense):
@@ -569,7 +621,7 @@ def test_insert_paged_blocks_graph(paged):
     gm = paged.graph_module
     assert paged.kind == "paged"
     assert _placeholders(gm) == ["input_ids", "position_ids", "kv_pool", "slot_mapping",
-                                 "block_tables", "seq_lens", "query_start_loc"]
+                                 "block_tables", "seq_lens", "query_start_loc", "logits_indices"]
     assert _stats(paged, "insert_paged_blocks") == {"paged_writes": LAYERS, "paged_attention": LAYERS}
     writes = call_nodes(gm, ops.paged_kv_write.default)
     reads = call_nodes(gm, ops.paged_attention.default)
@@ -585,17 +637,54 @@ def test_insert_paged_blocks_graph(paged):
     shape = val(pool).shape
     assert (shape[0], shape[1], shape[3], shape[4], shape[5]) == (LAYERS, 2, 16, KV_HEADS, HEAD_DIM)
     assert paged.facts["kv"]["block_size"] == 16
+    # the LM head (the graph's output) reads index_select(hidden, 1, logits_indices): [1, R, V]
+    (picked,) = call_nodes(gm, aten.index_select.default)
+    indices = next(n for n in gm.graph.nodes if n.target == "logits_indices")
+    assert picked.args[1:] == (1, indices)
+    (head,) = next(n for n in gm.graph.nodes if n.op == "output").args
+    assert head.target is aten.linear.default and head.args[0] is picked
+    assert head.args[1].target == "m.lm_head.weight"
+    assert val(indices).dtype == torch.int32 and val(indices).dim() == 1
+    rows = str(val(indices).shape[0])
+    assert [str(d) for d in val(picked).shape[1:]] == [rows, str(HEADS * HEAD_DIM)]
+    assert [str(d) for d in val(head).shape[1:]] == [rows, str(VOCAB)]
     _check_provenance(gm, "insert_paged_blocks",
                       {ops.paged_kv_write.default, ops.paged_attention.default, "kv_pool",
-                       "slot_mapping", "block_tables", "seq_lens", "query_start_loc"})
+                       "slot_mapping", "block_tables", "seq_lens", "query_start_loc",
+                       "logits_indices", aten.index_select.default})
 
 
 def test_every_step_records_the_nodes_it_made(paged):
     made = {r.name: r.nodes_made for r in paged.report.records}
-    # capture stamps everything; the paged pass adds 5 inputs and 2 ops per layer
+    # capture stamps everything; the paged pass adds 6 inputs, 2 ops per layer and the
+    # index_select before the LM head
     assert made["insert_kv_cache"] == 1 + 2 * LAYERS
-    assert made["insert_paged_blocks"] == 5 + 2 * LAYERS
+    assert made["insert_paged_blocks"] == 6 + 2 * LAYERS + 1
     assert made["fuse_attention"] == LAYERS
+    # per layer: q/k/v and gate/up, each a fused weight, a linear, a split and one getitem
+    # per projection (3 + 2)
+    assert made["fuse_projections"] == 2 * 3 * LAYERS + 5 * LAYERS
+    # a call_module and a getitem per group, a second getitem (the residual sum) for each
+    # group with a residual add whose sum is read later: every one but the final norm's
+    assert made["fuse_pointwise"] == 2 * GROUPS + 2 * LAYERS - 1
+    # fuse_pointwise runs last: what it made is all still in the graph
+    stamped = [n for n in paged.graph_module.graph.nodes if n.meta[PROVENANCE] == "fuse_pointwise"]
+    assert len(stamped) == made["fuse_pointwise"]
+
+
+def test_kernel_steps_counters(paged, dense):
+    for compiled in (paged, dense):
+        assert _stats(compiled, "fuse_projections") == {"groups_fused": 2 * LAYERS,
+                                                        "linears_fused": 5 * LAYERS}
+        # fp32 RMSNorm: pow, mean, add eps, rsqrt, mul, mul weight (cleanup drops its no-op
+        # casts), 7 with the residual add in front; silu * up: 2
+        assert _stats(compiled, "fuse_pointwise") == {
+            "groups": GROUPS, "row_groups": 2 * LAYERS + 1, "pointwise_groups": LAYERS,
+            "nodes_fused": 6 + 7 * 2 * LAYERS + 2 * LAYERS}
+        kernels = compiled.facts["kernels"]
+        assert sorted(k["group"] for k in kernels) == sorted(f"fused_{i}" for i in range(GROUPS))
+        for record in kernels:
+            assert compiled.graph_module.get_submodule(record["group"]).kernel is not None
 
 
 # --- the paged graph, step by step -----------------------------------------------------------
@@ -632,6 +721,29 @@ def test_paged_prefill_two_prompts_then_decode(llama, paged):
     for seq in seqs:
         runner.release(seq)
     assert runner.pool.num_free == 8
+
+
+def test_paged_graph_computes_logits_of_the_rows_logits_indices_picks(llama, paged):
+    runner = PagedRunner(paged.graph_module, paged.facts["kv"], num_blocks=4, device="cpu")
+    seqs = [Sequence(_prompt(7, seed=6)), Sequence(_prompt(12, seed=7))]
+    inputs = runner.step_inputs(seqs, [7, 12], last_only=True)
+    assert inputs["logits_indices"].tolist() == [6, 18]  # the last packed token of each sequence
+    want = torch.cat([_hf_logits(llama, s.tokens) for s in seqs])  # [19, V], packed order
+    inputs["logits_indices"] = torch.tensor([18, 0, 6, 9, 6], dtype=torch.int32)
+    with torch.no_grad():
+        got = paged.graph_module(**inputs)
+    assert got.shape == (1, 5, VOCAB)
+    assert_close_report(got[0], want[[18, 0, 6, 9, 6]], atol=1e-4, rtol=1e-4)
+
+
+def test_paged_step_last_only(llama, paged):
+    runner = PagedRunner(paged.graph_module, paged.facts["kv"], num_blocks=4, device="cpu")
+    seqs = [Sequence(_prompt(7, seed=6)), Sequence(_prompt(12, seed=7))]
+    last = runner.step(seqs, [7, 12], last_only=True)
+    assert last.shape == (2, VOCAB)
+    for seq, row in zip(seqs, last):
+        assert_close_report(row, _hf_logits(llama, seq.tokens)[-1], atol=1e-4, rtol=1e-4)
+    assert [s.num_cached for s in seqs] == [7, 12]
 
 
 def test_paged_chunked_prefill(llama, paged):

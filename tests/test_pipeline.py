@@ -22,6 +22,14 @@ aten = torch.ops.aten
 
 LAYERS = 2
 VOCAB = 256
+# fuse_pointwise on the Llama below: per layer the RMSNorm before attention and the one before
+# the MLP (each with the residual add in front of it, except layer 0's first norm, which reads
+# the embedding) and silu(gate) * up; then the final norm with the last residual add.
+GROUPS = 3 * LAYERS + 1
+ROW_GROUPS = 2 * LAYERS + 1  # the norms: a mean over the last dim
+# An fp32 RMSNorm is pow, mean, add eps, rsqrt, mul, mul weight (cleanup drops its no-op
+# casts); a residual add in front makes 7; silu * up is 2.
+NODES_FUSED = 6 + 7 * (2 * LAYERS) + 2 * LAYERS
 
 
 def _llama(kv_heads: int = 2, attn_implementation: str = "sdpa"):
@@ -60,7 +68,8 @@ def test_presets():
     assert CompileConfig.preset("dense_kv") == CompileConfig(paged_kv=False)
     assert CompileConfig.preset("strict") == CompileConfig(strict=True)
     assert CompileConfig.preset("capture_only") == CompileConfig(
-        fuse_attention=False, insert_kv_cache=False, paged_kv=False)
+        fuse_attention=False, insert_kv_cache=False, paged_kv=False,
+        fuse_projections=False, fuse_pointwise=False)
     with pytest.raises(ConfigError, match=r"unknown preset 'fast'; presets: default, capture_only"):
         CompileConfig.preset("fast")
 
@@ -75,7 +84,11 @@ def test_config_is_frozen():
     (CompileConfig(), "default"),
     (CompileConfig.preset("stateless"), "insert_kv_cache=0,paged_kv=0"),
     (CompileConfig.preset("dense_kv"), "paged_kv=0"),
-    (CompileConfig.preset("capture_only"), "fuse_attention=0,insert_kv_cache=0,paged_kv=0"),
+    (CompileConfig.preset("capture_only"),
+     "fuse_attention=0,insert_kv_cache=0,paged_kv=0,fuse_projections=0,fuse_pointwise=0"),
+    (CompileConfig(fuse_projections=False), "fuse_projections=0"),
+    (CompileConfig(kv_blocks=64, max_num_seqs=8, max_num_batched_tokens=512),
+     "kv_blocks=64,max_num_seqs=8,max_num_batched_tokens=512"),
     (CompileConfig(gqa_kv_heads=1, gqa_method="mean", block_size=32),
      "gqa_kv_heads=1,gqa_method=mean,block_size=32"),
     (CompileConfig(strict=True, verify_shapes=True, max_seq_len=512),
@@ -95,6 +108,9 @@ def test_to_string_and_back(config, text):
     ("preset=stateless,strict=true", CompileConfig(insert_kv_cache=False, paged_kv=False, strict=True)),
     ("gqa_kv_heads=2,gqa_method=mean", CompileConfig(gqa_kv_heads=2, gqa_method="mean")),
     ("verify_shapes=on,cleanup=yes", CompileConfig(verify_shapes=True)),
+    ("capture_only,fuse_pointwise=1", CompileConfig(fuse_attention=False, insert_kv_cache=False,
+                                                    paged_kv=False, fuse_projections=False)),
+    ("fuse_pointwise=off,kv_blocks=32", CompileConfig(fuse_pointwise=False, kv_blocks=32)),
 ])
 def test_from_string(text, want):
     assert CompileConfig.from_string(text) == want
@@ -109,6 +125,8 @@ def test_from_string(text, want):
     ("gqa_method=svd", "gqa_method"),
     ("gqa_kv_heads=-1", "gqa_kv_heads"),
     ("max_seq_len=0", "max_seq_len"),
+    ("kv_blocks=many", "kv_blocks"),
+    ("fuse_projections=maybe", "fuse_projections"),
     ("preset=fast", "fast"),
     ("paged_kv=1,insert_kv_cache=0", "paged_kv"),
     ("preset=stateless,paged_kv=1", "paged_kv"),
@@ -142,23 +160,38 @@ def _names(config) -> list[str]:
 
 def test_pipeline_order():
     assert _names("default") == ["cleanup_graph", "normalize_graph", "fuse_attention",
-                                 "insert_kv_cache", "insert_paged_blocks"]
-    assert _names("stateless") == ["cleanup_graph", "normalize_graph", "fuse_attention"]
+                                 "fuse_projections", "insert_kv_cache", "insert_paged_blocks",
+                                 "fuse_pointwise"]
+    assert _names("stateless") == ["cleanup_graph", "normalize_graph", "fuse_attention",
+                                   "fuse_projections", "fuse_pointwise"]
     assert _names("dense_kv") == ["cleanup_graph", "normalize_graph", "fuse_attention",
-                                  "insert_kv_cache"]
+                                  "fuse_projections", "insert_kv_cache", "fuse_pointwise"]
     assert _names("capture_only") == ["cleanup_graph", "normalize_graph"]
+    # GQA conversion needs K and V as separate linears: it runs before fuse_projections
     assert _names("gqa_kv_heads=1") == ["cleanup_graph", "normalize_graph", "fuse_attention",
-                                        "convert_mha_to_gqa", "insert_kv_cache",
-                                        "insert_paged_blocks"]
+                                        "convert_mha_to_gqa", "fuse_projections",
+                                        "insert_kv_cache", "insert_paged_blocks", "fuse_pointwise"]
     assert _names("stateless,gqa_kv_heads=1") == ["cleanup_graph", "normalize_graph",
-                                                  "fuse_attention", "convert_mha_to_gqa"]
+                                                  "fuse_attention", "convert_mha_to_gqa",
+                                                  "fuse_projections", "fuse_pointwise"]
+    assert _names("fuse_projections=0") == ["cleanup_graph", "normalize_graph", "fuse_attention",
+                                            "insert_kv_cache", "insert_paged_blocks",
+                                            "fuse_pointwise"]
+    assert _names("fuse_pointwise=0") == ["cleanup_graph", "normalize_graph", "fuse_attention",
+                                          "fuse_projections", "insert_kv_cache",
+                                          "insert_paged_blocks"]
+    assert _names("capture_only,fuse_projections=1,fuse_pointwise=1") == [
+        "cleanup_graph", "normalize_graph", "fuse_projections", "fuse_pointwise"]
 
 
 # --- dumps -----------------------------------------------------------------------------------
 
 DUMP_FILES = ["00_capture.py", "01_cleanup_graph.py", "02_normalize_graph.py",
-              "03_fuse_attention.py", "04_insert_kv_cache.py", "05_insert_paged_blocks.py",
+              "03_fuse_attention.py", "04_fuse_projections.py", "05_insert_kv_cache.py",
+              "06_insert_paged_blocks.py", "07_fuse_pointwise.py", "kernels/",
               "summary.json", "summary.txt"]
+# compile writes the generated source of every FusedGroup to kernels/<group>.py
+KERNEL_FILES = sorted(f"fused_{i}.py" for i in range(GROUPS))
 
 
 @pytest.fixture(scope="module")
@@ -173,13 +206,40 @@ def dumped(llama, tmp_path_factory):
 
 
 def _files(directory) -> list[str]:
-    return sorted(p.name for p in directory.iterdir())
+    """Entries of ``directory``; a folder's name ends in "/"."""
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir())
+
+
+def _kernel_files(directory) -> list[str]:
+    return _files(directory / "kernels")
 
 
 def test_dump_writes_one_file_per_step_and_a_summary(dumped):
     compiled, directory = dumped
     assert _files(directory) == DUMP_FILES
+    assert _kernel_files(directory) == KERNEL_FILES
     assert compiled.report.dump_dir == str(directory)
+
+
+def test_dump_kernels_hold_the_source_of_each_fused_group(dumped):
+    compiled, directory = dumped
+    gm = compiled.graph_module
+    groups = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert groups == [f"fused_{i}" for i in range(GROUPS)]
+    assert sorted(f"{g}.py" for g in groups) == _kernel_files(directory)
+    kernels = {k["group"]: k for k in compiled.facts["kernels"]}
+    assert sorted(kernels) == sorted(groups)
+    schedules = [kernels[g]["schedule"] for g in groups]
+    assert schedules.count("row") == ROW_GROUPS and schedules.count("pointwise") == LAYERS
+    for name in groups:
+        module = gm.get_submodule(name)
+        source = (directory / "kernels" / f"{name}.py").read_text()
+        assert source == module.source, name
+        assert module.kernel is not None, name
+        assert module.schedule == kernels[name]["schedule"], name
+        ops = [n for n in module.reference.graph.nodes if n.op == "call_function"]
+        assert f"@triton.jit\ndef _{name}_kernel(" in source, name
+        assert f"Generated from {len(ops)} graph nodes ({module.schedule} schedule)" in source, name
 
 
 def test_dump_summary_json_matches_the_report(dumped):
@@ -210,21 +270,58 @@ def test_dump_files_read_as_the_graph_after_each_step(dumped):
     assert body.count("fusegen.attention.default(") == LAYERS
     assert "scaled_dot_product_attention" not in body
 
-    paged = (directory / "05_insert_paged_blocks.py").read_text()
+    projections = (directory / "04_fuse_projections.py").read_text().splitlines()
+    assert projections[0] == "# fusegen graph after step 04: fuse_projections"
+    counters = next(line for line in projections if line.startswith("# counters: "))
+    # per layer: q/k/v (3 linears) and gate/up (2 linears) of one input each
+    assert counters == f"# counters: groups_fused={2 * LAYERS}, linears_fused={5 * LAYERS}"
+    body = "\n".join(projections)
+    assert body.count("torch.ops.aten.split_with_sizes.default(") == 2 * LAYERS
+    for layer in range(LAYERS):
+        # q 64 + k 32 + v 32 rows (2 KV heads of 16), then gate 128 + up 128 rows
+        assert f'"f32[128, 64]" = self.fusegen_fused_proj_{2 * layer}_weight' in body
+        assert f'"f32[256, 64]" = self.fusegen_fused_proj_{2 * layer + 1}_weight' in body
+
+    paged = (directory / "06_insert_paged_blocks.py").read_text()
+    assert paged.startswith("# fusegen graph after step 06: insert_paged_blocks\n")
     assert paged.count("fusegen.paged_attention.default(") == LAYERS
     assert "fusegen.attention.default(" not in paged
+    assert paged.count("torch.ops.aten.index_select.default(") == 1
+    assert 'logits_indices: "i32[' in paged
+
+    pointwise = (directory / "07_fuse_pointwise.py").read_text().splitlines()
+    assert pointwise[0] == "# fusegen graph after step 07: fuse_pointwise"
+    counters = next(line for line in pointwise if line.startswith("# counters: "))
+    assert counters == (f"# counters: groups={GROUPS}, nodes_fused={NODES_FUSED}, "
+                        f"pointwise_groups={LAYERS}, row_groups={ROW_GROUPS}")
+    body = "\n".join(pointwise)
+    for i in range(GROUPS):
+        assert body.count(f" = self.fused_{i}(") == 1, i
+    for gone in ("aten.pow", "aten.mean", "aten.rsqrt", "aten.silu"):
+        assert gone not in body, gone
 
     summary = (directory / "summary.txt").read_text()
     for record in compiled.report.records:
         assert record.name in summary
     assert "fusegen.paged_attention" in summary
+    op_rows = {line.split()[0]: line.split()[1:] for line in summary.splitlines() if line.strip()}
+    # node counts after steps 00..07: capture's one call_module is export's input guard (cleanup
+    # removes it); then fuse_pointwise's groups are the only ones
+    assert op_rows["call_module"] == ["1"] + ["0"] * 6 + [str(GROUPS)]
+    # 5 parts of the fused projections per layer; then one output of every group, and a second
+    # (the residual sum) of each group whose sum the next residual add reads: all but the last
+    assert op_rows["getitem"] == ["0"] * 4 + [str(5 * LAYERS)] * 3 + [
+        str(5 * LAYERS + GROUPS + 2 * LAYERS - 1)]
 
 
 def test_dump_dir_from_the_environment(llama, tmp_path, monkeypatch):
-    (tmp_path / "07_stale_pass.py").write_text("# from an older run\n")
+    (tmp_path / "09_stale_pass.py").write_text("# from an older run\n")
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "fused_9.py").write_text("# a kernel of an older run\n")
     monkeypatch.setenv("FUSEGEN_DUMP_DIR", str(tmp_path))
     compiled = fusegen.compile(llama)
     assert _files(tmp_path) == DUMP_FILES  # the stale numbered file is gone
+    assert _kernel_files(tmp_path) == KERNEL_FILES  # and so is the stale kernel
     assert compiled.report.dump_dir == str(tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [s["name"] for s in summary] == [r.name for r in compiled.report.records]
@@ -245,7 +342,7 @@ def test_dump_dir_argument_wins_over_the_environment(tmp_path, monkeypatch):
 def test_verify_shapes_compiles(llama):
     compiled = fusegen.compile(llama, "verify_shapes=1")
     assert compiled.config.verify_shapes
-    assert [r.name for r in compiled.report.records][-1] == "insert_paged_blocks"
+    assert [r.name for r in compiled.report.records] == ["capture", *_names("default")]
     ids = _ids()
     assert_close_report(compiled(ids), _logits(llama, ids), atol=1e-4, rtol=1e-4)
 
@@ -265,10 +362,11 @@ def _linears(gm):
 
 @graph_pass("break_it")
 def break_it(gm, ctx):
-    """Feed the lm_head the MLP's 128-wide intermediate instead of the 64-wide hidden state."""
+    """Feed the lm_head the 128-wide fused q/k/v projection instead of the 64-wide hidden state."""
     linears = _linears(gm)
     lm_head = linears[-1]
     wide = next(n for n in linears if val(n).shape[-1] == 128)
+    assert wide.args[1].target == "fusegen_fused_proj_0_weight"
     lm_head.args = (wide, *lm_head.args[1:])
     return PassResult(gm, True, {"rewired": 1})
 

@@ -1,0 +1,164 @@
+"""End-to-end generation benchmark on the GPU, every system measured in this one run.
+
+    python bench/e2e.py [--models 1b 7b] [--out bench/results/e2e.json]
+
+Random-weight bf16 Llama configs (Llama-2-7B, Llama-3.2-1B). For each:
+- decode ms/token at batch 1 (128 new tokens after a 32-token prompt, minus the prefill),
+  with % of the roofline = weight bytes / measured copy bandwidth;
+- time to first token for a 2048-token prompt;
+- throughput on 64 requests, prompts of 32-512 tokens, 128 new tokens each;
+- compile time;
+for HF eager, HF static cache + torch.compile (generate compiles the forward itself), HF
+`generate_batch` (throughput only) and fusegen. A short table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import torch
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+import fusegen
+
+CONFIGS = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+               max_position_embeddings=8192),
+}
+NEW = 128
+
+
+def build(name: str) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(LlamaConfig(**CONFIGS[name], bos_token_id=1, eos_token_id=2)).eval()
+    torch.set_default_dtype(torch.float32)
+    return model
+
+
+def timed(fn) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def copy_bandwidth() -> float:
+    x = torch.randn(1 << 28, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    t = min(timed(lambda: y.copy_(x)) for _ in range(10))
+    return 2 * x.numel() * 2 / t
+
+
+def hf_decode(model, prompt, static: bool) -> dict:
+    model.generation_config.cache_implementation = "static" if static else None
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    ids = torch.tensor([prompt], device="cuda")
+    start = time.perf_counter()
+    for _ in range(2):  # warm-up (and, with a static cache, compilation)
+        model.generate(ids, max_new_tokens=NEW + 1, min_new_tokens=NEW + 1, **kw)
+    warm = time.perf_counter() - start
+    full = min(timed(lambda: model.generate(ids, max_new_tokens=NEW + 1, min_new_tokens=NEW + 1, **kw)) for _ in range(2))
+    one = min(timed(lambda: model.generate(ids, max_new_tokens=1, **kw)) for _ in range(2))
+    return {"decode_ms_per_token": (full - one) / NEW * 1e3, "ttft_short_ms": one * 1e3, "warmup_s": warm}
+
+
+def hf_ttft(model, prompt) -> float:
+    ids = torch.tensor([prompt], device="cuda")
+    model.generation_config.cache_implementation = None
+    model.generate(ids, max_new_tokens=1, pad_token_id=0)
+    return min(timed(lambda: model.generate(ids, max_new_tokens=1, pad_token_id=0)) for _ in range(3)) * 1e3
+
+
+def workload(vocab: int) -> list[list[int]]:
+    rng = random.Random(0)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(32, 512))] for _ in range(64)]
+
+
+def hf_generate_batch(model, prompts) -> float | str:
+    try:
+        config = GenerationConfig(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                                  eos_token_id=None)
+        model.generate_batch(inputs=prompts[:4], generation_config=config)
+        t = timed(lambda: model.generate_batch(inputs=prompts, generation_config=config))
+        return len(prompts) * NEW / t
+    except Exception as exc:  # the API is young; record why it did not run
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+
+
+def fusegen_measures(model, prompts, long_prompt, short_prompt) -> dict:
+    start = time.perf_counter()
+    compiled = fusegen.compile(model, f"max_seq_len=4096,max_num_seqs=64,max_num_batched_tokens=4096")
+    engine = compiled.engine()
+    compile_s = time.perf_counter() - start
+    engine.generate_batch([short_prompt], 4)  # warm-up: Triton compiles
+    full = min(timed(lambda: engine.generate_batch([short_prompt], NEW + 1, eos_token_ids=[])) for _ in range(2))
+    one = min(timed(lambda: engine.generate_batch([short_prompt], 1, eos_token_ids=[])) for _ in range(2))
+    engine.generate_batch([long_prompt], 1)
+    ttft = min(timed(lambda: engine.generate_batch([long_prompt], 1, eos_token_ids=[])) for _ in range(3))
+    engine.generate_batch(prompts[:8], 8, eos_token_ids=[])
+    t = timed(lambda: engine.generate_batch(prompts, NEW, eos_token_ids=[]))
+    return {"compile_s": compile_s, "decode_ms_per_token": (full - one) / NEW * 1e3, "ttft_2048_ms": ttft * 1e3,
+            "throughput_tok_s": len(prompts) * NEW / t}
+
+
+def run(name: str, bandwidth: float, systems: set) -> dict:
+    model = build(name)
+    vocab = model.config.vocab_size
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    rng = random.Random(1)
+    short = [rng.randrange(3, vocab) for _ in range(32)]
+    long_prompt = [rng.randrange(3, vocab) for _ in range(2048)]
+    prompts = workload(vocab)
+    out = {"model": name, "weight_GB": weight_bytes / 1e9, "roofline_ms": weight_bytes / bandwidth * 1e3}
+    with torch.no_grad():
+        if "fusegen" in systems:
+            out["fusegen"] = fusegen_measures(model, prompts, long_prompt, short)
+        if "hf" in systems:
+            out["hf_eager"] = hf_decode(model, short, static=False)
+            out["hf_eager"]["ttft_2048_ms"] = hf_ttft(model, long_prompt)
+        if "hf_compile" in systems:
+            out["hf_static_compile"] = hf_decode(model, short, static=True)
+        if "hf_batch" in systems:
+            out["hf_generate_batch_tok_s"] = hf_generate_batch(model, prompts)
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="fusegen end-to-end benchmark (GPU)")
+    parser.add_argument("--models", nargs="+", default=["1b", "7b"])
+    parser.add_argument("--systems", nargs="+", default=["fusegen", "hf", "hf_compile", "hf_batch"])
+    parser.add_argument("--out", default="bench/results/e2e.json")
+    args = parser.parse_args()
+    bandwidth = copy_bandwidth()
+    results = {"device": torch.cuda.get_device_name(), "copy_TBps": bandwidth / 1e12,
+               "runs": [run(m, bandwidth, set(args.systems)) for m in args.models]}
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"{results['device']}, copy {results['copy_TBps']:.2f} TB/s")
+    for r in results["runs"]:
+        print(f"== {r['model']}: weights {r['weight_GB']:.1f} GB, decode roofline {r['roofline_ms']:.2f} ms/token")
+        for key in ("fusegen", "hf_eager", "hf_static_compile"):
+            m = r.get(key)
+            if m:
+                pct = 100 * r["roofline_ms"] / m["decode_ms_per_token"]
+                extra = "".join(f", {k} {v:.1f}" for k, v in m.items() if k in ("ttft_2048_ms", "throughput_tok_s", "compile_s"))
+                print(f"{key:18} decode {m['decode_ms_per_token']:.2f} ms/token ({pct:.0f}% of roofline){extra}")
+        if "hf_generate_batch_tok_s" in r:
+            print(f"{'hf_generate_batch':18} {r['hf_generate_batch_tok_s']}")
+
+
+if __name__ == "__main__":
+    main()

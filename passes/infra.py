@@ -212,7 +212,17 @@ def refresh_vals(gm: fx.GraphModule, nodes) -> None:
             if node in wanted and node.op == "call_function":
                 args = fx.map_arg(node.args, fake)
                 kwargs = fx.map_arg(node.kwargs, fake)
-                node.meta["val"] = node.target(*args, **kwargs)
+                rule = _SHAPE_RULES.get(node.target, node.target)
+                node.meta["val"] = rule(*args, **kwargs)
+
+
+def _linear_shape(x, weight, bias=None):
+    # aten.linear's composite decomposition asks for numel() of symbolic tensors on some
+    # torch versions; its output shape needs no decomposition.
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+_SHAPE_RULES = {torch.ops.aten.linear.default: _linear_shape}
 
 
 def getattr_path(module, target: str):

@@ -21,7 +21,7 @@ import fusegen
 from fusegen import __version__
 from fusegen.config import CompileConfig
 from fusegen.errors import FusegenError
-from fusegen.models import DEFAULT_MODEL, load_model
+from fusegen.models import DEFAULT_MODEL, load_model, load_tokenizer
 
 PROG = "fusegen-cli"
 EXIT_USER_ERROR = 2
@@ -69,6 +69,46 @@ def inspect_command(args: argparse.Namespace) -> int:
     print(compiled.report.table())
     if compiled.report.dump_dir:
         print(f"dumps written to {compiled.report.dump_dir}")
+    return 0
+
+
+@command("generate", "generate text from a prompt, streaming tokens as they are produced",
+         MODEL_ARG,
+         arg("--prompt", required=True, help="the text to continue"),
+         arg("--max-new-tokens", type=int, default=64, metavar="N"),
+         arg("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template"),
+         arg("--do-sample", action="store_true", help="sample instead of greedy decoding"),
+         arg("--temperature", type=float, default=0.7),
+         arg("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)"),
+         arg("--top-p", type=float, default=1.0, help="nucleus sampling mass"),
+         arg("--seed", type=int, default=None, help="makes sampling reproducible"),
+         CONFIG_ARG)
+def generate_command(args: argparse.Namespace) -> int:
+    config = _parse_config(args.config)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model)
+    compiled = fusegen.compile(model, config=config)
+    if args.chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
+                                             add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+    else:
+        ids = tokenizer(args.prompt).input_ids
+        print(args.prompt, end="", flush=True)
+    block = compiled.facts["kv"]["block_size"]
+    engine = compiled.engine(num_blocks=-(-(len(ids) + args.max_new_tokens) // block), max_num_seqs=1,
+                             max_num_batched_tokens=max(len(ids), 1))
+    tokens: list[int] = []
+    shown = ""
+    for token in engine.stream(ids, args.max_new_tokens, temperature=args.temperature if args.do_sample else 0.0,
+                               top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+        tokens.append(token)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        print(text[len(shown):], end="", flush=True)  # decode the whole tail: multi-token characters
+        shown = text
+    print()
     return 0
 
 

@@ -87,3 +87,26 @@ def test_python_dash_m_exits_2_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert str(missing) in _one_error_line(proc.stderr)
     assert proc.stdout == ""
+
+
+@pytest.mark.slow
+def test_generate_streams_the_bundled_model_answer(capsys):
+    assert main(["generate", "--prompt", "The capital of France is", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("The capital of France is") and "Paris" in out
+
+
+@pytest.mark.slow
+def test_generate_is_reproducible_with_a_seed(capsys):
+    runs = []
+    for _ in range(2):
+        assert main(["generate", "--prompt", "Once upon a time", "--max-new-tokens", "8", "--do-sample",
+                     "--seed", "7", "--top-p", "0.9"]) == 0
+        runs.append(capsys.readouterr().out)
+    assert runs[0] == runs[1] and len(runs[0]) > len("Once upon a time")
+
+
+def test_generate_rejects_a_non_positive_token_count(capsys):
+    assert main(["generate", "--prompt", "hi", "--max-new-tokens", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["fusegen-cli: error: --max-new-tokens must be >= 1, got 0"]

@@ -6,8 +6,9 @@ Two schedules:
                  reductions over the last dim (mean, sum, amax) are tl.sum / tl.max;
     "pointwise"  no reduction: programs tile the M*N elements, BLOCK at a time.
 
-Inputs are loaded by layout: "row" [M, N], "col" [M, 1] (one value per row), "vec" [N]
-(the same for every row), "scalar" (one element). Every op computes in fp32 and rounds its
+Every input is read in place: its strides broadcast to the frame [*lead, N] (0 along
+broadcast dims) are kernel arguments, and a program decomposes its row index over the lead
+dims. ``fusegen.rotate_half`` of an input is the same load at permuted columns. Every op computes in fp32 and rounds its
 result to the dtype the graph gave that node, as eager PyTorch does op by op.
 """
 
@@ -58,6 +59,7 @@ class _Emitter:
         self.lines: list[str] = []
         self.names: dict[fx.Node, str] = {}
         self.fp32: set[str] = set()   # variables already held in fp32
+        self.inputs: list[fx.Node] = []  # the group's placeholders, in order
 
     def operand(self, arg) -> str:
         if isinstance(arg, fx.Node):
@@ -74,6 +76,10 @@ class _Emitter:
             expr = POWERS[float(node.args[1])].format(self.operand(node.args[0]))
         elif t in UNARY:
             expr = UNARY[t].format(self.operand(node.args[0]))
+        elif t is torch.ops.fusegen.rotate_half.default:
+            i = self.inputs.index(node.args[0])  # a group input: read it at permuted columns
+            expr = (f"tl.where(cols < N // 2, -1.0, 1.0) * tl.load(in{i} + off{i} + ((cols + N // 2) % N) * c{i}, "
+                    f"mask=mask, other=0.0).to(tl.float32)")
         elif t in (aten.mean.dim, aten.sum.dim_IntList, aten.amax.default):
             if not row:
                 raise ValueError(f"{self.group.name}: reduction {t} in a pointwise group")
@@ -94,23 +100,27 @@ class _Emitter:
         self.names[node] = name
 
 
-def row_view(x: torch.Tensor, N: int) -> tuple[torch.Tensor, int]:
-    """``x`` [*lead, N] and the stride between its rows, copying only when the lead dims do
-    not collapse into one (e.g. one part of a fused projection's output does not copy)."""
-    lead, strides = x.shape[:-1], x.stride()[:-1]
-    if x.stride(-1) == 1 and all(strides[i] == strides[i + 1] * lead[i + 1] for i in range(len(lead) - 1)):
-        return x, (strides[-1] if lead else N)
-    return x.contiguous(), N
+def input_strides(x: torch.Tensor, frame: tuple) -> list[int]:
+    """Strides of ``x`` broadcast to ``frame`` [*lead, N]: lead-dim strides, then the column
+    stride (0 along broadcast dims), so kernels read every input in place."""
+    return list(x.expand(frame).stride())
 
 
-def _loads(layouts: list[str], row: bool) -> list[str]:
-    index = {"row": "row * s{i} + cols", "col": "row", "vec": "cols", "scalar": "0"}
-    masked = {"row", "vec"}
-    lines = []
-    for i, kind in enumerate(layouts):
-        mask = ", mask=mask, other=0.0" if kind in masked or (not row and kind == "col") else ""
-        lines.append(f"    a{i} = tl.load(in{i} + {index[kind].format(i=i)}{mask})")
+def _offsets(num_inputs: int, lead_rank: int, row: bool) -> list[str]:
+    """Decompose the row index over the lead dims; each input's offset of its row."""
+    lines = ["    r = row"]
+    for d in range(lead_rank - 1, 0, -1):
+        lines.append(f"    i{d} = r % L{d}")
+        lines.append(f"    r = r // L{d}")
+    lines.append("    i0 = r")
+    for i in range(num_inputs):
+        terms = " + ".join(f"i{d} * s{i}_{d}" for d in range(lead_rank))
+        lines.append(f"    off{i} = {terms}")
     return lines
+
+
+def _loads(num_inputs: int, row: bool) -> list[str]:
+    return [f"    a{i} = tl.load(in{i} + off{i} + cols * c{i}, mask=mask, other=0.0)" for i in range(num_inputs)]
 
 
 def _stores(layouts: list[str], names: list[str], row: bool) -> list[str]:
@@ -134,6 +144,7 @@ def generate_source(group: FusedGroup, kernel: str) -> str:
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     outputs = list(next(n for n in graph.nodes if n.op == "output").args[0])
     em = _Emitter(group)
+    em.inputs = placeholders
     for i, ph in enumerate(placeholders):
         em.names[ph] = f"a{i}"
         if ph.meta["val"].dtype == torch.float32:
@@ -142,7 +153,10 @@ def generate_source(group: FusedGroup, kernel: str) -> str:
         if n.op == "call_function":
             em.node(n, f"v{len(em.lines)}", row)
     ins = ", ".join(f"in{i}" for i in range(len(placeholders)))
-    strides = "".join(f", s{i}" for i, kind in enumerate(group.input_layouts) if kind == "row")
+    lead_rank = len(group.frame[0])
+    strides = "".join(f", s{i}_{d}" for i in range(len(placeholders)) for d in range(lead_rank))
+    strides += "".join(f", c{i}" for i in range(len(placeholders)))
+    strides += "".join(f", L{d}" for d in range(1, lead_rank))
     outs = ", ".join(f"out{i}" for i in range(len(outputs)))
     ops = ", ".join(str(n.target).replace("aten.", "") for n in graph.nodes if n.op == "call_function")
     head = [
@@ -156,11 +170,11 @@ def generate_source(group: FusedGroup, kernel: str) -> str:
     else:
         head += ["    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)", "    mask = offs < M * N",
                  "    row = offs // N", "    cols = offs % N"]
-    body = _loads(group.input_layouts, row) + em.lines
+    body = _offsets(len(placeholders), lead_rank, row) + _loads(len(placeholders), row) + em.lines
     body += _stores(group.output_layouts, [em.names[o] for o in outputs], row)
     launcher = _launcher(kernel, group, outputs, row)
     imports = ["import torch", "import triton", "import triton.language as tl", "",
-               "from fusegen.codegen.pointwise import row_view", "", ""]
+               "from fusegen.codegen.pointwise import input_strides", "", ""]
     return "\n".join(imports + head
                      + body + ["", ""] + launcher) + "\n"
 
@@ -169,32 +183,27 @@ def _launcher(kernel: str, group: FusedGroup, outputs, row: bool) -> list[str]:
     lead, N = group.frame
     first_row = group.input_layouts.index("row")
     dtypes = [str(o.meta["val"].dtype) for o in outputs]
-    rows = [i for i, kind in enumerate(group.input_layouts) if kind == "row"]
     lines = [
         "def launch(*inputs):",
         f'    """Runs {kernel} on CUDA tensors (or under TRITON_INTERPRET=1)."""',
         f"    frame = inputs[{first_row}].shape",
         f"    N = {N}",
-        "    M = inputs[{}].numel() // N".format(first_row),
-        "    flat, strides = list(inputs), []",
-        f"    for i in {rows}:",
-        "        flat[i], stride = row_view(inputs[i], N)",
-        "        strides.append(stride)",
-        "    for i, x in enumerate(flat):",
-        f"        if i not in {rows}:",
-        "            flat[i] = x.contiguous()",
+        f"    M = inputs[{first_row}].numel() // N",
+        "    strides = [input_strides(x, frame) for x in inputs]",
+        "    args = [s[d] for s in strides for d in range(len(frame) - 1)] + [s[-1] for s in strides]",
+        "    args += list(frame[1:-1])",
         "    outs = []",
     ]
     for kind, dtype in zip(group.output_layouts, dtypes):
         shape = "frame" if kind == "row" else "(*frame[:-1], 1)"
-        lines.append(f"    outs.append(torch.empty({shape}, dtype={dtype}, device=flat[0].device))")
+        lines.append(f"    outs.append(torch.empty({shape}, dtype={dtype}, device=inputs[0].device))")
     if row:
         lines += ["    BLOCK = triton.next_power_of_2(N)",
                   "    warps = 4 if BLOCK <= 2048 else 8 if BLOCK <= 8192 else 16",
-                  f"    {kernel}[(M,)](*flat, *outs, *strides, M, N, BLOCK=BLOCK, num_warps=warps)"]
+                  f"    {kernel}[(M,)](*inputs, *outs, *args, M, N, BLOCK=BLOCK, num_warps=warps)"]
     else:
         lines += ["    BLOCK = 1024",
-                  f"    {kernel}[(triton.cdiv(M * N, BLOCK),)](*flat, *outs, *strides, M, N, BLOCK=BLOCK, num_warps=4)"]
+                  f"    {kernel}[(triton.cdiv(M * N, BLOCK),)](*inputs, *outs, *args, M, N, BLOCK=BLOCK, num_warps=4)"]
     lines.append("    return tuple(outs)")
     return lines
 

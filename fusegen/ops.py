@@ -197,6 +197,21 @@ def _(q, kv_pool, layer, block_tables, seq_lens, query_start_loc, scale, causal,
     return torch.empty_like(q)
 
 
+# --- rotary embeddings ---------------------------------------------------------------------
+
+@torch.library.custom_op("fusegen::rotate_half", mutates_args=())
+def rotate_half(x: Tensor) -> Tensor:
+    """cat(-x[..., D/2:], x[..., :D/2]): the rotation half of rotary embeddings (RoFormer,
+    Su et al. 2021) in the "rotate_half" layout HF models use."""
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+@rotate_half.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
 ATTENTION_OPS = (
     torch.ops.fusegen.attention.default,
     torch.ops.fusegen.dense_kv_attention.default,

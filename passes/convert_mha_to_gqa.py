@@ -73,12 +73,11 @@ def _forward_to_linear(start: fx.Node) -> fx.Node:
 
 
 def _is_rotary(path: list[fx.Node], head_dim: int) -> bool:
-    slices = {(n.args[2], n.args[3]) for n in path if n.target is aten.slice.Tensor and len(n.args) >= 4}
-    if not any(n.target is aten.cat.default for n in path):
-        return False
-    if (0, head_dim // 2) in slices:
-        return True
-    raise PassError(NAME, "rotary embedding found but not in rotate_half layout; use gqa_method=mean")
+    if any(n.target is torch.ops.fusegen.rotate_half.default for n in path):
+        return True  # normalize_graph recognised the rotate_half layout
+    if any(n.target is aten.cat.default for n in path):
+        raise PassError(NAME, "rotary embedding found but not in rotate_half layout; use gqa_method=mean")
+    return False
 
 
 def _calibrate(gm: fx.GraphModule, sites: list[fx.Node], ids: torch.Tensor):

@@ -5,8 +5,10 @@ What fuses (a "row frame" is the shape [*lead, N] the group works on, N static):
     residual add -> cast -> pow -> mean(-1) -> add eps -> rsqrt -> mul -> cast -> mul weight
     silu(gate) * up,   GPT-2's hand-written tanh-GELU,   casts between them
 
-Every input of a group must be a full row [*lead, N], a per-row value [*lead, 1], a vector
-[N] broadcast over rows, or a single element. Nodes are taken in graph order and join the
+Every input of a group must broadcast to the frame (a full row [*lead, N], a per-row value
+[*lead, 1], cos/sin tables [B, 1, S, D] against q [B, H, S, D], a weight [N], a scalar);
+generated kernels read inputs in place through their strides. ``fusegen.rotate_half`` (rotary)
+joins as a permuted load of a group input. Nodes are taken in graph order and join the
 groups of their producers (merging them) when that keeps the graph acyclic (no path
 group -> outside -> group). Groups of one node are left alone. Each group's nodes become a small GraphModule
 (the reference) inside a FusedGroup module; codegen turns it into one Triton kernel.
@@ -33,6 +35,7 @@ POINTWISE = {
     aten.pow.Tensor_Scalar, aten.to.dtype, aten._to_copy.default,
 }
 REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
+ROTATE_HALF = torch.ops.fusegen.rotate_half.default  # a permuted load: its input must enter the group
 POWERS = (-1.0, -0.5, 0.5, 1.0, 2.0, 3.0)
 
 
@@ -60,6 +63,8 @@ def fusible(node: fx.Node) -> bool:
         dims, keep = node.args[1], (node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
         rank = val(node).dim()
         return list(dims) in ([-1], [rank - 1]) and keep and not node.kwargs.get("dtype")
+    if node.target is ROTATE_HALF:
+        return True
     if node.target not in POINTWISE:
         return False
     if node.target is aten.pow.Tensor_Scalar and float(node.args[1]) not in POWERS:
@@ -84,16 +89,19 @@ def frame(node: fx.Node):
 
 
 def layout(v: torch.Tensor, lead: tuple, N: int) -> str | None:
-    shape = _shape_key(v)
-    if shape == lead + (str(N),):
+    """How ``v`` meets the frame [*lead, N]: "row" (the full shape), "col" ([*lead, 1]),
+    "broadcast" (broadcasts to it), or None."""
+    shape, full = _shape_key(v), lead + (str(N),)
+    if len(shape) > len(full):
+        return None
+    shape = ("1",) * (len(full) - len(shape)) + shape
+    if any(s != f and s != "1" for s, f in zip(shape, full)):
+        return None
+    if shape == full:
         return "row"
     if shape == lead + ("1",):
         return "col"
-    if shape[-1] == str(N) and all(s == "1" for s in shape[:-1]):
-        return "vec"
-    if all(s == "1" for s in shape):
-        return "scalar"
-    return None
+    return "broadcast"
 
 
 def _inputs_fit(node: fx.Node, lead: tuple, N: int) -> bool:
@@ -130,7 +138,7 @@ def find_groups(gm: fx.GraphModule) -> list[Group]:
             continue
         own = frame(node)
         candidates = []
-        for producer in node.all_input_nodes:
+        for producer in ([] if node.target is ROTATE_HALF else node.all_input_nodes):
             g = group_of.get(producer)
             if g is not None and g not in candidates and (own is None or own == (g.lead, g.N)) \
                     and _inputs_fit(node, g.lead, g.N):
@@ -139,7 +147,8 @@ def find_groups(gm: fx.GraphModule) -> list[Group]:
         options = ([candidates] if len(candidates) > 1 else []) + [[g] for g in candidates]
         for option in options:
             members = {n for g in option for n in g.nodes} | {node}
-            if not _acyclic(members, index):
+            if not _acyclic(members, index) or any(
+                    m.target is ROTATE_HALF and m.args[0] in members for m in members):
                 continue
             target = option[0]
             for other in option[1:]:

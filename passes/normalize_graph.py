@@ -4,6 +4,8 @@
 - ``transpose(x, -1, -2)``  ->  ``transpose(x, rank-1, rank-2)`` with the smaller dim first;
 - ``softmax.int`` / ``_softmax`` on the last dim  ->  ``_softmax(x, rank-1, False)`` when no dtype
   change is involved;
+- ``cat([-x[..., D/2:], x[..., :D/2]], -1)`` (rotary's rotate_half)  ->  ``fusegen.rotate_half(x)``,
+  one op a generated kernel can read as a permuted load;
 - ``reshape`` -> ``view`` is NOT done: reshape may copy, view may not, and export kept the
   distinction the model's code made.
 """
@@ -15,7 +17,7 @@ from collections import Counter
 import torch
 from torch import fx
 
-from fusegen.passes.infra import PassContext, PassResult, graph_pass, val
+from fusegen.passes.infra import PassContext, PassResult, erase_unused, graph_pass, val
 
 aten = torch.ops.aten
 
@@ -74,7 +76,41 @@ def _canonical_softmax(node: fx.Node) -> bool:
     return False
 
 
+def _slice_of(node, rank: int):
+    """(source, start, end) of ``x[..., start:end]`` on the last dim, else None."""
+    if not (isinstance(node, fx.Node) and node.target is aten.slice.Tensor):
+        return None
+    dim = node.args[1] if len(node.args) > 1 else 0
+    if dim % rank != rank - 1:
+        return None
+    start = node.args[2] if len(node.args) > 2 else 0
+    end = node.args[3] if len(node.args) > 3 else None
+    return node.args[0], start, end
+
+
+def _rotate_half(node: fx.Node) -> bool:
+    if node.target is not aten.cat.default or len(node.args[0]) != 2:
+        return False
+    rank = _rank(node)
+    dim = node.args[1] if len(node.args) > 1 else 0
+    if rank is None or dim % rank != rank - 1:
+        return False
+    first, second = node.args[0]
+    if not (isinstance(first, fx.Node) and first.target is aten.neg.default):
+        return False
+    upper, lower = _slice_of(first.args[0], rank), _slice_of(second, rank)
+    D = val(node).shape[-1]
+    if upper is None or lower is None or upper[0] is not lower[0] or not isinstance(D, int) or D % 2:
+        return False
+    upper_reaches_end = upper[2] is None or upper[2] >= D
+    if upper[1] != D // 2 or not upper_reaches_end or lower[1] != 0 or lower[2] != D // 2:
+        return False
+    node.target, node.args, node.kwargs = torch.ops.fusegen.rotate_half.default, (upper[0],), {}
+    return True
+
+
 RULES = {
+    "rotate_half": _rotate_half,
     "div_to_mul": _scalar_div_to_mul,
     "mul_scalar_last": _scalar_first_mul,
     "transpose_canonical": _canonical_transpose,
@@ -91,4 +127,6 @@ def normalize_graph(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         for name, rule in RULES.items():
             if rule(node):
                 stats[name] += 1
+    if stats["rotate_half"]:
+        erase_unused(gm)  # the slices and neg the rewritten cat read
     return PassResult(gm, bool(stats), dict(stats))

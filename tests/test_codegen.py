@@ -110,11 +110,12 @@ def test_compiled_llama_with_generated_kernels_matches_hf(tmp_path):
     model = mini_model("llama")
     compiled = fusegen.compile(model, dump_dir=tmp_path)
     counters = compiled.report.counters
-    # per layer: input norm, residual+post-attention norm, SiLU*mul; plus the final norm
-    assert counters["fuse_pointwise.groups"] == 7
+    # per layer: input norm, rotary on q, rotary on k, residual+post-attention norm, SiLU*mul;
+    # plus the final norm
+    assert counters["fuse_pointwise.groups"] == 11
     assert counters["fuse_pointwise.row_groups"] == 5
-    assert len(compiled.facts["kernels"]) == 7
-    assert len(list((tmp_path / "kernels").glob("fused_*.py"))) == 7
+    assert len(compiled.facts["kernels"]) == 11
+    assert len(list((tmp_path / "kernels").glob("fused_*.py"))) == 11
     ids = torch.randint(0, 128, (2, 11))
     with torch.no_grad():
         want = model(ids).logits
@@ -138,9 +139,40 @@ def test_strided_row_inputs_are_read_in_place():
     gm, stats, _ = lowered(module, fused)
     assert stats["groups"] == 1
     group = next(m for m in gm.modules() if isinstance(m, FusedGroup))
-    assert ", s0, s1, M," in group.source  # row strides are kernel arguments
-    from fusegen.codegen.pointwise import row_view
-    part = fused[..., :37]
-    assert row_view(part, 37)[0].data_ptr() == part.data_ptr() and row_view(part, 37)[1] == 74
+    assert "out0, s0_0, s0_1, s1_0, s1_1, c0, c1, L1, M," in group.source  # strides are arguments
+    from fusegen.codegen.pointwise import input_strides
+    assert input_strides(fused[..., 37:], (3, 5, 37)) == [5 * 74, 74, 1]  # read in place
     with torch.no_grad():
         assert_close_report(gm(fused), module(fused), atol=1e-6, rtol=1e-6)
+
+
+class Rotary(nn.Module):
+    """HF-style rotary embedding applied to q [B, H, S, D] (a transposed view) with cos/sin
+    tables [B, S, D] broadcast over heads."""
+
+    def forward(self, q_proj, cos, sin):
+        B, S, _ = q_proj.shape
+        q = q_proj.view(B, S, 3, 16).transpose(1, 2)
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        rotated = torch.cat((-q[..., 8:], q[..., :8]), dim=-1)
+        return q * c + rotated * s
+
+
+def test_rotary_is_one_kernel_reading_the_transposed_input_in_place():
+    from fusegen.passes.normalize_graph import normalize_graph
+
+    args = (torch.randn(2, 7, 48), torch.randn(2, 7, 16), torch.randn(2, 7, 16))
+    module = Rotary()
+    with torch.no_grad():
+        gm = torch.export.export(module, args, strict=False).module()
+    ctx = PassContext()
+    gm = cleanup_graph(gm, ctx).gm
+    assert normalize_graph(gm, ctx).stats["rotate_half"] == 1
+    result = fuse_pointwise(gm, ctx)
+    result.gm.recompile()
+    lower(result.gm)
+    group = next(m for m in result.gm.modules() if isinstance(m, FusedGroup))
+    assert result.stats["groups"] == 1 and "rotate_half" in group.extra_repr()
+    assert group.input_layouts == ["row", "broadcast", "broadcast"]
+    with torch.no_grad():
+        assert_close_report(result.gm(*args), module(*args), atol=1e-6, rtol=1e-6)

@@ -20,6 +20,7 @@ import importlib.util
 import math
 import operator
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -348,6 +349,103 @@ def test_normalize_graph_leaves_canonical_graphs_alone():
     assert not result.changed and result.stats == {}
 
 
+class Rotary(nn.Module):
+    """``x * cos + rotate_half(x) * sin`` on [B, H, S, D] heads, rotate_half spelled out the
+    way HF models write it (``form="hf"``) or in a layout that is a different computation."""
+
+    FORMS = {
+        "hf": lambda x, y, h: torch.cat((-x[..., h:], x[..., :h]), dim=-1),
+        "halves_swapped": lambda x, y, h: torch.cat((-x[..., :h], x[..., h:]), dim=-1),
+        "neg_second": lambda x, y, h: torch.cat((x[..., h:], -x[..., :h]), dim=-1),
+        "two_sources": lambda x, y, h: torch.cat((-x[..., h:], y[..., :h]), dim=-1),
+        "not_last_dim": lambda x, y, h: torch.cat((-x[:, 1:], x[:, :1]), dim=1),  # over heads
+    }
+
+    def __init__(self, form: str = "hf"):
+        super().__init__()
+        self.form = form
+        self.embed = nn.Embedding(32, 16)
+        self.cos = nn.Parameter(torch.randn(8))
+        self.sin = nn.Parameter(torch.randn(8))
+        self.head = nn.Linear(16, 32)
+
+    def forward(self, input_ids):
+        B, S = input_ids.shape
+        x = self.embed(input_ids).view(B, S, 2, 8).transpose(1, 2)   # [B, 2, S, 8]
+        y = x * 2.0 if self.form == "two_sources" else None
+        rotated = self.FORMS[self.form](x, y, 4)
+        out = x * self.cos + rotated * self.sin
+        return self.head(out.transpose(1, 2).reshape(B, S, 16))
+
+
+def _clean_capture(module: nn.Module):
+    """Capture, then cleanup_graph: the graph normalize_graph sees in the pipeline."""
+    model, gm = _capture(module)
+    result = cleanup_graph(gm, PassContext())
+    result.gm.recompile()
+    return model, result.gm
+
+
+def test_normalize_graph_rewrites_rotate_half_to_one_op():
+    model, gm = _clean_capture(Rotary())
+    (cat,) = call_nodes(gm, aten.cat.default)
+    (neg,) = call_nodes(gm, aten.neg.default)
+    assert cat.args[0][0] is neg
+    provenance = cat.meta.get(PROVENANCE)
+    ids = torch.randint(0, 32, (2, 7))
+    with torch.no_grad():
+        want = model(ids)
+
+    result = normalize_graph(gm, PassContext())
+    result.gm.recompile()
+
+    assert result.changed
+    assert result.stats == {"rotate_half": 1}
+    assert aten.cat.default not in _targets(result.gm)
+    (rot,) = call_nodes(result.gm, ops.rotate_half.default)
+    assert rot is cat  # rewritten in place: the same node, its metadata kept
+    assert rot.meta.get(PROVENANCE) == provenance
+    assert not rot.kwargs
+    (source,) = rot.args
+    assert source.target is aten.transpose.int
+    # rotate_half reads the very [B, H, S, D] tensor the cos product reads
+    by_weight = {m.args[1].target: m for m in call_nodes(result.gm, aten.mul.Tensor)}
+    assert set(by_weight) == {"m.cos", "m.sin"}
+    assert by_weight["m.cos"].args[0] is source and by_weight["m.sin"].args[0] is rot
+    assert val(rot).shape == val(source).shape
+    assert_close_report(_run(result.gm, ids), want, atol=1e-6, rtol=1e-6)
+
+
+def test_normalize_graph_rotate_half_leaves_no_dead_nodes():
+    """The rewritten cat no longer reads neg(x[..., D/2:]) or x[..., :D/2]: those nodes leave
+    the graph with it, not left behind for a later pass to collect."""
+    _, gm = _clean_capture(Rotary())
+    assert len(call_nodes(gm, aten.slice.Tensor)) == 2 and len(call_nodes(gm, aten.neg.default)) == 1
+    before = len(gm.graph.nodes)
+    result = normalize_graph(gm, PassContext())
+    assert result.stats == {"rotate_half": 1}
+    dead = [n.name for n in result.gm.graph.nodes if n.op == "call_function" and not n.users]
+    assert dead == []
+    assert aten.neg.default not in _targets(result.gm)
+    assert aten.slice.Tensor not in _targets(result.gm)
+    assert len(result.gm.graph.nodes) == before - 3  # neg and both slices
+
+
+@pytest.mark.parametrize("form", ["halves_swapped", "neg_second", "two_sources", "not_last_dim"])
+def test_normalize_graph_leaves_other_cats_alone(form):
+    model, gm = _clean_capture(Rotary(form))
+    ids = torch.randint(0, 32, (2, 7))
+    with torch.no_grad():
+        want = model(ids)
+    before = node_counts(gm)
+    assert before["aten.cat"] == 1 and before["aten.neg"] == 1
+    result = normalize_graph(gm, PassContext())
+    result.gm.recompile()
+    assert not result.changed and result.stats == {}
+    assert node_counts(result.gm) == before
+    assert_close_report(_run(result.gm, ids), want, atol=1e-6, rtol=1e-6)
+
+
 # --- fuse_attention --------------------------------------------------------------------------
 
 # name -> (model factory, fuse_attention counters after a "stateless" compile, window)
@@ -536,12 +634,22 @@ def _layers_once(nodes, position: int) -> None:
     assert sorted(n.args[position] for n in nodes) == list(range(LAYERS))
 
 
-# fuse_pointwise on this Llama: per layer the RMSNorm before attention and the one before the
-# MLP (each with the residual add in front of it, except layer 0's first norm, which reads the
-# embedding) and silu(gate) * up; then the final norm with the last residual add.
-GROUPS = 3 * LAYERS + 1
-# ops that only occur in those groups (the norms' pow/mean/rsqrt, the MLP's silu)
-GROUPED_OPS = {aten.pow.Tensor_Scalar, aten.mean.dim, aten.rsqrt.default, aten.silu.default}
+# fuse_pointwise on this Llama: per layer the RMSNorm before attention (with the residual add
+# in front of it, except layer 0's, which reads the embedding), rotary on q and rotary on k
+# (x * cos + rotate_half(x) * sin, the cos/sin tables [B, 1, S, D] broadcast over the heads),
+# the RMSNorm before the MLP with its residual add, and silu(gate) * up; then the final norm
+# with the last residual add.
+GROUPS = 5 * LAYERS + 1
+ROW_GROUPS = 2 * LAYERS + 1        # the norms: a mean over the last dim
+POINTWISE_GROUPS = 3 * LAYERS      # rotary on q, rotary on k, silu * up
+ROTARY_OPS = [aten.mul.Tensor, ops.rotate_half.default, aten.mul.Tensor, aten.add.Tensor]
+# fp32 RMSNorm: pow, mean, add eps, rsqrt, mul, mul weight (cleanup drops its no-op casts), 7
+# with the residual add in front; rotary: 4; silu * up: 2
+NODES_FUSED = 6 + 7 * 2 * LAYERS + len(ROTARY_OPS) * 2 * LAYERS + 2 * LAYERS
+# ops that only occur in those groups (the norms' pow/mean/rsqrt, rotary's rotate_half, the
+# MLP's silu)
+GROUPED_OPS = {aten.pow.Tensor_Scalar, aten.mean.dim, aten.rsqrt.default, ops.rotate_half.default,
+               aten.silu.default}
 FUSED_PROJ = "fusegen_fused_proj_"
 
 
@@ -584,14 +692,61 @@ def _check_provenance(gm, made_by: str, made: set) -> None:
     assert not call_nodes(gm, *GROUPED_OPS)
     groups = [n for n in gm.graph.nodes if n.op == "call_module"]
     assert [n.target for n in groups] == [f"fused_{i}" for i in range(GROUPS)]
-    moved = set()
+    moved = Counter()
     for group in groups:
         for node in gm.get_submodule(group.target).reference.graph.nodes:
             if node.op == "call_function":
+                # normalize_graph rewrote rotate_half in place: it kept the cat's capture stamp
                 assert node.meta[PROVENANCE] == "capture", (group.target, node.name)
-                moved.add(node.target)
-    assert GROUPED_OPS <= moved
+                moved[node.target] += 1
+    assert GROUPED_OPS <= set(moved)
+    assert moved[ops.rotate_half.default] == 2 * LAYERS  # one for q, one for k, per layer
     assert len(call_nodes(gm, aten.split_with_sizes.default)) == 2 * LAYERS  # q/k/v and gate/up
+
+
+def _rotary_groups(gm) -> list:
+    """(call_module node, FusedGroup) of every group whose reference reads rotate_half."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if ops.rotate_half.default in _targets(module.reference):
+                found.append((node, module))
+    return found
+
+
+def _check_rotary_groups(gm, q_reader: tuple, k_reader: tuple) -> None:
+    """Per layer a rotary group on q, then one on k: mul, rotate_half, mul, add over the heads'
+    frame [B, H, S] x HEAD_DIM, q/k read as full rows and the cos/sin tables [B, 1, S, D]
+    broadcast; rotate_half reads the group's q (k) input itself, at permuted columns.
+    ``q_reader`` / ``k_reader`` = (op, tensor arg, layer arg) of the op that reads the result."""
+    groups = _rotary_groups(gm)
+    assert len(groups) == 2 * LAYERS
+    for i, (call, module) in enumerate(groups):
+        layer, heads, (op, arg, layer_arg) = i // 2, (HEADS, KV_HEADS)[i % 2], (q_reader, k_reader)[i % 2]
+        assert module.schedule == "pointwise", call.target
+        nodes = [n for n in module.reference.graph.nodes if n.op == "call_function"]
+        assert [n.target for n in nodes] == ROTARY_OPS, call.target
+        lead, N = module.frame
+        assert N == HEAD_DIM and len(lead) == 3 and lead[1] == str(heads), (call.target, module.frame)
+        assert module.input_layouts == ["row", "broadcast", "broadcast"], call.target
+        assert module.output_layouts == ["row"], call.target
+        x, cos, sin = call.args
+        assert val(x).shape[1] == heads and val(x).shape[-1] == HEAD_DIM
+        for table in (cos, sin):
+            assert val(table).dim() == 4 and val(table).shape[1] == 1 and val(table).shape[-1] == HEAD_DIM
+        if i % 2:  # q and k of a layer rotate by the same tables
+            assert call.args[1:] == groups[i - 1][0].args[1:]
+        ph = [n for n in module.reference.graph.nodes if n.op == "placeholder"]
+        cos_mul, rot, sin_mul, add = nodes
+        assert cos_mul.args == (ph[0], ph[1]) and rot.args == (ph[0],)
+        assert sin_mul.args == (rot, ph[2]) and add.args == (cos_mul, sin_mul)
+        # the one output reaches the attention (q) or the cache write (k) of its layer
+        (item,) = call.users
+        readers = [u for u in item.users if u.op == "call_function" and u.target is op]
+        assert len(readers) == 1 and readers[0].args[arg] is item and readers[0].args[layer_arg] == layer
+        assert module.kernel is not None
+        assert module.source.count("((cols + N // 2) % N)") == 1  # rotate_half: a permuted load
 
 
 def test_insert_kv_cache_graph(dense):
@@ -615,6 +770,8 @@ def test_insert_kv_cache_graph(dense):
                                  "dtype": torch.float32, "query_heads": HEADS}
     _check_provenance(gm, "insert_kv_cache",
                       {ops.dense_kv_write.default, ops.dense_kv_attention.default, "kv_cache"})
+    _check_rotary_groups(gm, q_reader=(ops.dense_kv_attention.default, 0, 2),
+                         k_reader=(ops.dense_kv_write.default, 2, 1))
 
 
 def test_insert_paged_blocks_graph(paged):
@@ -652,12 +809,17 @@ def test_insert_paged_blocks_graph(paged):
                       {ops.paged_kv_write.default, ops.paged_attention.default, "kv_pool",
                        "slot_mapping", "block_tables", "seq_lens", "query_start_loc",
                        "logits_indices", aten.index_select.default})
+    _check_rotary_groups(gm, q_reader=(ops.paged_attention.default, 0, 2),
+                         k_reader=(ops.paged_kv_write.default, 2, 1))
 
 
 def test_every_step_records_the_nodes_it_made(paged):
     made = {r.name: r.nodes_made for r in paged.report.records}
     # capture stamps everything; the paged pass adds 6 inputs, 2 ops per layer and the
     # index_select before the LM head
+    assert made["capture"] == paged.report.records[0].total_nodes
+    # cleanup only removes; normalize_graph rewrites nodes in place (rotate_half included)
+    assert made["cleanup_graph"] == 0 and made["normalize_graph"] == 0
     assert made["insert_kv_cache"] == 1 + 2 * LAYERS
     assert made["insert_paged_blocks"] == 6 + 2 * LAYERS + 1
     assert made["fuse_attention"] == LAYERS
@@ -665,7 +827,8 @@ def test_every_step_records_the_nodes_it_made(paged):
     # per projection (3 + 2)
     assert made["fuse_projections"] == 2 * 3 * LAYERS + 5 * LAYERS
     # a call_module and a getitem per group, a second getitem (the residual sum) for each
-    # group with a residual add whose sum is read later: every one but the final norm's
+    # group with a residual add whose sum is read later: every norm but layer 0's first (no
+    # residual add) and the final norm's; the rotary groups have one output each
     assert made["fuse_pointwise"] == 2 * GROUPS + 2 * LAYERS - 1
     # fuse_pointwise runs last: what it made is all still in the graph
     stamped = [n for n in paged.graph_module.graph.nodes if n.meta[PROVENANCE] == "fuse_pointwise"]
@@ -676,15 +839,70 @@ def test_kernel_steps_counters(paged, dense):
     for compiled in (paged, dense):
         assert _stats(compiled, "fuse_projections") == {"groups_fused": 2 * LAYERS,
                                                         "linears_fused": 5 * LAYERS}
-        # fp32 RMSNorm: pow, mean, add eps, rsqrt, mul, mul weight (cleanup drops its no-op
-        # casts), 7 with the residual add in front; silu * up: 2
         assert _stats(compiled, "fuse_pointwise") == {
-            "groups": GROUPS, "row_groups": 2 * LAYERS + 1, "pointwise_groups": LAYERS,
-            "nodes_fused": 6 + 7 * 2 * LAYERS + 2 * LAYERS}
+            "groups": GROUPS, "row_groups": ROW_GROUPS, "pointwise_groups": POINTWISE_GROUPS,
+            "nodes_fused": NODES_FUSED}
+        assert _stats(compiled, "normalize_graph") == {"rotate_half": 2 * LAYERS}
         kernels = compiled.facts["kernels"]
         assert sorted(k["group"] for k in kernels) == sorted(f"fused_{i}" for i in range(GROUPS))
         for record in kernels:
             assert compiled.graph_module.get_submodule(record["group"]).kernel is not None
+
+
+@pytest.fixture(scope="module")
+def normalized(llama):
+    """The Llama after cleanup_graph and normalize_graph only."""
+    return fusegen.compile(llama, "capture_only")
+
+
+def _between(src: torch.fx.Node, dst: torch.fx.Node) -> set:
+    """Every node on some path from ``src`` to ``dst`` (both included)."""
+    ancestors, stack = set(), [dst]
+    while stack:
+        node = stack.pop()
+        if node not in ancestors:
+            ancestors.add(node)
+            stack.extend(node.all_input_nodes)
+    on_path, stack = set(), [src]
+    while stack:
+        node = stack.pop()
+        if node in ancestors and node not in on_path:
+            on_path.add(node)
+            stack.extend(node.users)
+    return on_path
+
+
+def test_normalize_graph_puts_one_rotate_half_on_each_q_and_k_path(normalized):
+    gm = normalized.graph_module
+    (record,) = [r for r in normalized.report.records if r.name == "normalize_graph"]
+    assert record.stats == {"rotate_half": 2 * LAYERS} and record.changed
+    assert record.nodes_made == 0
+    rotations = call_nodes(gm, ops.rotate_half.default)
+    assert len(rotations) == 2 * LAYERS
+    for rot in rotations:
+        assert rot.meta[PROVENANCE] == "capture"  # the cat it was, rewritten in place
+        assert val(rot).shape[-1] == HEAD_DIM and val(rot).dim() == 4
+    # the one cat left builds the cos/sin tables (cat(freqs, freqs)), on no q/k path
+    (table,) = call_nodes(gm, aten.cat.default)
+    linears = {n.args[1].target: n for n in call_nodes(gm, aten.linear.default)}
+    sites = call_nodes(gm, aten.scaled_dot_product_attention.default)
+    assert len(sites) == LAYERS
+    seen = []
+    for layer, site in enumerate(sites):
+        for proj, arg, heads in (("q_proj", 0, HEADS), ("k_proj", 1, KV_HEADS)):
+            path = _between(linears[f"m.model.layers.{layer}.self_attn.{proj}.weight"], site.args[arg])
+            assert site.args[arg] in path, (layer, proj)
+            targets = [n.target for n in path if n.op == "call_function"]
+            for gone in (aten.cat.default, aten.neg.default, aten.slice.Tensor):
+                assert gone not in targets, (layer, proj, gone)
+            (rot,) = [n for n in path if n.target is ops.rotate_half.default]
+            assert table not in path
+            # rotate_half reads [B, H, S, D] heads the cos product reads too
+            (source,) = rot.args
+            assert source in path and val(source).shape[1] == heads
+            assert any(u.target is aten.mul.Tensor and u.args[0] is source for u in source.users)
+            seen.append(rot)
+    assert sorted(n.name for n in seen) == sorted(n.name for n in rotations)
 
 
 # --- the paged graph, step by step -----------------------------------------------------------

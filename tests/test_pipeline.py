@@ -22,14 +22,22 @@ aten = torch.ops.aten
 
 LAYERS = 2
 VOCAB = 256
-# fuse_pointwise on the Llama below: per layer the RMSNorm before attention and the one before
-# the MLP (each with the residual add in front of it, except layer 0's first norm, which reads
-# the embedding) and silu(gate) * up; then the final norm with the last residual add.
-GROUPS = 3 * LAYERS + 1
+# fuse_pointwise on the Llama below: per layer the RMSNorm before attention (with the residual
+# add in front of it, except layer 0's, which reads the embedding), rotary on q and rotary on k
+# (x * cos + rotate_half(x) * sin, the cos/sin tables [B, 1, S, D] broadcast over the heads),
+# the RMSNorm before the MLP with its residual add, and silu(gate) * up; then the final norm
+# with the last residual add.
+GROUPS = 5 * LAYERS + 1
 ROW_GROUPS = 2 * LAYERS + 1  # the norms: a mean over the last dim
+ROTARY_GROUPS = 2 * LAYERS  # q and k
+POINTWISE_GROUPS = ROTARY_GROUPS + LAYERS  # and silu * up
+ROTARY_OPS = ["mul.Tensor", "fusegen.rotate_half.default", "mul.Tensor", "add.Tensor"]
 # An fp32 RMSNorm is pow, mean, add eps, rsqrt, mul, mul weight (cleanup drops its no-op
-# casts); a residual add in front makes 7; silu * up is 2.
-NODES_FUSED = 6 + 7 * (2 * LAYERS) + 2 * LAYERS
+# casts); a residual add in front makes 7; rotary is 4; silu * up is 2.
+NODES_FUSED = 6 + 7 * (2 * LAYERS) + len(ROTARY_OPS) * ROTARY_GROUPS + 2 * LAYERS
+# normalize_graph: rotate_half's cat([neg(x[..., D/2:]), x[..., :D/2]], -1) on q and on k of
+# every layer becomes one fusegen.rotate_half(x); the one cat left builds the cos/sin tables.
+ROTATIONS = 2 * LAYERS
 
 
 def _llama(kv_heads: int = 2, attn_implementation: str = "sdpa"):
@@ -230,7 +238,8 @@ def test_dump_kernels_hold_the_source_of_each_fused_group(dumped):
     kernels = {k["group"]: k for k in compiled.facts["kernels"]}
     assert sorted(kernels) == sorted(groups)
     schedules = [kernels[g]["schedule"] for g in groups]
-    assert schedules.count("row") == ROW_GROUPS and schedules.count("pointwise") == LAYERS
+    assert schedules.count("row") == ROW_GROUPS and schedules.count("pointwise") == POINTWISE_GROUPS
+    rotary = []
     for name in groups:
         module = gm.get_submodule(name)
         source = (directory / "kernels" / f"{name}.py").read_text()
@@ -238,8 +247,33 @@ def test_dump_kernels_hold_the_source_of_each_fused_group(dumped):
         assert module.kernel is not None, name
         assert module.schedule == kernels[name]["schedule"], name
         ops = [n for n in module.reference.graph.nodes if n.op == "call_function"]
-        assert f"@triton.jit\ndef _{name}_kernel(" in source, name
         assert f"Generated from {len(ops)} graph nodes ({module.schedule} schedule)" in source, name
+        # every input is read in place through its strides broadcast to the frame [*lead, N]:
+        # one stride per lead dim and a column stride each, the lead sizes after the first
+        inputs = [n for n in module.reference.graph.nodes if n.op == "placeholder"]
+        (outputs,) = next(n for n in module.reference.graph.nodes if n.op == "output").args
+        lead = len(module.frame[0])
+        args = ([f"in{i}" for i in range(len(inputs))] + [f"out{i}" for i in range(len(outputs))]
+                + [f"s{i}_{d}" for i in range(len(inputs)) for d in range(lead)]
+                + [f"c{i}" for i in range(len(inputs))] + [f"L{d}" for d in range(1, lead)])
+        assert (f"@triton.jit\ndef _{name}_kernel({', '.join(args)}, M, N: tl.constexpr, "
+                f"BLOCK: tl.constexpr):") in source, name
+        for i in range(len(inputs)):
+            assert f"a{i} = tl.load(in{i} + off{i} + cols * c{i}, mask=mask, other=0.0)" in source, name
+        assert "contiguous" not in source and "input_strides(x, frame)" in source, name
+        names = [str(n.target).replace("aten.", "") for n in ops]
+        if "fusegen.rotate_half.default" in names:
+            rotary.append(name)
+            assert names == ROTARY_OPS, name
+            assert module.schedule == "pointwise" and lead == 3, name  # [B, H, S] x D
+            assert module.input_layouts == ["row", "broadcast", "broadcast"], name
+            # rotate_half of input 0: the same load at permuted columns, the first half negated
+            assert ("tl.where(cols < N // 2, -1.0, 1.0) * tl.load(in0 + off0 + ((cols + N // 2) % N) * c0, "
+                    "mask=mask, other=0.0)") in source, name
+        else:
+            assert lead == 2 and "(cols + N // 2)" not in source, name  # [B, S] x N
+    # per layer: q's rotary right after the input norm, then k's
+    assert rotary == [f"fused_{i}" for layer in range(LAYERS) for i in (5 * layer + 1, 5 * layer + 2)]
 
 
 def test_dump_summary_json_matches_the_report(dumped):
@@ -259,6 +293,15 @@ def test_dump_files_read_as_the_graph_after_each_step(dumped):
     capture = (directory / "00_capture.py").read_text()
     assert capture.startswith("# fusegen graph after step 00: capture\n")
     assert "scaled_dot_product_attention" in capture and "fusegen." not in capture
+
+    normalized = (directory / "02_normalize_graph.py").read_text().splitlines()
+    assert normalized[0] == "# fusegen graph after step 02: normalize_graph"
+    assert normalized[1].startswith("# changed: True ") and "   made by this step: 0   " in normalized[1]
+    assert normalized[2] == f"# counters: rotate_half={ROTATIONS}"
+    assert not any(line.startswith("# nodes made by this step: ") for line in normalized)
+    body = "\n".join(normalized)
+    assert body.count(" = torch.ops.fusegen.rotate_half.default(") == ROTATIONS
+    assert body.count(" = torch.ops.aten.cat.default(") == 1
 
     fused = (directory / "03_fuse_attention.py").read_text().splitlines()
     assert fused[0] == "# fusegen graph after step 03: fuse_attention"
@@ -293,11 +336,11 @@ def test_dump_files_read_as_the_graph_after_each_step(dumped):
     assert pointwise[0] == "# fusegen graph after step 07: fuse_pointwise"
     counters = next(line for line in pointwise if line.startswith("# counters: "))
     assert counters == (f"# counters: groups={GROUPS}, nodes_fused={NODES_FUSED}, "
-                        f"pointwise_groups={LAYERS}, row_groups={ROW_GROUPS}")
+                        f"pointwise_groups={POINTWISE_GROUPS}, row_groups={ROW_GROUPS}")
     body = "\n".join(pointwise)
     for i in range(GROUPS):
         assert body.count(f" = self.fused_{i}(") == 1, i
-    for gone in ("aten.pow", "aten.mean", "aten.rsqrt", "aten.silu"):
+    for gone in ("aten.pow", "aten.mean", "aten.rsqrt", "aten.silu", "fusegen.rotate_half"):
         assert gone not in body, gone
 
     summary = (directory / "summary.txt").read_text()
@@ -312,6 +355,27 @@ def test_dump_files_read_as_the_graph_after_each_step(dumped):
     # (the residual sum) of each group whose sum the next residual add reads: all but the last
     assert op_rows["getitem"] == ["0"] * 4 + [str(5 * LAYERS)] * 3 + [
         str(5 * LAYERS + GROUPS + 2 * LAYERS - 1)]
+    # rotate_half from normalize_graph (step 02) until fuse_pointwise moves it into the groups;
+    # of capture's cats only the cos/sin tables' is left from step 02 on
+    assert op_rows["fusegen.rotate_half"] == ["0"] * 2 + [str(ROTATIONS)] * 5 + ["0"]
+    assert op_rows["aten.cat"] == [str(ROTATIONS + 1)] * 2 + ["1"] * 6
+    # the summary rows: step, pass, changed, nodes, made, ms, counters
+    assert op_rows["02"][:2] == ["normalize_graph", "yes"] and op_rows["02"][3] == "0"
+    assert op_rows["02"][5:] == [f"rotate_half={ROTATIONS}"]
+    assert op_rows["07"][:2] == ["fuse_pointwise", "yes"]
+    assert op_rows["07"][3] == str(GROUPS + GROUPS + 2 * LAYERS - 1)  # call_modules and getitems
+
+
+def test_dump_rotate_half_rewrite_leaves_nothing_of_the_cat_at_step_02(dumped):
+    """The rewrite drops the neg and the two slices the cat read (3 nodes per rotation) in the
+    step that made it: the op table and node totals show them gone from step 02 on."""
+    compiled, directory = dumped
+    summary = (directory / "summary.txt").read_text()
+    rows = {line.split()[0]: line.split()[1:] for line in summary.splitlines() if line.strip()}
+    assert rows["aten.neg"] == [str(ROTATIONS)] * 2 + ["0"] * 6
+    assert rows["aten.slice"] == [str(2 * ROTATIONS)] * 2 + ["0"] * 6
+    totals = [r.total_nodes for r in compiled.report.records]
+    assert totals[2] == totals[1] - 3 * ROTATIONS
 
 
 def test_dump_dir_from_the_environment(llama, tmp_path, monkeypatch):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from torch import fx
 
+from fusegen.passes.infra import PROVENANCE, op_name
+
 DUMP_ENV = "FUSEGEN_DUMP_DIR"
 
 
@@ -23,6 +25,7 @@ class PassRecord:
     stats: dict = field(default_factory=dict)
     node_counts: Counter = field(default_factory=Counter)
     nodes_made: int = 0  # nodes stamped with this pass's provenance
+    snapshot: list[dict] = field(default_factory=list, repr=False)  # graph_snapshot() after it
 
     @property
     def total_nodes(self) -> int:
@@ -60,8 +63,29 @@ class DumpWriter:
 
     def summary(self, records: list[PassRecord]) -> None:
         data = [dict(asdict(r), node_counts=dict(r.node_counts)) for r in records]
+        for entry in data:
+            del entry["snapshot"]
         (self.directory / "summary.json").write_text(json.dumps(data, indent=2, sort_keys=True))
         (self.directory / "summary.txt").write_text(summary_table(records) + "\n\n" + op_table(records) + "\n")
+
+
+def graph_snapshot(gm: fx.GraphModule) -> list[dict]:
+    """A light copy of the graph for reports, one dict per node: name, op (fx opcode),
+    target (op name), inputs (node names), made_by (the pass that made it), shape."""
+    return [{"name": n.name, "op": n.op,
+             "target": op_name(n) if n.op == "call_function" else str(n.target),
+             "inputs": [a.name for a in n.all_input_nodes],
+             "made_by": n.meta.get(PROVENANCE), "shape": _shape_text(n.meta.get("val"))}
+            for n in gm.graph.nodes]
+
+
+def _shape_text(val) -> str:
+    if isinstance(val, (list, tuple)):
+        return "(" + ", ".join(_shape_text(v) for v in val) + ")"
+    if hasattr(val, "shape") and hasattr(val, "dtype"):
+        dims = ", ".join(str(d) for d in val.shape)
+        return f"{str(val.dtype).replace('torch.', '')}[{dims}]"
+    return "" if val is None else str(val)
 
 
 def summary_table(records: list[PassRecord]) -> str:

@@ -9,7 +9,7 @@ from torch import fx
 from fusegen.config import CompileConfig
 from fusegen.passes.cleanup_graph import cleanup_graph
 from fusegen.passes.convert_mha_to_gqa import convert_mha_to_gqa
-from fusegen.passes.dump import DumpWriter, PassRecord
+from fusegen.passes.dump import DumpWriter, PassRecord, graph_snapshot
 from fusegen.passes.fuse_attention import fuse_attention
 from fusegen.passes.fuse_pointwise import fuse_pointwise
 from fusegen.passes.fuse_projections import fuse_projections
@@ -43,7 +43,7 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, dump: DumpWriter | None =
     """Run every pass of ``build_pipeline(ctx.config)`` on ``gm`` (which the pipeline owns),
     verifying and (optionally) dumping after each one."""
     made = mark_provenance(gm, "capture")
-    records = [PassRecord("capture", True, capture_seconds, {}, node_counts(gm), made)]
+    records = [PassRecord("capture", True, capture_seconds, {}, node_counts(gm), made, graph_snapshot(gm))]
     if dump:
         dump.graph(0, records[0], gm)
     for index, graph_pass in enumerate(build_pipeline(ctx.config), start=1):
@@ -57,7 +57,7 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, dump: DumpWriter | None =
         seconds = time.perf_counter() - start
         made = mark_provenance(gm, graph_pass.name, before)
         record = PassRecord(graph_pass.name, result.changed, seconds, dict(result.stats),
-                            node_counts(gm), made)
+                            node_counts(gm), made, graph_snapshot(gm))
         records.append(record)
         if dump:
             dump.graph(index, record, gm)

@@ -15,6 +15,14 @@ from fusegen.errors import (ConfigError, FusegenError, ModelNotFoundError, PassE
                             UnsupportedModelError, VerificationError)
 
 
+def load(directory, device=None, *, progress: bool = False) -> CompiledModel:
+    """Load an artifact written by ``fusegen-cli export`` or ``CompiledModel.save`` (see
+    fusegen.artifact): checked against its manifest, no pickle, no model code."""
+    from fusegen.artifact import load as _load
+
+    return _load(directory, device, progress=progress)
+
+
 def load_model(name_or_path, **kwargs):
     """Load a local HF model directory or the bundled default model (see fusegen.models)."""
     from fusegen.models import load_model as _load
@@ -23,7 +31,7 @@ def load_model(name_or_path, **kwargs):
 
 
 __all__ = [
-    "__version__", "capture", "compile", "load_model", "CompiledModel", "CompileReport",
+    "__version__", "capture", "compile", "load", "load_model", "CompiledModel", "CompileReport",
     "CompileConfig", "FusegenError", "UnsupportedModelError", "ModelNotFoundError",
     "ConfigError", "PassError", "VerificationError",
 ]

@@ -1,6 +1,10 @@
 """``fusegen-cli``: the command line.
 
-    fusegen-cli inspect [MODEL] [--dump-dir DIR] [--config STR]
+    fusegen-cli inspect  [MODEL] [--dump-dir DIR] [--html FILE] [--config STR]
+    fusegen-cli generate [MODEL] --prompt TEXT [...]
+    fusegen-cli export   [MODEL] -o DIR [--onnx] [--config STR]
+    fusegen-cli run      DIR --prompt TEXT [...]
+    fusegen-cli analyze  [MODEL] --batch B --seq T --gpu h100 [--plot PNG] [--json FILE]
 
 Each subcommand is one function registered with ``@command(name, help, *arguments)``; its
 arguments are declared next to it with ``arg(...)`` (the same parameters as argparse's
@@ -24,6 +28,7 @@ from fusegen.errors import FusegenError
 from fusegen.models import DEFAULT_MODEL, load_model, load_tokenizer
 
 PROG = "fusegen-cli"
+log = logging.getLogger("fusegen")
 EXIT_USER_ERROR = 2
 
 _COMMANDS: list[tuple[str, str, tuple, Callable[[argparse.Namespace], int]]] = []
@@ -72,24 +77,74 @@ def inspect_command(args: argparse.Namespace) -> int:
     return 0
 
 
+GENERATION_ARGS = (
+    arg("--prompt", required=True, help="the text to continue"),
+    arg("--max-new-tokens", type=int, default=64, metavar="N"),
+    arg("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template"),
+    arg("--do-sample", action="store_true", help="sample instead of greedy decoding"),
+    arg("--temperature", type=float, default=0.7),
+    arg("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)"),
+    arg("--top-p", type=float, default=1.0, help="nucleus sampling mass"),
+    arg("--seed", type=int, default=None, help="makes sampling reproducible"),
+)
+
+
 @command("generate", "generate text from a prompt, streaming tokens as they are produced",
-         MODEL_ARG,
-         arg("--prompt", required=True, help="the text to continue"),
-         arg("--max-new-tokens", type=int, default=64, metavar="N"),
-         arg("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template"),
-         arg("--do-sample", action="store_true", help="sample instead of greedy decoding"),
-         arg("--temperature", type=float, default=0.7),
-         arg("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)"),
-         arg("--top-p", type=float, default=1.0, help="nucleus sampling mass"),
-         arg("--seed", type=int, default=None, help="makes sampling reproducible"),
-         CONFIG_ARG)
+         MODEL_ARG, *GENERATION_ARGS, CONFIG_ARG)
 def generate_command(args: argparse.Namespace) -> int:
     config = _parse_config(args.config)
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    _check_generation_args(args)
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model)
     compiled = fusegen.compile(model, config=config)
+    return _stream_completion(compiled, tokenizer, args)
+
+
+@command("export", "compile a model and write it as an artifact directory that `run` and "
+                   "fusegen.load() use without the model's code",
+         MODEL_ARG,
+         arg("-o", "--output", required=True, metavar="DIR", help="the artifact directory to write"),
+         arg("--onnx", action="store_true",
+             help="also write the optimized graph as DIR/model.onnx (fused ops in the 'fusegen' domain)"),
+         CONFIG_ARG)
+def export_command(args: argparse.Namespace) -> int:
+    from fusegen.artifact import export
+
+    config = _parse_config(args.config)
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model)
+    log.info("compiling %s", args.model)
+    compiled = fusegen.compile(model, config=config)
+    directory = export(compiled, args.output, tokenizer=tokenizer, onnx=args.onnx, progress=True)
+    total = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    print(f"wrote {directory} ({total / 2**20:.1f} MiB): {compiled.report.model_class}, "
+          f"{len(compiled.facts['kernels'])} kernels, config {compiled.config}")
+    return 0
+
+
+@command("run", "load an artifact written by `export` and generate text from a prompt",
+         arg("artifact", metavar="DIR", help="an artifact directory written by `fusegen-cli export`"),
+         *GENERATION_ARGS,
+         arg("--device", default=None, help="where to run (default: the device it was compiled for)"))
+def run_command(args: argparse.Namespace) -> int:
+    _check_generation_args(args)
+    compiled = fusegen.load(args.artifact, device=args.device, progress=True)
+    if compiled.tokenizer is None:
+        raise ValueError(f"{args.artifact} was exported without a tokenizer; use fusegen.load() "
+                         f"with token ids instead")
+    return _stream_completion(compiled, compiled.tokenizer, args)
+
+
+def _check_generation_args(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+
+
+def _stream_completion(compiled, tokenizer, args: argparse.Namespace) -> int:
+    """Print the prompt's continuation as it is generated."""
+    if compiled.kind != "paged":
+        raise ValueError(f"this graph is {compiled.kind}; text generation needs the paged graph "
+                         f"(the default config)")
     if args.chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
                                              add_generation_prompt=True, tokenize=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -59,10 +60,28 @@ class CompiledModel:
         self.facts = facts
         names = {n.target for n in gm.graph.nodes if n.op == "placeholder"}
         self.kind = "paged" if "kv_pool" in names else "dense" if "kv_cache" in names else "stateless"
+        self.tokenizer_path = None  # set when loaded from an artifact that ships its tokenizer
+        self._tokenizer = None
 
     @property
     def config(self) -> CompileConfig:
         return self.report.config
+
+    @property
+    def tokenizer(self):
+        """The tokenizer shipped in the artifact this model was loaded from (None otherwise)."""
+        if self._tokenizer is None and self.tokenizer_path is not None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        return self._tokenizer
+
+    def save(self, directory, tokenizer=None, onnx: bool = False, progress: bool = False):
+        """Write this model as an artifact (see ``fusegen.artifact``); ``fusegen.load`` reads it."""
+        from fusegen.artifact import export
+
+        return export(self, directory, tokenizer=tokenizer if tokenizer is not None else self.tokenizer,
+                      onnx=onnx, progress=progress)
 
     @property
     def device(self) -> torch.device:
@@ -260,6 +279,8 @@ def _model_facts(model: nn.Module) -> dict:
                     "hidden_size", "max_position_embeddings", "eos_token_id", "n_positions"):
             if getattr(config, key, None) is not None:
                 facts[key] = getattr(config, key)
+        facts["hf_config"] = json.loads(config.to_json_string(use_diff=False)) \
+            if hasattr(config, "to_json_string") else None
     generation = getattr(model, "generation_config", None)
     if generation is not None and generation.eos_token_id is not None:
         facts["eos_token_id"] = generation.eos_token_id

@@ -37,3 +37,37 @@ class PassError(FusegenError):
 
 class VerificationError(PassError):
     """A graph broke an invariant after a pass (lint, or a pass-declared property)."""
+
+
+class ArtifactError(FusegenError):
+    """An exported artifact cannot be loaded. ``path`` names the file (relative to the
+    artifact directory where it is one of its files), ``problem`` what is wrong with it."""
+
+    def __init__(self, path, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class ArtifactMissingError(ArtifactError, FileNotFoundError):
+    """The artifact directory, its manifest, or a file the manifest lists is not there."""
+
+
+class ArtifactTruncatedError(ArtifactError):
+    """A file is shorter than the manifest records (an interrupted copy or download)."""
+
+
+class ArtifactTamperedError(ArtifactError):
+    """A file's content does not hash to what the manifest records."""
+
+
+class ArtifactVersionError(ArtifactError):
+    """The artifact was written by an incompatible fusegen, torch or artifact format."""
+
+
+class ArtifactFormatError(ArtifactError):
+    """A file parses but is not what fusegen writes (malformed JSON, unknown op, bad field)."""
+
+
+class MissingDependencyError(FusegenError, ImportError):
+    """An optional package a feature needs is not installed."""

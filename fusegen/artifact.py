@@ -169,14 +169,21 @@ def load(directory, device: str | torch.device | None = None, *, progress: bool 
     directory = Path(directory)
     if not directory.is_dir():
         raise ArtifactMissingError(directory, "no such artifact directory")
+    clock = _Clock()
     manifest = read_manifest(directory)
     files = manifest["files"]
     verify_files(directory, files, skip=[k["file"] for k in manifest["kernels"]], progress=progress)
+    clock.lap("verify")
     target = _target_device(manifest, device)
-    graph_ir = _read_json(directory, GRAPH)
     tensors = _read_weights(directory, _field(manifest, "weights", dict), target, progress)
+    if target.type == "cuda":
+        torch.cuda.synchronize(target)
+    clock.lap("weights")
+    graph_ir = _read_json(directory, GRAPH)
     gm = ir_to_graph_module(graph_ir, tensors, target if str(target) != manifest["device"] else None)
+    clock.lap("graph")
     kernels = _load_kernels(directory, gm, manifest["kernels"], files)
+    clock.lap("kernels")
     facts = value_from_json(manifest["facts"], MANIFEST)
     facts.update(device=target, kernels=kernels, hf_config=manifest["model"].get("config"))
     config = CompileConfig.from_string(manifest["compile_config"])
@@ -189,7 +196,22 @@ def load(directory, device: str | torch.device | None = None, *, progress: bool 
         from fusegen.codegen import attention
 
         attention.register()
+    clock.lap("model")
+    compiled.load_seconds = clock.laps
     return compiled
+
+
+class _Clock:
+    """Seconds spent in each step of ``load``, kept on the loaded model as ``load_seconds``."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self.last
+        self.last = now
 
 
 def read_manifest(directory: Path) -> dict:

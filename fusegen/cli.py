@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _progress_messages_on_stderr():
             return args.run(args)
-    except (FusegenError, FileNotFoundError, ValueError) as e:
+    except (FusegenError, FileNotFoundError, FileExistsError, ValueError) as e:
         if args.debug:
             raise
         message = " ".join(str(e).split()) or type(e).__name__  # always one line

@@ -1,0 +1,142 @@
+"""Cold start: an artifact loaded by `fusegen.load` against compiling the model again.
+
+    python bench/cold_start.py [--model 7b] [--workdir /tmp/fusegen-cold] [--out bench/results/cold_start.json]
+
+A random-weight bf16 Llama config is written once as a Hugging Face checkpoint. Then, each
+in a fresh interpreter (nothing imported, files in the page cache from the writes before):
+- compile: `from_pretrained` + `fusegen.compile` (capture, passes, kernel lowering), then the
+  export (timed apart, not part of any cold start);
+- load: `fusegen.load(artifact)`, with its steps (verify hashes, read weights, rebuild the
+  graph, attach kernels);
+- weights: the artifact's safetensors shards read onto the GPU and nothing else, the "reading
+  the weights" part of the goal;
+and for compile and load, the first token of a 32-token prompt after the model is ready
+(Triton's kernel cache is warm for load: compile ran first on this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+               max_position_embeddings=8192),
+}
+
+CHILD = {
+    "compile": """
+import time, json, sys
+t0 = time.perf_counter()
+import torch, fusegen
+from transformers import AutoModelForCausalLM
+t_import = time.perf_counter()
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16, device_map="cuda").eval()
+torch.cuda.synchronize(); t_weights = time.perf_counter()
+compiled = fusegen.compile(model)
+torch.cuda.synchronize(); t_ready = time.perf_counter()
+ids = torch.randint(3, 1000, (1, 32), generator=torch.Generator().manual_seed(0)).cuda()
+first = compiled.generate(ids, 1)
+torch.cuda.synchronize(); t_first = time.perf_counter()
+compiled.save(sys.argv[2])
+t_export = time.perf_counter()
+print(json.dumps({"import_s": t_import - t0, "read_model_s": t_weights - t_import,
+                  "compile_s": t_ready - t_weights, "ready_s": t_ready - t0,
+                  "first_token_s": t_first - t_ready, "export_s": t_export - t_first,
+                  "token": first[0, -1].item()}))
+""",
+    "load": """
+import time, json, sys
+t0 = time.perf_counter()
+import torch, fusegen
+t_import = time.perf_counter()
+compiled = fusegen.load(sys.argv[2])
+torch.cuda.synchronize(); t_ready = time.perf_counter()
+ids = torch.randint(3, 1000, (1, 32), generator=torch.Generator().manual_seed(0)).cuda()
+first = compiled.generate(ids, 1)
+torch.cuda.synchronize(); t_first = time.perf_counter()
+print(json.dumps({"import_s": t_import - t0, "load_s": t_ready - t_import, "ready_s": t_ready - t0,
+                  "steps_s": compiled.load_seconds, "first_token_s": t_first - t_ready,
+                  "token": first[0, -1].item()}))
+""",
+    "weights": """
+import time, json, sys, glob
+t0 = time.perf_counter()
+import torch
+from safetensors import safe_open
+t_import = time.perf_counter()
+total = 0
+for path in sorted(glob.glob(sys.argv[2] + "/weights/*.safetensors")):
+    with safe_open(path, framework="pt", device="cuda") as f:
+        for name in f.keys():
+            t = f.get_tensor(name)
+            total += t.numel() * t.element_size()
+torch.cuda.synchronize()
+print(json.dumps({"read_s": time.perf_counter() - t_import, "bytes": total}))
+""",
+}
+
+
+def child(kind: str, hf_dir: Path, artifact: Path) -> dict:
+    done = subprocess.run([sys.executable, "-c", CHILD[kind], str(hf_dir), str(artifact)],
+                          capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        raise RuntimeError(f"{kind} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="7b", choices=sorted(CONFIGS))
+    parser.add_argument("--workdir", default="/tmp/fusegen-cold")
+    parser.add_argument("--out", default="bench/results/cold_start.json")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    work = Path(args.workdir)
+    hf_dir, artifact = work / "hf", work / "artifact"
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(LlamaConfig(**CONFIGS[args.model], bos_token_id=1, eos_token_id=2))
+    torch.set_default_dtype(torch.float32)
+    model.save_pretrained(hf_dir)
+    del model
+    torch.cuda.empty_cache()
+    print(f"checkpoint written in {time.perf_counter() - start:.1f} s", flush=True)
+
+    results = {"model": args.model, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    for kind in ("compile", "load", "weights"):
+        results[kind] = child(kind, hf_dir, artifact)
+        print(kind, json.dumps(results[kind]), flush=True)
+    load, weights = results["load"], results["weights"]
+    results["artifact_bytes"] = sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file())
+    results["load_minus_weight_read_s"] = load["load_s"] - weights["read_s"]
+    results["same_first_token"] = results["compile"]["token"] == load["token"]
+    results["speedup_ready"] = results["compile"]["ready_s"] / load["ready_s"]
+
+    print(f"\n{args.model}: artifact {results['artifact_bytes'] / 2**30:.1f} GiB")
+    print(f"  compile from the model: ready in {results['compile']['ready_s']:.1f} s "
+          f"(import {results['compile']['import_s']:.1f}, read model {results['compile']['read_model_s']:.1f}, "
+          f"compile {results['compile']['compile_s']:.1f})")
+    print(f"  load the artifact:      ready in {load['ready_s']:.1f} s (import {load['import_s']:.1f}, "
+          f"load {load['load_s']:.1f}: " + ", ".join(f"{k} {v:.2f}" for k, v in load["steps_s"].items()) + ")")
+    print(f"  weights alone:          {weights['read_s']:.1f} s for {weights['bytes'] / 2**30:.1f} GiB")
+    print(f"  load - weight read:     {results['load_minus_weight_read_s']:.2f} s (goal <= 3 s)")
+    print(f"  ready speed-up {results['speedup_ready']:.1f}x; same first token: {results['same_first_token']}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

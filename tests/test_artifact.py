@@ -1,0 +1,301 @@
+"""Artifacts: export -> load round trips, and every way a damaged artifact is refused."""
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fusegen
+from fusegen import artifact
+from fusegen.errors import (ArtifactFormatError, ArtifactMissingError, ArtifactTamperedError,
+                            ArtifactTruncatedError, ArtifactVersionError)
+from fusegen.fused_group import FusedGroup
+from families import left_padded, mini_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return fusegen.compile(mini_model("llama"))
+
+
+@pytest.fixture
+def saved(llama, tmp_path):
+    return llama.save(tmp_path / "artifact")
+
+
+def _rehash(directory: Path, rel: str) -> None:
+    """Update the manifest's record of ``rel`` after an edit (a consistent tamper)."""
+    manifest = json.loads((directory / "manifest.json").read_text())
+    data = (directory / rel).read_bytes()
+    manifest["files"][rel] = {"bytes": len(data), "sha256": artifact._chunk_digests(data)}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _edit_manifest(directory: Path, edit) -> None:
+    manifest = json.loads((directory / "manifest.json").read_text())
+    edit(manifest)
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+# --- round trips --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family,config", [("llama", None), ("gpt2", None), ("mistral", None),
+                                           ("qwen2", "preset=dense_kv"), ("llama", "preset=stateless")])
+def test_loaded_model_matches_the_compiled_one(family, config, tmp_path):
+    compiled = fusegen.compile(mini_model(family), config)
+    loaded = fusegen.load(compiled.save(tmp_path / "a"))
+    ids, mask = left_padded([12, 3, 7], 12, seed=1)
+    torch.testing.assert_close(loaded(ids, mask), compiled(ids, mask), rtol=0, atol=0)
+    if compiled.kind != "stateless":
+        assert torch.equal(loaded.generate(ids, 16, attention_mask=mask),
+                           compiled.generate(ids, 16, attention_mask=mask))
+    assert loaded.kind == compiled.kind and loaded.config == compiled.config
+    assert loaded.facts["kv" if compiled.kind != "stateless" else "vocab_size"] == \
+        compiled.facts["kv" if compiled.kind != "stateless" else "vocab_size"]
+
+
+def test_engine_of_a_loaded_model_gives_the_same_tokens(llama, saved):
+    loaded = fusegen.load(saved)
+    prompts = [[5, 9, 3, 77, 12], [8], [100, 4, 4, 4, 60, 2, 31, 9]]
+    assert loaded.generate_batch(prompts, 12) == llama.generate_batch(prompts, 12)
+
+
+def test_loaded_graph_has_the_kernels_and_the_report(llama, saved):
+    loaded = fusegen.load(saved)
+    groups = {n: m for n, m in loaded.graph_module.named_children() if isinstance(m, FusedGroup)}
+    originals = {n: m for n, m in llama.graph_module.named_children() if isinstance(m, FusedGroup)}
+    assert groups.keys() == originals.keys() and groups
+    for name, group in groups.items():
+        assert group.source == originals[name].source and group.kernel is not None
+    assert [r.name for r in loaded.report.records] == [r.name for r in llama.report.records]
+    assert loaded.report.counters == llama.report.counters
+    assert [str(n.target) for n in loaded.graph_module.graph.nodes] == \
+        [str(n.target) for n in llama.graph_module.graph.nodes]
+
+
+def test_loaded_kernels_run_like_the_references(saved, monkeypatch):
+    monkeypatch.setenv("FUSEGEN_KERNELS", "1")  # the generated Triton kernels, interpreted on CPU
+    loaded = fusegen.load(saved)
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with_kernels = loaded(ids)
+    monkeypatch.setenv("FUSEGEN_KERNELS", "0")
+    torch.testing.assert_close(with_kernels, loaded(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_gqa_converted_weights_are_what_is_stored(tmp_path):
+    calibration = torch.randint(3, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    compiled = fusegen.compile(mini_model("llama"), "gqa_kv_heads=1", calibration_ids=calibration)
+    loaded = fusegen.load(compiled.save(tmp_path / "gqa"))
+    assert loaded.facts["kv"]["kv_heads"] == 1
+    ids = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(loaded.generate(ids, 10), compiled.generate(ids, 10))
+
+
+def test_tied_weights_are_stored_once(tmp_path):
+    model = mini_model("gpt2")  # GPT-2 ties lm_head to the token embedding
+    directory = fusegen.compile(model).save(tmp_path / "tied")
+    manifest = json.loads((directory / "manifest.json").read_text())
+    stored = manifest["weights"]["bytes"]
+    params = sum(p.numel() * p.element_size() for p in model.parameters())  # counts the tied one once
+    assert stored <= params + 4096 * 4  # plus small buffers, never a second embedding table
+
+
+def test_manifest_records_what_the_issue_lists(llama, saved):
+    manifest = json.loads((saved / "manifest.json").read_text())
+    assert manifest["format"] == "fusegen-artifact" and manifest["format_version"] == 1
+    assert set(manifest["versions"]) == {"fusegen", "torch", "triton"}
+    assert manifest["model"]["class"] == "LlamaForCausalLM"
+    assert manifest["model"]["config"]["hidden_size"] == 64
+    assert manifest["compile_config"] == llama.config.to_string()
+    assert [p["name"] for p in manifest["passes"]] == [r.name for r in llama.report.records]
+    assert manifest["passes"][-1]["counters"] == dict(llama.report.records[-1].stats)
+    for kernel in manifest["kernels"]:
+        assert kernel["file"] in manifest["files"] and kernel["source_hash"]
+    for rel, entry in manifest["files"].items():
+        assert (saved / rel).stat().st_size == entry["bytes"]
+
+
+def test_export_refuses_a_directory_with_other_files(llama, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        llama.save(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_export_replaces_an_older_artifact(llama, saved):
+    (saved / "weights" / "stray.bin").write_bytes(b"x")
+    llama.save(saved)
+    assert not (saved / "weights" / "stray.bin").exists()
+    fusegen.load(saved)
+
+
+def test_load_onto_another_device_name(saved):
+    loaded = fusegen.load(saved, device="cpu")
+    assert loaded.device == torch.device("cpu")
+
+
+# --- damaged artifacts ----------------------------------------------------------------------------
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(ArtifactMissingError, match="no such artifact directory"):
+        fusegen.load(tmp_path / "nothing")
+
+
+def test_missing_manifest(saved):
+    (saved / "manifest.json").unlink()
+    with pytest.raises(ArtifactMissingError, match="manifest.json"):
+        fusegen.load(saved)
+
+
+def test_truncated_manifest(saved):
+    text = (saved / "manifest.json").read_text()
+    (saved / "manifest.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ArtifactFormatError, match="manifest.json: not valid JSON"):
+        fusegen.load(saved)
+
+
+def test_truncated_weights(saved):
+    path = saved / "weights" / "00000.safetensors"
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(ArtifactTruncatedError, match="weights/00000.safetensors: truncated"):
+        fusegen.load(saved)
+
+
+def test_one_flipped_weight_byte(saved):
+    path = saved / "weights" / "00000.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-17] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactTamperedError, match="weights/00000.safetensors: content differs"):
+        fusegen.load(saved)
+
+
+def test_edited_graph(saved):
+    path = saved / "graph.json"
+    path.write_text(path.read_text().replace("aten::mul.Tensor", "aten::add.Tensor", 1))
+    with pytest.raises(ArtifactTamperedError, match="graph.json"):
+        fusegen.load(saved)
+
+
+def test_missing_listed_file(saved):
+    (saved / "kernels" / "fused_0.py").unlink()
+    with pytest.raises(ArtifactMissingError, match="kernels/fused_0.py"):
+        fusegen.load(saved)
+
+
+def test_tampered_kernel_is_refused_and_never_executed(saved, tmp_path):
+    marker = tmp_path / "ran"
+    path = saved / "kernels" / "fused_0.py"
+    path.write_text(f"open({str(marker)!r}, 'w').write('x')\n" + path.read_text())
+    with pytest.raises(ArtifactTamperedError, match="kernels/fused_0.py"):
+        fusegen.load(saved)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("field,value,problem", [
+    ("format_version", 2, "format version 2"),
+    ("versions.torch", "1.13.0", "torch 1.13.0"),
+    ("versions.fusegen", "9.0.0", "fusegen 9.0.0"),
+])
+def test_version_mismatch(saved, field, value, problem):
+    def edit(manifest):
+        *parents, key = field.split(".")
+        target = manifest
+        for p in parents:
+            target = target[p]
+        target[key] = value
+    _edit_manifest(saved, edit)
+    with pytest.raises(ArtifactVersionError, match=problem):
+        fusegen.load(saved)
+
+
+def test_not_an_artifact(saved):
+    _edit_manifest(saved, lambda m: m.update(format="something-else"))
+    with pytest.raises(ArtifactFormatError, match="format 'something-else'"):
+        fusegen.load(saved)
+
+
+@pytest.mark.parametrize("target", [{"fn": "builtins.eval"}, {"fn": "os.system"},
+                                    {"op": "os::system.default"}, {"op": "aten::no_such_op.default"}])
+def test_graph_may_only_name_allowed_targets(saved, target):
+    """Even with the manifest hash updated to match, the IR cannot reach arbitrary callables."""
+    graph = json.loads((saved / "graph.json").read_text())
+    node = next(n for n in graph["nodes"] if n["op"] == "call_function")
+    node["target"] = target
+    (saved / "graph.json").write_text(json.dumps(graph))
+    _rehash(saved, "graph.json")
+    with pytest.raises(ArtifactFormatError, match=f"graph.json: node {node['name']!r}"):
+        fusegen.load(saved)
+
+
+def test_manifest_cannot_point_outside_the_artifact(saved, tmp_path):
+    outside = tmp_path / "elsewhere.txt"
+    outside.write_text("secret")
+
+    def edit(manifest):
+        manifest["files"]["../elsewhere.txt"] = {"bytes": 6, "sha256": artifact._chunk_digests(b"secret")}
+    _edit_manifest(saved, edit)
+    with pytest.raises(ArtifactFormatError, match="points outside the artifact"):
+        fusegen.load(saved)
+
+
+def test_graph_with_a_dangling_reference(saved):
+    graph = json.loads((saved / "graph.json").read_text())
+    graph["nodes"] = [n for n in graph["nodes"] if n["name"] != "embedding"]
+    (saved / "graph.json").write_text(json.dumps(graph))
+    _rehash(saved, "graph.json")
+    with pytest.raises(ArtifactFormatError, match="before it is defined"):
+        fusegen.load(saved)
+
+
+# --- no pickle on the loading path ---------------------------------------------------------------
+
+LOADING_MODULES = ["fusegen/artifact.py", "fusegen/ir.py"]
+
+
+def test_loading_modules_import_no_pickle():
+    for rel in LOADING_MODULES:
+        tree = ast.parse((REPO / rel).read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Attribute) and node.attr == "load" and \
+                    isinstance(node.value, ast.Name) and node.value.id == "torch":
+                raise AssertionError(f"{rel} calls torch.load")
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("eval", "exec"):
+                raise AssertionError(f"{rel} calls {node.func.id}")
+        assert not imported & {"pickle", "_pickle", "cPickle", "dill", "marshal", "shelve", "joblib"}, rel
+
+
+def test_load_and_generate_with_unpickling_disabled(saved):
+    """In a fresh interpreter where every unpickling entry point raises, an artifact still
+    loads and generates."""
+    script = f"""
+import sys, pickle, _pickle, torch
+def refuse(*a, **k):
+    raise RuntimeError("unpickling attempted")
+for module in (pickle, _pickle):
+    module.load = module.loads = refuse
+    module.Unpickler = type("RefusingUnpickler", (module.Unpickler,), {{"__init__": refuse}})
+torch.load = refuse
+def audit(event, args):
+    if event == "pickle.find_class":
+        raise RuntimeError("unpickling attempted: " + repr(args))
+sys.addaudithook(audit)
+import fusegen
+model = fusegen.load({str(saved)!r})
+out = model.generate(torch.tensor([[5, 9, 3, 77]]), 6)
+print("ok", out.shape[1])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["ok", "10"]

@@ -62,10 +62,23 @@ def _parse_config(text: str | None) -> CompileConfig | None:
 
 # --- subcommands ----------------------------------------------------------------------------
 
+ANALYSIS_ARGS = (
+    arg("--batch", type=int, default=8, metavar="B", help="sequences in the batch (default 8)"),
+    arg("--seq", type=int, default=1024, metavar="T",
+        help="prompt length in prefill, cache length in decode (default 1024)"),
+    arg("--gpu", default="h100", help="h100, h200 or a100: the peak FLOP/s and bandwidth (default h100)"),
+    arg("--dtype", default="bf16", help="element type the bytes are counted in (default bf16)"),
+)
+
+
 @command("inspect", "compile a model and print what every pass did",
          MODEL_ARG,
          arg("--dump-dir", metavar="DIR", default=None,
              help="write the graph after every pass (NN_<pass>.py) and summary.txt/json here"),
+         arg("--html", metavar="FILE", default=None,
+             help="write a self-contained HTML report: the graph after every pass, counters, "
+                  "kernel sources and the roofline analysis (at --batch/--seq/--gpu/--dtype)"),
+         *ANALYSIS_ARGS,
          CONFIG_ARG)
 def inspect_command(args: argparse.Namespace) -> int:
     config = _parse_config(args.config)  # before loading, so a typo fails fast
@@ -74,7 +87,38 @@ def inspect_command(args: argparse.Namespace) -> int:
     print(compiled.report.table())
     if compiled.report.dump_dir:
         print(f"dumps written to {compiled.report.dump_dir}")
+    if args.html:
+        from fusegen import analysis
+        from fusegen.report import write_html_report
+
+        _check_analysis_args(args)
+        result = analysis.analyze(compiled, args.batch, args.seq, args.gpu, analysis.parse_dtype(args.dtype))
+        path = write_html_report(compiled, args.html, result.summary_rows(),
+                                 title=f"fusegen report: {args.model}")
+        print(f"report written to {path}")
     return 0
+
+
+@command("analyze", "roofline cost model of the optimized graph: FLOPs, bytes and arithmetic "
+                    "intensity per node and phase (prefill, decode), against a GPU's ridge point",
+         MODEL_ARG,
+         *ANALYSIS_ARGS,
+         arg("--plot", metavar="PNG", default=None, help="save the roofline plot here (needs matplotlib)"),
+         arg("--json", metavar="FILE", default=None, help="save every node's costs as JSON"),
+         CONFIG_ARG)
+def analyze_command(args: argparse.Namespace) -> int:
+    from fusegen.analysis import run_cli
+
+    _check_analysis_args(args)
+    return run_cli(args.model, args.batch, args.seq, args.gpu, args.dtype, args.plot, args.json, args.config)
+
+
+def _check_analysis_args(args: argparse.Namespace) -> None:
+    from fusegen import analysis
+
+    if args.batch < 1 or args.seq < 1:
+        raise ValueError(f"--batch and --seq must be >= 1, got {args.batch} and {args.seq}")
+    analysis.gpu_spec(args.gpu), analysis.parse_dtype(args.dtype)  # bad names fail before compiling
 
 
 GENERATION_ARGS = (

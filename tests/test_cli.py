@@ -1,5 +1,6 @@
 """fusegen-cli: run in-process through ``main(argv)``, and once as a real process."""
 
+import json
 import subprocess
 import sys
 
@@ -110,3 +111,62 @@ def test_generate_rejects_a_non_positive_token_count(capsys):
     assert main(["generate", "--prompt", "hi", "--max-new-tokens", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["fusegen-cli: error: --max-new-tokens must be >= 1, got 0"]
+
+
+@pytest.mark.slow
+def test_export_then_run_answers_like_generate(tmp_path, capsys):
+    prompt = ["--prompt", "The capital of France is", "--max-new-tokens", "8"]
+    assert main(["generate", *prompt]) == 0
+    generated = capsys.readouterr().out
+    assert main(["export", "-o", str(tmp_path / "artifact"), "--onnx"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    for name in ("manifest.json", "graph.json", "weights/00000.safetensors", "tokenizer/tokenizer.json",
+                 "model.onnx"):
+        assert (tmp_path / "artifact" / name).is_file(), name
+    assert main(["run", str(tmp_path / "artifact"), *prompt]) == 0
+    assert capsys.readouterr().out == generated
+    # Exporting over a directory that holds something else is refused, and it is left alone.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert main(["export", "-o", str(tmp_path / "mine")]) == 2
+    assert "not empty" in _one_error_line(capsys.readouterr().err)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_run_of_a_damaged_artifact_is_one_line(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "missing"), "--prompt", "hi"]) == 2
+    assert "no such artifact directory" in _one_error_line(capsys.readouterr().err)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "manifest.json").write_text("{\"format\": \"fusegen-artifact\", \"format_ver")
+    assert main(["run", str(tmp_path / "bad"), "--prompt", "hi"]) == 2
+    assert "manifest.json: not valid JSON" in _one_error_line(capsys.readouterr().err)
+
+
+def test_inspect_writes_the_html_report_with_the_analysis(tiny_llama_dir, tmp_path, capsys):
+    html = tmp_path / "report.html"
+    assert main(["inspect", str(tiny_llama_dir), "--html", str(html), "--batch", "2", "--seq", "64"]) == 0
+    assert f"report written to {html}" in capsys.readouterr().out
+    page = html.read_text()
+    for section in ("summary", "passes", "ops", "graphs", "kernels", "analysis"):
+        assert f'<section id="{section}"' in page, section
+    assert "prefill" in page and "decode" in page and "attention" in page
+
+
+def test_analyze_prints_both_phases_and_writes_plot_and_json(tiny_llama_dir, tmp_path, capsys):
+    plot, data = tmp_path / "roofline.png", tmp_path / "analysis.json"
+    assert main(["analyze", str(tiny_llama_dir), "--batch", "8", "--seq", "1024", "--gpu", "h100",
+                 "--plot", str(plot), "--json", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "prefill: 8 sequences x 1024 tokens" in out and "decode: 8 sequences" in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(json.loads(data.read_text())["phases"]) == {"prefill", "decode"}
+
+
+@pytest.mark.parametrize("argv,problem", [
+    (["--gpu", "v100"], "unknown GPU 'v100'"),
+    (["--batch", "0"], "--batch and --seq must be >= 1"),
+    (["--dtype", "int3"], "int3"),
+])
+def test_analyze_bad_arguments_fail_before_compiling(argv, problem, capsys):
+    assert main(["analyze", "/nonexistent/model", *argv]) == 2
+    assert problem in _one_error_line(capsys.readouterr().err)

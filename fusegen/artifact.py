@@ -7,7 +7,7 @@
     DIR/weights/NNNNN.safetensors   the tensors the graph reads (after any GQA conversion)
     DIR/kernels/<group>.py   the generated Triton source of every fused group
     DIR/tokenizer/           the tokenizer files, when one was given
-    DIR/model.onnx(.data)    with ``onnx=True``: the graph for viewers (fusegen/onnx_view.py)
+    DIR/model.onnx(.data)    with ``onnx=True``: the graph for viewers (fusegen/onnx_view/)
 
 Loading reads JSON and safetensors only, never pickle. Before anything is used every file is
 checked against the manifest: a missing file, a short one, or one whose hash differs raises
@@ -54,10 +54,7 @@ def export(compiled: CompiledModel, directory, *, tokenizer=None, onnx: bool = F
            progress: bool = False) -> Path:
     """Write ``compiled`` to ``directory`` (created; an older artifact there is replaced, any
     other non-empty directory is refused). ``tokenizer``: a HF tokenizer to ship along."""
-    directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()) and not (directory / MANIFEST).exists():
-        raise FileExistsError(f"{directory} is not empty and holds no fusegen artifact; "
-                              f"choose an empty or new directory")
+    directory = check_destination(directory)
     staging = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -80,6 +77,18 @@ def export(compiled: CompiledModel, directory, *, tokenizer=None, onnx: bool = F
         staging.rename(directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def check_destination(directory) -> Path:
+    """``directory`` as a Path if an artifact may be written there: new, empty, or an older
+    artifact (which is replaced); anything else is refused before any work is done."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} is a file; choose an empty or new directory")
+    if directory.exists() and any(directory.iterdir()) and not (directory / MANIFEST).exists():
+        raise FileExistsError(f"{directory} is not empty and holds no fusegen artifact; "
+                              f"choose an empty or new directory")
     return directory
 
 

@@ -152,9 +152,10 @@ def generate_command(args: argparse.Namespace) -> int:
              help="also write the optimized graph as DIR/model.onnx (fused ops in the 'fusegen' domain)"),
          CONFIG_ARG)
 def export_command(args: argparse.Namespace) -> int:
-    from fusegen.artifact import export
+    from fusegen.artifact import check_destination, export
 
     config = _parse_config(args.config)
+    check_destination(args.output)  # before the slow part
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model)
     log.info("compiling %s", args.model)

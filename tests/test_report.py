@@ -138,6 +138,7 @@ def page(browser, report_file):
     return browser
 
 
+@pytest.mark.browser
 def test_browser_console_is_clean(page):
     severe = [e for e in page.console if e["level"] == "SEVERE"]
     assert not severe, severe
@@ -146,6 +147,7 @@ def test_browser_console_is_clean(page):
     assert page.execute_script("return performance.getEntriesByType('resource').length") == 0
 
 
+@pytest.mark.browser
 def test_sections_visible(page):
     from selenium.webdriver.common.by import By
 
@@ -155,6 +157,7 @@ def test_sections_visible(page):
         assert section.find_element(By.TAG_NAME, "h2").text, name
 
 
+@pytest.mark.browser
 def test_graphs_rendered_at_layout_size(page, compiled):
     sizes = page.execute_script(
         "return [...document.querySelectorAll('#graphs details')].map(d => {"
@@ -167,6 +170,7 @@ def test_graphs_rendered_at_layout_size(page, compiled):
         assert (round(width), round(height)) == (want_w, want_h)
 
 
+@pytest.mark.browser
 def test_fuse_attention_nodes_highlighted(page, compiled):
     from selenium.webdriver.common.by import By
 
@@ -183,6 +187,7 @@ def test_fuse_attention_nodes_highlighted(page, compiled):
     assert page.execute_script(fill, made[0].find_element(By.TAG_NAME, "rect")) != page.execute_script(fill, plain)
 
 
+@pytest.mark.browser
 def test_kernel_sources_shown(page, compiled):
     from selenium.webdriver.common.by import By
 
@@ -197,6 +202,7 @@ def test_kernel_sources_shown(page, compiled):
         assert k["source_hash"] in article.text and k["schedule"] in article.text
 
 
+@pytest.mark.browser
 def test_analysis_table_shown(page):
     from selenium.webdriver.common.by import By
 
@@ -209,6 +215,7 @@ def test_analysis_table_shown(page):
     assert not table.find_elements(By.TAG_NAME, "b")
 
 
+@pytest.mark.browser
 def test_screenshot(page, tmp_path):
     path = tmp_path / "report.png"
     assert page.save_screenshot(str(path))

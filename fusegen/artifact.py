@@ -39,6 +39,7 @@ from fusegen.errors import (ArtifactError, ArtifactFormatError, ArtifactMissingE
 from fusegen.fused_group import FusedGroup
 from fusegen.ir import graph_tensors, graph_to_ir, ir_to_graph_module, value_from_json, value_to_json
 from fusegen.passes.dump import PassRecord
+from fusegen.progress import Bar
 
 FORMAT = "fusegen-artifact"
 FORMAT_VERSION = 1
@@ -68,7 +69,7 @@ def export(compiled: CompiledModel, directory, *, tokenizer=None, onnx: bool = F
         if onnx:
             from fusegen.onnx_view import to_onnx
 
-            to_onnx(gm, staging / "model.onnx", facts=compiled.facts)
+            to_onnx(gm, staging / "model.onnx", facts=compiled.facts, progress=progress)
         manifest = _manifest(compiled, weights, kernels, tokenizer is not None)
         manifest["files"] = _hash_tree(staging, progress)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
@@ -117,7 +118,7 @@ def _write_weights(tensors: dict[str, torch.Tensor], directory: Path, progress: 
     (directory / "weights").mkdir()
     index = {}
     total = sum(t.numel() * t.element_size() for t in unique.values())
-    with _bar(total, "writing weights", progress) as bar:
+    with Bar(total, "writing weights", progress) as bar:
         for i, shard in enumerate(shards):
             path = f"weights/{i:05d}.safetensors"
             # One storage must not back two entries of a file: give views their own copy.
@@ -262,7 +263,7 @@ def verify_files(directory: Path, files: dict, skip=(), progress: bool = False) 
         if rel not in skip:
             jobs += [(rel, path, i, digest) for i, digest in enumerate(recorded)]
     total = sum(files[rel]["bytes"] for rel in {j[0] for j in jobs})
-    with _bar(total, "verifying", progress) as bar, ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+    with Bar(total, "verifying", progress) as bar, ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
         for rel, chunk, ok, nbytes in pool.map(_check_chunk, jobs):
             bar.update(nbytes)
             if not ok:
@@ -280,7 +281,7 @@ def _check_chunk(job):
 
 def _hash_tree(directory: Path, progress: bool) -> dict:
     paths = sorted(p for p in directory.rglob("*") if p.is_file())
-    with _bar(sum(p.stat().st_size for p in paths), "hashing", progress) as bar:
+    with Bar(sum(p.stat().st_size for p in paths), "hashing", progress) as bar:
         files = {}
         for path in paths:
             files[path.relative_to(directory).as_posix()] = {"bytes": path.stat().st_size,
@@ -315,7 +316,7 @@ def _read_weights(directory: Path, weights: dict, device: torch.device, progress
     by_file: dict[str, list[str]] = {}
     for name, rel in index.items():
         by_file.setdefault(rel, []).append(name)
-    with _bar(weights.get("bytes", 0), "reading weights", progress) as bar:
+    with Bar(weights.get("bytes", 0), "reading weights", progress) as bar:
         for rel, names in by_file.items():
             try:
                 with safe_open(_inside(directory, rel), framework="pt", device=str(device)) as f:
@@ -391,25 +392,3 @@ def _counter(counts: dict):
     from collections import Counter
 
     return Counter(counts)
-
-
-class _bar:
-    """A tqdm progress bar in bytes when ``enabled``, else nothing."""
-
-    def __init__(self, total: int, desc: str, enabled: bool):
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
-
-    def update(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.close()

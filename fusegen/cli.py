@@ -158,8 +158,7 @@ def export_command(args: argparse.Namespace) -> int:
     check_destination(args.output)  # before the slow part
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model)
-    log.info("compiling %s", args.model)
-    compiled = fusegen.compile(model, config=config)
+    compiled = fusegen.compile(model, config=config, progress=True)
     directory = export(compiled, args.output, tokenizer=tokenizer, onnx=args.onnx, progress=True)
     total = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
     print(f"wrote {directory} ({total / 2**20:.1f} MiB): {compiled.report.model_class}, "

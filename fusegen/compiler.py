@@ -15,7 +15,8 @@ from fusegen.codegen.lower import lower
 from fusegen.config import CompileConfig
 from fusegen.passes.dump import DumpWriter, PassRecord, op_table, resolve_dump_dir, summary_table
 from fusegen.passes.infra import PassContext
-from fusegen.passes.pipeline import run_pipeline
+from fusegen.passes.pipeline import build_pipeline, run_pipeline
+from fusegen.progress import Bar
 from fusegen.runtime.dense import DenseRunner
 from fusegen.runtime.cuda_graphs import DEFAULT_BUCKETS
 from fusegen.runtime.engine import Engine
@@ -248,21 +249,26 @@ def _full_inputs(input_ids, attention_mask, position_ids):
 
 
 def compile(model: nn.Module, config: CompileConfig | str | None = None, *, dump_dir=None,
-            calibration_ids: torch.Tensor | None = None) -> CompiledModel:
+            calibration_ids: torch.Tensor | None = None, progress: bool = False) -> CompiledModel:
     """Capture ``model`` and run the pass pipeline. ``dump_dir`` (or $FUSEGEN_DUMP_DIR) writes
-    the graph after every pass and a summary. The user's model is left as it was."""
+    the graph after every pass and a summary; ``progress`` shows a bar over the steps. The
+    user's model is left as it was."""
     if config is None:
         config = CompileConfig()
     elif isinstance(config, str):
         config = CompileConfig.from_string(config)
     directory = resolve_dump_dir(dump_dir)
-    start = time.perf_counter()
-    gm = capture(model)
-    capture_seconds = time.perf_counter() - start
-    ctx = PassContext(config=config, calibration_ids=calibration_ids, facts=_model_facts(model))
-    dump = DumpWriter(directory) if directory else None
-    gm, records = run_pipeline(gm, ctx, dump, capture_seconds)
-    ctx.facts["kernels"] = lower(gm, directory)
+    with Bar(len(build_pipeline(config)) + 2, "compiling", progress, unit="step") as steps:
+        steps.update(0, "capture")
+        start = time.perf_counter()
+        gm = capture(model)
+        capture_seconds = time.perf_counter() - start
+        ctx = PassContext(config=config, calibration_ids=calibration_ids, facts=_model_facts(model))
+        dump = DumpWriter(directory) if directory else None
+        gm, records = run_pipeline(gm, ctx, dump, capture_seconds, on_pass=lambda name: steps.update(1, name))
+        steps.update(1, "kernels")
+        ctx.facts["kernels"] = lower(gm, directory)
+        steps.update(1)
     if ctx.facts["device"].type == "cuda":
         from fusegen.codegen import attention
 

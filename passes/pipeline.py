@@ -39,14 +39,17 @@ def build_pipeline(cfg: CompileConfig) -> list[GraphPass]:
 
 
 def run_pipeline(gm: fx.GraphModule, ctx: PassContext, dump: DumpWriter | None = None,
-                 capture_seconds: float = 0.0) -> tuple[fx.GraphModule, list[PassRecord]]:
+                 capture_seconds: float = 0.0, on_pass=None) -> tuple[fx.GraphModule, list[PassRecord]]:
     """Run every pass of ``build_pipeline(ctx.config)`` on ``gm`` (which the pipeline owns),
-    verifying and (optionally) dumping after each one."""
+    verifying and (optionally) dumping after each one; ``on_pass(name)`` is called as each
+    pass starts."""
     made = mark_provenance(gm, "capture")
     records = [PassRecord("capture", True, capture_seconds, {}, node_counts(gm), made, graph_snapshot(gm))]
     if dump:
         dump.graph(0, records[0], gm)
     for index, graph_pass in enumerate(build_pipeline(ctx.config), start=1):
+        if on_pass is not None:
+            on_pass(graph_pass.name)
         before = set(gm.graph.nodes)
         start = time.perf_counter()
         result = graph_pass(gm, ctx)

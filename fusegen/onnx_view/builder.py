@@ -22,21 +22,24 @@ from fusegen.onnx_view.fusegen_ops import fused_kernel, fusegen_op
 from fusegen.onnx_view.graph import OnnxGraph
 from fusegen.onnx_view.values import (ATEN_DOMAIN, FUSEGEN_DOMAIN, OPSET, onnx_dtype, tensor_bytes,
                                       tensor_info, value_info)
+from fusegen.progress import Bar
 
 DATA_ALIGNMENT = 4096  # offset of every tensor in the .data file: page-aligned for mmap
 
 
-def to_onnx(gm: fx.GraphModule, path, *, weights: bool = True, facts: dict | None = None) -> onnx.ModelProto:
+def to_onnx(gm: fx.GraphModule, path, *, weights: bool = True, facts: dict | None = None,
+            progress: bool = False) -> onnx.ModelProto:
     """Write ``gm`` as an ONNX model to ``path`` and return it. With ``weights`` the get_attr
     tensors are initializers stored in ``<path>.data`` (their TensorProtos in the returned
-    model point there); without, they are graph inputs and no data file is written."""
+    model point there); without, they are graph inputs and no data file is written.
+    ``progress`` shows a bar while the weights are written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data_path = path.with_name(path.name + ".data")
     g = _convert(gm, used=set(), prefix="")
     initializers = []
     if weights:
-        initializers = _write_weights(g.weights, data_path)
+        initializers = _write_weights(g.weights, data_path, progress)
     else:
         data_path.unlink(missing_ok=True)
         g.inputs += [tensor_info(name, t) for name, t in g.weights.items()]
@@ -60,11 +63,13 @@ def _metadata(facts: dict | None) -> dict[str, str]:
     return props
 
 
-def _write_weights(tensors: dict[str, torch.Tensor], data_path: Path) -> list[TensorProto]:
+def _write_weights(tensors: dict[str, torch.Tensor], data_path: Path, progress: bool) -> list[TensorProto]:
     """Stream every tensor into one external-data file; the protos only point into it."""
     protos = []
-    with open(data_path, "wb") as f:
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(data_path, "wb") as f, Bar(total, "writing ONNX weights", progress) as bar:
         for name, t in tensors.items():
+            bar.update(t.numel() * t.element_size())
             proto = TensorProto(name=name, data_type=onnx_dtype(t.dtype, name), dims=list(t.shape))
             data = tensor_bytes(t)
             if data.nbytes == 0:

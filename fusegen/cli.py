@@ -28,7 +28,6 @@ from fusegen.errors import FusegenError
 from fusegen.models import DEFAULT_MODEL, load_model, load_tokenizer
 
 PROG = "fusegen-cli"
-log = logging.getLogger("fusegen")
 EXIT_USER_ERROR = 2
 
 _COMMANDS: list[tuple[str, str, tuple, Callable[[argparse.Namespace], int]]] = []
@@ -82,6 +81,8 @@ ANALYSIS_ARGS = (
          CONFIG_ARG)
 def inspect_command(args: argparse.Namespace) -> int:
     config = _parse_config(args.config)  # before loading, so a typo fails fast
+    if args.html:
+        _check_analysis_args(args)
     model = load_model(args.model)
     compiled = fusegen.compile(model, config=config, dump_dir=args.dump_dir)
     print(compiled.report.table())
@@ -91,7 +92,6 @@ def inspect_command(args: argparse.Namespace) -> int:
         from fusegen import analysis
         from fusegen.report import write_html_report
 
-        _check_analysis_args(args)
         result = analysis.analyze(compiled, args.batch, args.seq, args.gpu, analysis.parse_dtype(args.dtype))
         path = write_html_report(compiled, args.html, result.summary_rows(),
                                  title=f"fusegen report: {args.model}")

@@ -32,6 +32,13 @@ from fusegen.passes.infra import PROVENANCE
 
 IR_VERSION = 1
 OP_NAMESPACES = ("aten", "prims", "fusegen")
+# Ops that reach outside the tensors they are given (files, printing, the process): a graph
+# never needs them, and a stored graph must not be able to name them.
+DENIED_OPS = {"from_file", "save", "_print", "_async_error", "_assert_async", "_assert_scalar",
+              "_functional_assert_async", "_functional_assert_scalar", "_functional_sym_constrain_range"}
+# String arguments an allowed op may take (a mode, never a path).
+STRING_ARGS = {"approximate", "rounding_mode", "reduce", "side", "indexing", "interpolation",
+               "padding_mode", "mode", "ord", "equation"}
 
 _FUNCTIONS: dict[str, Callable] = {
     **{f"operator.{name}": getattr(operator, name) for name in (
@@ -59,7 +66,7 @@ def graph_to_ir(gm: fx.GraphModule) -> dict:
     for node in gm.graph.nodes:
         entry = {"name": node.name, "op": node.op, "target": _target_to_ir(gm, node, modules),
                  "args": [_value_to_ir(a, node) for a in node.args], "kwargs": _value_to_ir(dict(node.kwargs), node)}
-        shape = _meta_to_ir(node.meta.get("val"))
+        shape = _meta_to_ir(node.meta.get("val")) if "val" in node.meta else node.meta.get("fusegen_shape")
         if shape is not None:
             entry["shape"] = shape
         if node.meta.get(PROVENANCE):
@@ -208,12 +215,14 @@ def ir_to_graph_module(ir: dict, tensors: dict[str, torch.Tensor], device: torch
             raise ArtifactFormatError(where, f"node {name!r} has unknown opcode {op!r}")
         node = graph.create_node(op, target, tuple(args), kwargs, name=name)
         if node.name != name:
-            raise ArtifactFormatError(where, f"node name {name!r} is not unique")
+            raise ArtifactFormatError(where, f"node name {name!r} is repeated or not an identifier")
         if entry.get("made_by"):
             node.meta[PROVENANCE] = entry["made_by"]
         if "shape" in entry:
             node.meta["fusegen_shape"] = entry["shape"]
         env[name] = node
+    if sum(n.op == "output" for n in graph.nodes) != 1:
+        raise ArtifactFormatError(where, "the graph needs exactly one output node")
     try:
         graph.lint()
     except Exception as e:  # a dangling or reordered reference: the IR was edited
@@ -241,10 +250,15 @@ def _resolve_function(target, where: str, node: str) -> Callable:
         if namespace not in OP_NAMESPACES or not opname or not overload:
             raise ArtifactFormatError(where, f"node {node!r}: op {qualified!r} is not allowed")
         try:
-            return getattr(getattr(getattr(torch.ops, namespace), opname), overload)
+            op = getattr(getattr(getattr(torch.ops, namespace), opname), overload)
         except (AttributeError, RuntimeError):
             raise ArtifactFormatError(where, f"node {node!r}: op {qualified!r} does not exist in "
                                       f"torch {torch.__version__}") from None
+        strings = {a.name for a in op._schema.arguments if str(a.type) in ("str", "Optional[str]")}
+        if opname in DENIED_OPS or strings - STRING_ARGS:
+            raise ArtifactFormatError(where, f"node {node!r}: op {qualified!r} is not allowed in a "
+                                      f"stored graph")
+        return op
     raise ArtifactFormatError(where, f"node {node!r}: malformed call target {target!r}")
 
 

@@ -72,3 +72,20 @@ def test_artifact_round_trip_on_cuda(family, tmp_path):
     prompts = [[5, 9, 33, 2, 17, 88, 41], [7, 3], [64] * 5]
     assert loaded.generate_batch(prompts, 16) == compiled.generate_batch(prompts, 16)
     assert all(m.kernel is not None for n, m in loaded.graph_module.named_children() if hasattr(m, "kernel"))
+
+
+def test_artifact_moves_between_cpu_and_cuda(tmp_path):
+    """A CUDA artifact loaded onto the CPU, and a CPU one onto CUDA, compute what the same
+    model compiled on the target device computes (device arguments rewritten)."""
+    model = mini_model("llama")
+    on_cpu = fusegen.compile(model)
+    on_cuda = fusegen.compile(mini_model("llama").cuda())
+    ids, mask = left_padded([9, 4, 6], 9, seed=5)
+    moved_down = fusegen.load(on_cuda.save(tmp_path / "cuda"), device="cpu")
+    moved_up = fusegen.load(on_cpu.save(tmp_path / "cpu"), device="cuda")
+    assert moved_down.device.type == "cpu" and moved_up.device.type == "cuda"
+    torch.testing.assert_close(moved_down(ids, mask), on_cpu(ids, mask), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(moved_up(ids.cuda(), mask.cuda()), on_cuda(ids.cuda(), mask.cuda()),
+                               rtol=1e-4, atol=1e-4)
+    assert moved_up.generate(ids.cuda(), 8, attention_mask=mask.cuda()).tolist() == \
+        on_cuda.generate(ids.cuda(), 8, attention_mask=mask.cuda()).tolist()

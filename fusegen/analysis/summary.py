@@ -219,6 +219,9 @@ def analyze_graph(gm: fx.GraphModule, facts: dict, batch: int, seq: int, gpu: st
     """Both phases of ``gm`` at ``batch`` sequences of ``seq`` tokens on ``gpu``."""
     if batch < 1 or seq < 1:
         raise ValueError(f"batch and seq must be >= 1, got batch={batch}, seq={seq}")
+    if any("val" not in n.meta for n in gm.graph.nodes if n.op == "placeholder"):
+        raise ValueError("the cost model needs the graph's symbolic shapes, which a model loaded "
+                         "from an artifact does not carry; analyze the model itself")
     spec = gpu_spec(gpu)
     block_size = facts.get("kv", {}).get("block_size", 16)
     phases = {}

@@ -1,0 +1,137 @@
+"""``fusegen.load``: an artifact back to a CompiledModel, checked before it is used."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from fusegen.artifact.format import GRAPH, MANIFEST, inside
+from fusegen.artifact.verify import read_json, read_manifest, read_verified, verify_files
+from fusegen.codegen import cache
+from fusegen.compiler import CompiledModel, CompileReport
+from fusegen.config import CompileConfig
+from fusegen.errors import ArtifactError, ArtifactFormatError, ArtifactMissingError
+from fusegen.fused_group import FusedGroup
+from fusegen.ir import ir_to_graph_module, value_from_json
+from fusegen.passes.dump import PassRecord
+from fusegen.progress import Bar
+
+
+def load(directory, device: str | torch.device | None = None, *, progress: bool = False) -> CompiledModel:
+    """Load an artifact written by ``export``. ``device`` defaults to the one it was compiled
+    for; another one (e.g. ``"cpu"``) moves weights and the graph's device arguments there.
+    Steps and their seconds are kept as ``load_seconds`` on the result."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ArtifactMissingError(directory, "no such artifact directory")
+    clock = _Clock()
+    manifest = read_manifest(directory)
+    target = _target_device(manifest, device)
+    files, weights = manifest["files"], manifest["weights"]
+    read_now = set(weights["tensors"].values())
+    if manifest.get("tokenizer"):
+        read_now |= {rel for rel in files if rel.startswith(manifest["tokenizer"] + "/")}
+    verify_files(directory, files, hashed=read_now, progress=progress)  # graph, kernels: as read
+    clock.lap("verify")
+    tensors = _read_weights(directory, weights, target, progress)
+    if target.type == "cuda":
+        torch.cuda.synchronize(target)
+    clock.lap("weights")
+    graph_ir = read_json(directory, GRAPH, read_verified(directory, GRAPH, files))
+    moved = target if target != torch.device(manifest["device"]) else None
+    gm = ir_to_graph_module(graph_ir, tensors, moved)
+    clock.lap("graph")
+    kernels = _load_kernels(directory, gm, manifest["kernels"], files)
+    clock.lap("kernels")
+    compiled = _compiled_model(manifest, gm, target, kernels)
+    if manifest.get("tokenizer"):
+        compiled.tokenizer_path = inside(directory, manifest["tokenizer"])
+    clock.lap("model")
+    compiled.load_seconds = clock.laps
+    return compiled
+
+
+def _compiled_model(manifest: dict, gm, target: torch.device, kernels: list[dict]) -> CompiledModel:
+    facts = value_from_json(manifest["facts"], MANIFEST)
+    facts.update(device=target, kernels=kernels, hf_config=manifest["model"]["config"])
+    records = [PassRecord(p["name"], p["changed"], p["seconds"], p["counters"],
+                          Counter(p.get("node_counts", {})), p["nodes_made"]) for p in manifest["passes"]]
+    report = CompileReport(manifest["model"]["class"], CompileConfig.from_string(manifest["compile_config"]),
+                           records)
+    if target.type == "cuda":
+        from fusegen.codegen import attention
+
+        attention.register()
+    return CompiledModel(gm, report, facts)
+
+
+def _read_weights(directory: Path, weights: dict, device: torch.device, progress: bool) -> dict:
+    tensors = {}
+    by_file: dict[str, list[str]] = {}
+    for name, rel in weights["tensors"].items():
+        by_file.setdefault(rel, []).append(name)
+    with Bar(weights.get("bytes", 0), "reading weights", progress) as bar:
+        for rel, names in by_file.items():
+            try:
+                with safe_open(inside(directory, rel), framework="pt", device=str(device)) as f:
+                    missing = set(names) - set(f.keys())
+                    if missing:
+                        raise ArtifactFormatError(rel, f"lacks tensors {sorted(missing)[:3]}")
+                    for name in names:
+                        tensors[name] = f.get_tensor(name)
+                        bar.update(tensors[name].numel() * tensors[name].element_size())
+            except ArtifactError:
+                raise
+            except Exception as e:  # safetensors' own header and size errors
+                raise ArtifactFormatError(rel, f"not a readable safetensors file ({e})") from None
+    for name, canonical in weights.get("aliases", {}).items():
+        if canonical not in tensors:
+            raise ArtifactFormatError(MANIFEST, f"alias {name!r} of unknown tensor {canonical!r}")
+        tensors[name] = tensors[canonical]
+    return tensors
+
+
+def _load_kernels(directory: Path, gm, kernels: list, files: dict) -> list[dict]:
+    """Attach each group's kernel. Kernel sources are Python: each is executed only from the
+    bytes that hashed to the manifest's record, so the manifest must come from a trusted export."""
+    records = []
+    for entry in kernels:
+        group, rel = entry["group"], entry["file"]
+        module = getattr(gm, group, None)
+        if not isinstance(module, FusedGroup):
+            raise ArtifactFormatError(MANIFEST, f"kernel entry names {group!r}, which is no fused group")
+        data = read_verified(directory, rel, files)
+        try:
+            source = data.decode()
+            module.kernel = cache.load(source).launch
+        except Exception as e:  # a listed, hash-matching file that is not a kernel module
+            raise ArtifactFormatError(rel, f"not a kernel module ({type(e).__name__}: {e})") from None
+        module.source = source
+        records.append({k: entry[k] for k in ("group", "schedule", "source_hash", "ops") if k in entry})
+    return records
+
+
+def _target_device(manifest: dict, device) -> torch.device:
+    recorded = torch.device(manifest["device"])
+    target = torch.device(device) if device is not None else recorded
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ArtifactError(MANIFEST, f"the artifact is for {recorded} and this machine has no CUDA "
+                            f"device; load it with device='cpu'")
+    return target
+
+
+class _Clock:
+    """Seconds spent in each step of ``load``."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self.last
+        self.last = now

@@ -23,13 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-CONFIGS = {
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
-               max_position_embeddings=8192),
-}
+from e2e import CONFIGS  # the same model configs as the end-to-end benchmark
 
 CHILD = {
     "compile": """

@@ -43,6 +43,17 @@ def _edit_manifest(directory: Path, edit) -> None:
     (directory / "manifest.json").write_text(json.dumps(manifest))
 
 
+def _set(path, value):
+    """A manifest edit setting the field at ``path`` (a list of keys) to ``value``."""
+    def edit(manifest):
+        *parents, key = path
+        target = manifest
+        for p in parents:
+            target = target[p]
+        target[key] = value
+    return edit
+
+
 # --- round trips --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family,config", [("llama", None), ("gpt2", None), ("mistral", None),
@@ -238,13 +249,7 @@ def test_tampered_kernel_is_refused_and_never_executed(saved, tmp_path):
     ("versions.fusegen", "9.0.0", "fusegen 9.0.0"),
 ])
 def test_version_mismatch(saved, field, value, problem):
-    def edit(manifest):
-        *parents, key = field.split(".")
-        target = manifest
-        for p in parents:
-            target = target[p]
-        target[key] = value
-    _edit_manifest(saved, edit)
+    _edit_manifest(saved, _set(field.split("."), value))
     with pytest.raises(ArtifactVersionError, match=problem):
         fusegen.load(saved)
 
@@ -305,18 +310,8 @@ def test_kernel_that_matches_its_hash_but_is_not_a_module(saved):
         fusegen.load(saved)
 
 
-def _set(path, value):
-    def edit(manifest):
-        *parents, key = path
-        target = manifest
-        for p in parents:
-            target = target[p]
-        target[key] = value
-    return edit
-
-
 MALFORMED = {
-    "file entry": lambda m: _set(["files", "graph.json"], "abc")(m),
+    "file entry": _set(["files", "graph.json"], "abc"),
     "empty digests": lambda m: m["files"]["graph.json"].update(sha256=[]),
     "graph not listed": lambda m: m["files"].pop("graph.json"),
     "kernel entry": lambda m: m["kernels"].__setitem__(0, "fused_0"),

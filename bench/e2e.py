@@ -9,7 +9,14 @@ Random-weight bf16 Llama configs (Llama-2-7B, Llama-3.2-1B). For each:
 - throughput on 64 requests, prompts of 32-512 tokens, 128 new tokens each;
 - compile time (fusegen: `fusegen.compile`; the engine's pool + CUDA-graph setup apart);
 for HF eager, HF static cache + torch.compile (generate compiles the forward itself), HF
-`generate_batch` (throughput only) and fusegen. A short table is printed last.
+`generate_batch` (throughput only) and fusegen. For fusegen also:
+- decode ms/step at batch 64 (64 requests of 32-token prompts, 128 new tokens, minus the prefill);
+- host versus GPU time per step kind (prefill / decode / mixed) from the engine's step log, for
+  each measured phase: median host ms spent in `step()`, median GPU ms between the step's CUDA
+  events, and the wall ms per step with wall / GPU where the wall time is known per step (the
+  decode phases: (full - one) / NEW; a phase of one kind: its wall time over its steps). The
+  target: decode wall per step <= 1.05x GPU busy time at batch 1 and at batch 64.
+A short table is printed last.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
+import sys
 import time
 
 import torch
@@ -32,6 +41,8 @@ CONFIGS = {
                max_position_embeddings=8192),
 }
 NEW = 128
+ENGINE_CONFIG = "max_seq_len=4096,max_num_seqs=64,max_num_batched_tokens=4096"
+DECODE_TARGET = 1.05  # decode wall per step over GPU busy time per step
 
 
 def build(name: str) -> LlamaForCausalLM:
@@ -107,26 +118,92 @@ def hf_padded(model, prompts) -> float:
     return len(prompts) * NEW / timed(lambda: model.generate(ids, **kw))
 
 
+def step_summary(log) -> dict[str, dict]:
+    """Per step kind of an engine's ``step_log``: steps, tokens and sequences per step, host ms
+    spent in ``step()`` and GPU ms between the step's CUDA events (median, mean), and the share
+    of steps that replayed a CUDA graph. Steps whose GPU time is not in yet are counted apart."""
+    kinds: dict[str, list] = {}
+    for rec in log:
+        kinds.setdefault(rec.kind, []).append(rec)
+    out = {}
+    for kind, recs in sorted(kinds.items()):
+        host = [r.host_ms for r in recs]
+        gpu = [r.gpu_ms for r in recs if r.gpu_ms is not None]
+        out[kind] = {"steps": len(recs),
+                     "tokens_mean": statistics.fmean(r.num_tokens for r in recs),
+                     "seqs_mean": statistics.fmean(r.num_seqs for r in recs),
+                     "host_ms_median": statistics.median(host), "host_ms_mean": statistics.fmean(host),
+                     "gpu_ms_median": statistics.median(gpu) if gpu else None,
+                     "gpu_ms_mean": statistics.fmean(gpu) if gpu else None,
+                     "gpu_ms_missing": len(recs) - len(gpu),
+                     "graph_share": sum(bool(r.graph) for r in recs) / len(recs)}
+    return out
+
+
+def add_wall(summary: dict, kind: str, wall_ms_per_step: float) -> dict:
+    """Record a kind's measured wall ms per step and its ratio to the median GPU ms per step."""
+    if kind in summary:
+        gpu = summary[kind]["gpu_ms_median"]
+        summary[kind]["wall_ms_per_step"] = wall_ms_per_step
+        summary[kind]["wall_over_gpu"] = wall_ms_per_step / gpu if gpu else None
+    return summary
+
+
+def timed_steps(engine, fn, reps: int, before=None) -> tuple[float, list]:
+    """Best wall seconds of ``reps`` calls of ``fn`` and the engine's step records of that call;
+    ``before`` (not timed) runs ahead of each call."""
+    best, best_log = float("inf"), []
+    for _ in range(reps):
+        if before is not None:
+            before()
+        engine.step_log.clear()
+        t = timed(fn)
+        if t < best:
+            best, best_log = t, list(engine.step_log)
+    return best, best_log
+
+
+def fusegen_decode(engine, prompts: list[list[int]], reset: bool) -> tuple[float, dict]:
+    """Decode ms per step for ``prompts`` decoding together: (NEW + 1 tokens - 1 token) / NEW,
+    with the step log of the NEW + 1 call; ``reset`` clears the prefix cache before each call so
+    that every call computes its prefill."""
+    before = engine.runner.pool.reset_cache if reset else None
+    engine.generate_batch(prompts, 4, eos_token_ids=[])  # warm-up: Triton compiles
+    full, log = timed_steps(engine, lambda: engine.generate_batch(prompts, NEW + 1, eos_token_ids=[]), 2, before)
+    one, _ = timed_steps(engine, lambda: engine.generate_batch(prompts, 1, eos_token_ids=[]), 2, before)
+    ms = (full - one) / NEW * 1e3
+    return ms, add_wall(step_summary(log), "decode", ms)
+
+
 def fusegen_measures(model, prompts, long_prompt, short_prompt) -> dict:
     vocab = model.config.vocab_size
     rng = random.Random(2)
     fresh = lambda: [rng.randrange(3, vocab) for _ in range(len(long_prompt))]  # no prefix-cache hits
     start = time.perf_counter()
-    compiled = fusegen.compile(model, "max_seq_len=4096,max_num_seqs=64,max_num_batched_tokens=4096")
+    compiled = fusegen.compile(model, ENGINE_CONFIG)
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    engine = compiled.engine()  # KV pool + decode CUDA graphs for every batch bucket
+    engine = compiled.engine()  # KV pool + CUDA graphs for every step shape
     engine_s = time.perf_counter() - start
-    engine.generate_batch([short_prompt], 4)  # warm-up: Triton compiles
-    full = min(timed(lambda: engine.generate_batch([short_prompt], NEW + 1, eos_token_ids=[])) for _ in range(2))
-    one = min(timed(lambda: engine.generate_batch([short_prompt], 1, eos_token_ids=[])) for _ in range(2))
+    steps = {}
+    decode_ms, steps["decode_b1"] = fusegen_decode(engine, [short_prompt], reset=False)
     engine.generate_batch([fresh()], 1)
-    ttft = min(timed(lambda: engine.generate_batch([fresh()], 1, eos_token_ids=[])) for _ in range(3))
+    ttft_prompts = iter([fresh() for _ in range(3)])  # drawn before the timed calls
+    ttft, log = timed_steps(engine, lambda: engine.generate_batch([next(ttft_prompts)], 1, eos_token_ids=[]), 3)
+    steps["ttft_2048"] = step_summary(log)
+    if len(steps["ttft_2048"]) == 1:  # one kind: wall per step is the wall time over its steps
+        (kind, s), = steps["ttft_2048"].items()
+        add_wall(steps["ttft_2048"], kind, ttft * 1e3 / s["steps"])
     engine.generate_batch(prompts, 8, eos_token_ids=[])  # warm-up: kernels for every batch shape
-    engine.runner.pool.reset_cache()  # the timed run computes its prompts again
-    t = timed(lambda: engine.generate_batch(prompts, NEW, eos_token_ids=[]))
-    return {"compile_s": compile_s, "engine_setup_s": engine_s, "decode_ms_per_token": (full - one) / NEW * 1e3, "ttft_2048_ms": ttft * 1e3,
-            "throughput_tok_s": len(prompts) * NEW / t}
+    # the timed run computes its prompts again
+    t, log = timed_steps(engine, lambda: engine.generate_batch(prompts, NEW, eos_token_ids=[]), 1,
+                         before=engine.runner.pool.reset_cache)
+    steps["workload_64"] = step_summary(log)
+    batch = [[rng.randrange(3, vocab) for _ in range(32)] for _ in range(64)]
+    decode64_ms, steps["decode_b64"] = fusegen_decode(engine, batch, reset=True)
+    return {"compile_s": compile_s, "engine_setup_s": engine_s, "engine_setup": engine.setup,
+            "decode_ms_per_token": decode_ms, "ttft_2048_ms": ttft * 1e3,
+            "throughput_tok_s": len(prompts) * NEW / t, "decode_b64_ms_per_step": decode64_ms, "steps": steps}
 
 
 def run(name: str, bandwidth: float, systems: set) -> dict:
@@ -155,17 +232,36 @@ def run(name: str, bandwidth: float, systems: set) -> dict:
     return out
 
 
+def fmt(value, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_steps(steps: dict) -> None:
+    """fusegen's host versus GPU time per step kind, one row per (phase, kind)."""
+    print(f"  {'fusegen phase':13} {'kind':8} {'steps':>5} {'host ms':>8} {'GPU ms':>8} {'wall ms':>8} {'wall/GPU':>8}"
+          "   (medians per step)")
+    for phase, kinds in steps.items():
+        for kind, s in kinds.items():
+            print(f"  {phase:13} {kind:8} {s['steps']:5d} {s['host_ms_median']:8.3f} {fmt(s['gpu_ms_median'], '8.3f')} "
+                  f"{fmt(s.get('wall_ms_per_step'), '8.3f')} {fmt(s.get('wall_over_gpu'), '7.3f')}x")
+    ratios = [(b, steps[p].get("decode", {}).get("wall_over_gpu")) for b, p in (("1", "decode_b1"), ("64", "decode_b64"))]
+    print("  decode wall / GPU busy per step: " + ", ".join(f"batch {b} {fmt(r, '.3f')}x" for b, r in ratios)
+          + f" (target <= {DECODE_TARGET}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="fusegen end-to-end benchmark (GPU)")
     parser.add_argument("--models", nargs="+", default=["1b", "7b"])
     parser.add_argument("--systems", nargs="+", default=["fusegen", "hf", "hf_compile", "hf_batch"])
     parser.add_argument("--out", default="bench/results/e2e.json")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/e2e.py: error: a CUDA GPU is needed (torch.cuda.is_available() is False)")
     bandwidth = copy_bandwidth()
     results = {"device": torch.cuda.get_device_name(), "copy_TBps": bandwidth / 1e12,
                "runs": [run(m, bandwidth, set(args.systems)) for m in args.models]}
     with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
+        json.dump(results, f, indent=2, default=str)
     print(f"{results['device']}, copy {results['copy_TBps']:.2f} TB/s")
     for r in results["runs"]:
         print(f"== {r['model']}: weights {r['weight_GB']:.1f} GB, decode roofline {r['roofline_ms']:.2f} ms/token")
@@ -175,9 +271,15 @@ def main() -> None:
                 pct = 100 * r["roofline_ms"] / m["decode_ms_per_token"]
                 extra = "".join(f", {k} {v:.1f}" for k, v in m.items() if k in ("ttft_2048_ms", "throughput_tok_s", "compile_s"))
                 print(f"{key:18} decode {m['decode_ms_per_token']:.2f} ms/token ({pct:.0f}% of roofline){extra}")
+        if "fusegen" in r:
+            ms = r["fusegen"]["decode_b64_ms_per_step"]
+            print(f"{'fusegen':18} decode at batch 64 {ms:.2f} ms/step ({100 * r['roofline_ms'] / ms:.0f}% of the "
+                  f"weight roofline), {64 / ms * 1e3:.0f} tok/s")
         for key in ("hf_generate_batch_tok_s", "hf_padded_generate_tok_s"):
             if key in r:
                 print(f"{key:26} {r[key]}")
+        if "fusegen" in r:
+            print_steps(r["fusegen"]["steps"])
 
 
 if __name__ == "__main__":

@@ -196,7 +196,7 @@ def _stream_completion(compiled, tokenizer, args: argparse.Namespace) -> int:
     else:
         ids = tokenizer(args.prompt).input_ids
         print(args.prompt, end="", flush=True)
-    block = compiled.facts["kv"]["block_size"]
+    block = compiled.facts["kv"].block_size
     engine = compiled.engine(num_blocks=-(-(len(ids) + args.max_new_tokens) // block), max_num_seqs=1,
                              max_num_batched_tokens=max(len(ids), 1))
     tokens: list[int] = []

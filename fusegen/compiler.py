@@ -13,15 +13,17 @@ from torch import fx, nn
 from fusegen.capture import capture, model_class_name
 from fusegen.codegen.lower import lower
 from fusegen.config import CompileConfig
+from fusegen.errors import UnsupportedModelError
 from fusegen.passes.dump import DumpWriter, PassRecord, op_table, resolve_dump_dir, summary_table
 from fusegen.passes.infra import PassContext
 from fusegen.passes.pipeline import build_pipeline, run_pipeline
 from fusegen.progress import Bar
 from fusegen.runtime.dense import DenseRunner
-from fusegen.runtime.cuda_graphs import DEFAULT_BUCKETS
+from fusegen.runtime.cuda_graphs import decode_buckets, token_buckets
 from fusegen.runtime.engine import Engine
 from fusegen.runtime.generate import greedy_dense
-from fusegen.runtime.paged import PagedRunner, Sequence
+from fusegen.runtime.kv_manager import KVCacheManager
+from fusegen.runtime.paged import Chunk, PagedRunner, packed_inputs
 
 
 @dataclass
@@ -106,46 +108,49 @@ class CompiledModel:
 
     def _paged_forward(self, input_ids, attention_mask, position_ids):
         real = attention_mask.bool()
-        seqs = [Sequence(input_ids[b, real[b]].tolist(), position_ids[b, real[b]].tolist())
-                for b in range(input_ids.shape[0])]
-        runner = self._paged_runner([len(s.tokens) for s in seqs])
-        logits = runner.step(seqs, [len(s.tokens) for s in seqs])
+        tokens = [input_ids[b, real[b]].tolist() for b in range(input_ids.shape[0])]
+        positions = [position_ids[b, real[b]].tolist() for b in range(input_ids.shape[0])]
+        geometry = self.facts["kv"]
+        kv = KVCacheManager(sum(-(-len(t) // geometry.block_size) for t in tokens), geometry.block_size,
+                            enable_prefix_caching=False)
+        chunks = []
+        for i, (ids, pos) in enumerate(zip(tokens, positions)):
+            kv.admit(i, ids, len(ids))
+            chunks.append(Chunk(ids, pos, 0, kv.blocks(i)))
+        runner = PagedRunner(self.graph_module, geometry, kv.num_blocks, self.device)
+        logits = self.graph_module(**packed_inputs(runner, chunks))[0]
         out = logits.new_zeros(*input_ids.shape, logits.shape[-1])
         out[real] = logits
         return out
 
-    def _paged_runner(self, lengths: list[int]) -> PagedRunner:
-        bs = self.facts["kv"]["block_size"]
-        blocks = sum(-(-n // bs) for n in lengths)
-        return PagedRunner(self.graph_module, self.facts["kv"], blocks, self.device)
-
     def engine(self, num_blocks: int | None = None, cuda_graphs: bool = True, **kwargs) -> Engine:
         """A serving engine over this paged graph: continuous batching, chunked prefill,
-        prefix caching, preemption. ``num_blocks`` defaults to ``config.kv_blocks`` or, when
-        that is 0, to what fits (half the free GPU memory; on CPU, max_num_seqs full-length
-        sequences capped at 1 GiB)."""
+        prefix caching, preemption, the host overlapped with the GPU (``overlap=False`` to
+        turn that off). ``num_blocks`` defaults to ``config.kv_blocks`` or, when that is 0,
+        to what fits (half the free GPU memory; on CPU, max_num_seqs full-length sequences
+        capped at 1 GiB). On CUDA every step shape replays a CUDA graph (``engine.setup``
+        reports their capture time and memory)."""
         if self.kind != "paged":
             raise ValueError(f"engine needs a paged graph, this one is {self.kind}; compile with paged_kv=1")
         runner = PagedRunner(self.graph_module, self.facts["kv"], num_blocks or self._auto_blocks(), self.device)
         kwargs.setdefault("max_num_batched_tokens", self.config.max_num_batched_tokens)
         kwargs.setdefault("max_num_seqs", self.config.max_num_seqs)
+        engine = Engine(runner, sorted(_eos_set(self.facts.get("eos_token_id"))),
+                        max_model_len=self._max_len(), **kwargs)
         if cuda_graphs and self.config.cuda_graphs and self.device.type == "cuda":
-            buckets = [b for b in DEFAULT_BUCKETS if b < kwargs["max_num_seqs"]] + [kwargs["max_num_seqs"]]
-            runner.enable_cuda_graphs(self._max_len(), buckets)
-        return Engine(runner, sorted(_eos_set(self.facts.get("eos_token_id"))),
-                      max_model_len=self._max_len(), **kwargs)
+            seqs, tokens = kwargs["max_num_seqs"], kwargs["max_num_batched_tokens"]
+            runner.capture_graphs(decode_buckets(seqs), token_buckets(seqs, tokens))
+        return engine
 
     def _auto_blocks(self) -> int:
         kv = self.facts["kv"]
-        block_bytes = (kv["layers"] * 2 * kv["block_size"] * kv["kv_heads"] * kv["head_dim"]
-                       * torch.empty((), dtype=kv["dtype"]).element_size())
         if self.config.kv_blocks:
             return self.config.kv_blocks
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            return max(1, int(free * 0.5) // block_bytes)
-        want = self.config.max_num_seqs * -(-self._max_len() // kv["block_size"])
-        return max(1, min(want, (1 << 30) // block_bytes))
+            return max(1, int(free * 0.5) // kv.bytes_per_block)
+        want = self.config.max_num_seqs * -(-self._max_len() // kv.block_size)
+        return max(1, min(want, (1 << 30) // kv.bytes_per_block))
 
     def _max_len(self) -> int:
         limits = [self.config.max_seq_len, self.facts.get("max_position_embeddings") or self.facts.get("n_positions")]
@@ -189,7 +194,7 @@ class CompiledModel:
         sampling = _sampling(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                              repetition_penalty=repetition_penalty, seed=seed)
         if self.kind == "paged":
-            bs = self.facts["kv"]["block_size"]
+            bs = self.facts["kv"].block_size
             engine = self._engine if self.device.type == "cuda" else self.engine(
                 num_blocks=sum(-(-(len(p) + max_new_tokens) // bs) for p in prompts),
                 max_num_batched_tokens=sum(len(p) for p in prompts), max_num_seqs=len(prompts))
@@ -270,11 +275,22 @@ def compile(model: nn.Module, config: CompileConfig | str | None = None, *, dump
         ctx.facts["kernels"] = lower(gm, directory)
         steps.update(1)
     if ctx.facts["device"].type == "cuda":
-        from fusegen.codegen import attention
-
-        attention.register()
+        _check_kernels_serve(model, ctx.facts)
     report = CompileReport(model_class_name(model), config, records, str(directory) if directory else None)
     return CompiledModel(gm, report, ctx.facts)
+
+
+def _check_kernels_serve(model: nn.Module, facts: dict) -> None:
+    """On CUDA the Triton attention kernels run every attention op: a head dim they cannot
+    serve is refused now, not at the first step (or inside a CUDA-graph capture)."""
+    from fusegen.codegen import attention
+
+    if "kv" in facts:
+        try:
+            attention.check_head_dim(facts["kv"].head_dim)
+        except ValueError as exc:
+            raise UnsupportedModelError(model_class_name(model), "attention", str(exc)) from None
+    attention.register()
 
 
 def _model_facts(model: nn.Module) -> dict:

@@ -20,6 +20,7 @@ import torch
 from torch import fx
 
 from fusegen.errors import PassError
+from fusegen.kv import KVGeometry
 from fusegen.passes.infra import (PassContext, PassResult, add_input, call_nodes, fresh_val,
                                   graph_pass, placeholders, val)
 
@@ -37,14 +38,14 @@ def _free_attention_mask(gm: fx.GraphModule, mask: fx.Node, ids: fx.Node) -> Non
                             f"({user.target}), not only by attention; cannot give it the cache length")
 
 
-def kv_geometry(sites: list[fx.Node]) -> dict:
+def kv_geometry(sites: list[fx.Node]) -> KVGeometry:
     k = val(sites[0].args[1])
     heads = {val(s.args[1]).shape[1] for s in sites}
     dims = {val(s.args[1]).shape[3] for s in sites}
     if len(heads) != 1 or len(dims) != 1:
         raise PassError("insert_kv_cache", f"layers differ in KV heads {heads} or head dim {dims}")
-    return {"layers": len(sites), "kv_heads": int(k.shape[1]), "head_dim": int(k.shape[3]),
-            "dtype": k.dtype, "query_heads": int(val(sites[0].args[0]).shape[1])}
+    return KVGeometry(layers=len(sites), kv_heads=int(k.shape[1]), head_dim=int(k.shape[3]),
+                      dtype=k.dtype, query_heads=int(val(sites[0].args[0]).shape[1]))
 
 
 @graph_pass("insert_kv_cache", ensures=lambda gm, ctx: _ensures(gm))
@@ -63,8 +64,7 @@ def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     _free_attention_mask(gm, mask, ids)
     batch = val(ids).shape[0]
     mask.meta["val"] = fresh_val(gm, (batch, None), torch.long)  # [B, L]: L is a new size
-    cache = add_input(gm, "kv_cache", (geometry["layers"], 2, batch, geometry["kv_heads"], None,
-                                       geometry["head_dim"]), geometry["dtype"])
+    cache = add_input(gm, "kv_cache", geometry.dense_shape(batch, None), geometry.dtype)
     for layer, site in enumerate(sites):
         q, k, v, _, scale, causal, window, softcap = site.args
         with gm.graph.inserting_before(site):

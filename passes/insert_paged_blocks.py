@@ -25,12 +25,11 @@ import torch
 from torch import fx
 
 from fusegen.errors import PassError
+from fusegen.kv import PAGED_INPUTS, KVGeometry
 from fusegen.passes.infra import (PassContext, PassResult, add_input, call_nodes, erase_unused,
                                   fresh_val, graph_pass, placeholders, val)
 
 ops = torch.ops.fusegen
-PAGED_INPUTS = ("kv_pool", "slot_mapping", "block_tables", "seq_lens", "query_start_loc",
-                "logits_indices")
 aten = torch.ops.aten
 
 
@@ -52,10 +51,9 @@ def _select_logit_rows(gm: fx.GraphModule) -> fx.Node:
     return picked
 
 
-def _add_paged_inputs(gm: fx.GraphModule, geometry: dict, block_size: int) -> dict[str, fx.Node]:
+def _add_paged_inputs(gm: fx.GraphModule, geometry: KVGeometry) -> dict[str, fx.Node]:
     tokens = val(placeholders(gm)["input_ids"]).shape[1]
-    pool = add_input(gm, "kv_pool", (geometry["layers"], 2, None, block_size, geometry["kv_heads"],
-                                     geometry["head_dim"]), geometry["dtype"])
+    pool = add_input(gm, "kv_pool", geometry.pool_shape(None), geometry.dtype)
     slots = add_input(gm, "slot_mapping", (tokens,), torch.int32)
     tables = add_input(gm, "block_tables", (None, None), torch.int32)
     n_seqs = val(tables).shape[0]
@@ -71,9 +69,8 @@ def insert_paged_blocks(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     reads = call_nodes(gm, ops.dense_kv_attention.default)
     if not reads:
         raise PassError("insert_paged_blocks", "no cached attention in the graph (run insert_kv_cache first)")
-    geometry = ctx.facts["kv"]
-    block_size = ctx.config.block_size
-    paged = _add_paged_inputs(gm, geometry, block_size)
+    geometry = ctx.facts["kv"].with_blocks(ctx.config.block_size)
+    paged = _add_paged_inputs(gm, geometry)
     for node in writes:
         _, layer, k, v, _ = node.args
         with gm.graph.inserting_before(node):
@@ -97,7 +94,7 @@ def insert_paged_blocks(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         gm.graph.erase_node(inputs[stale])
     _select_logit_rows(gm)
     erase_unused(gm)
-    ctx.facts["kv"] = dict(geometry, block_size=block_size)
+    ctx.facts["kv"] = geometry
     return PassResult(gm, True, {"paged_writes": len(writes), "paged_attention": len(reads)})
 
 
@@ -105,6 +102,9 @@ def _ensures(gm: fx.GraphModule) -> list[str]:
     problems = []
     if call_nodes(gm, ops.dense_kv_write.default, ops.dense_kv_attention.default, ops.attention.default):
         problems.append("dense attention/cache ops left after paging")
+    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    if names != list(PAGED_INPUTS):
+        problems.append(f"paged inputs {names}, expected {list(PAGED_INPUTS)} in that order")
     missing = [name for name in PAGED_INPUTS if name not in placeholders(gm)]
     if missing:
         problems.append(f"missing paged inputs {missing}")

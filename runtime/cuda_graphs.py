@@ -1,89 +1,115 @@
-"""Decode steps replayed from CUDA graphs, one per batch-size bucket.
+"""Every step replayed from a CUDA graph: one graph per (packed tokens, entries) bucket.
 
-A decode step has one token per sequence, so its shapes depend only on the number of
-sequences. Each bucket b gets static input buffers and one captured graph; a step with N
-sequences runs the smallest bucket >= N, padded:
+A step's shapes depend only on its packed token count T and entry count N, so each bucket
+(Tp, Np) gets a static entries buffer [4, Np] and one captured graph of the device-side
+input construction (``BatchState.step_inputs``) plus the whole forward. A step runs the
+smallest bucket with Tp >= T and Np >= N; padding entries are (padding row, 0, 0, 0) and
+padding tokens write nothing (slot -1):
 
-    input_ids / position_ids [1, b]   padding: token 0, position 0
-    slot_mapping [b]                  padding: -1 (nothing written)
-    block_tables [b, W]               W = blocks of the longest sequence served; padding: 0
-    seq_lens [b]                      padding: 1 (a one-token context; its output is dropped)
-    query_start_loc [b + 1]           0, 1, ..., b
-    logits_indices [b]                0, 1, ..., b - 1
+    decode buckets   (b, b)           b = 1, 2, 4, ... max_num_seqs: decodes, and any step
+                                      of at most b tokens (T == N picks the split-KV kernel,
+                                      in which every token finds its own sequence)
+    token buckets    (t, max_num_seqs)  t = 2 max_num_seqs ... max_num_batched_tokens:
+                                      prefills and mixed steps (the FlashAttention kernel)
 
-Capture happens once per runner (all buckets share one memory pool); prefill never uses
-graphs. Everything the graph reads must be device-side and sync-free, which the Triton
-attention and fused kernels are.
+Capture happens once per runner, largest first, all graphs sharing one memory pool. What a
+graph reads must be device-side and sync-free, which the Triton kernels and the input
+construction are. Sampling runs after the replay, outside the graph.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-class DecodeGraphs:
-    def __init__(self, runner, max_blocks_per_seq: int, buckets=DEFAULT_BUCKETS):
+def decode_buckets(max_num_seqs: int) -> list[int]:
+    return [b for b in DEFAULT_BUCKETS if b < max_num_seqs] + [max_num_seqs]
+
+
+def token_buckets(max_num_seqs: int, max_num_batched_tokens: int) -> list[int]:
+    """Powers of two above the decode buckets up to 512, then multiples of 512: a prefill is
+    padded by at most 512 tokens (or 2x below 512)."""
+    out, t = [], 1
+    while t <= min(512, max_num_batched_tokens):
+        if t > max_num_seqs:
+            out.append(t)
+        t *= 2
+    t = 1024
+    while t < max_num_batched_tokens:
+        if t > max_num_seqs:
+            out.append(t)
+        t += 512
+    if max_num_batched_tokens > max_num_seqs:
+        out.append(max_num_batched_tokens)
+    return sorted(set(out))
+
+
+class StepGraph:
+    def __init__(self, runner, num_tokens: int, num_seqs: int):
+        self.runner, self.num_tokens, self.num_seqs = runner, num_tokens, num_seqs
+        batch = runner.batch
+        self.entries = torch.zeros(4, num_seqs, dtype=torch.int32, device=runner.device)
+        self.entries[0] = batch.padding_row
+        self.graph = torch.cuda.CUDAGraph()
+        self.logits = None
+
+    def _forward(self) -> torch.Tensor:
+        runner = self.runner
+        inputs = runner.batch.step_inputs(self.entries, self.num_tokens, runner.kv_pool)
+        return runner.gm(**inputs)[0]
+
+    def capture(self, pool) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: Triton compiles, the allocator settles
+                self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = self._forward()
+
+    def run(self, entries: list[list[int]]) -> torch.Tensor:
+        """Replay for host entries [rows, starts, counts, samples] (N <= num_seqs each)."""
+        pad = self.num_seqs - len(entries[0])
+        flat = []
+        for col, fill in zip(entries, (self.runner.batch.padding_row, 0, 0, 0)):
+            flat.extend(col)
+            flat.extend([fill] * pad)
+        host = torch.tensor(flat, dtype=torch.int32, pin_memory=True).view(4, self.num_seqs)
+        self.entries.copy_(host, non_blocking=True)
+        self.graph.replay()
+        return self.logits
+
+
+class StepGraphs:
+    def __init__(self, runner, decode_sizes, token_sizes):
         if runner.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the runner is on {runner.device}")
-        self.runner = runner
-        self.width = max_blocks_per_seq
-        self.buckets = tuple(sorted(buckets))
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.inputs: dict[int, dict[str, torch.Tensor]] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
-        self._capture()
-
-    def _static_inputs(self, b: int) -> dict[str, torch.Tensor]:
-        dev, i32 = self.runner.device, torch.int32
-        return {
-            "input_ids": torch.zeros(1, b, dtype=torch.long, device=dev),
-            "position_ids": torch.zeros(1, b, dtype=torch.long, device=dev),
-            "kv_pool": self.runner.kv_pool,
-            "slot_mapping": torch.full((b,), -1, dtype=i32, device=dev),
-            "block_tables": torch.zeros(b, self.width, dtype=i32, device=dev),
-            "seq_lens": torch.ones(b, dtype=i32, device=dev),
-            "query_start_loc": torch.arange(b + 1, dtype=i32, device=dev),
-            "logits_indices": torch.arange(b, dtype=i32, device=dev),
-        }
-
-    @torch.no_grad()
-    def _capture(self) -> None:
-        gm = self.runner.gm
+        max_seqs = max(decode_sizes)
+        shapes = [(b, b) for b in sorted(set(decode_sizes))]
+        shapes += [(t, max_seqs) for t in sorted(set(token_sizes)) if t > max_seqs]
+        self.graphs = [StepGraph(runner, t, n) for t, n in shapes]
+        torch.cuda.synchronize(runner.device)
+        before = torch.cuda.memory_reserved(runner.device)
+        start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream()
-        for b in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory
-            inputs = self._static_inputs(b)
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):  # warm-up: Triton compiles, allocator settles
-                    gm(**inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = gm(**inputs)
-            self.graphs[b], self.inputs[b], self.outputs[b] = graph, inputs, out
+        with torch.no_grad():
+            for graph in reversed(self.graphs):   # largest first: smaller ones reuse its memory
+                graph.capture(pool)
+        torch.cuda.synchronize(runner.device)
+        self.capture_s = time.perf_counter() - start
+        self.memory_bytes = torch.cuda.memory_reserved(runner.device) - before
 
-    def fits(self, num_seqs: int, max_blocks: int) -> bool:
-        return num_seqs <= self.buckets[-1] and max_blocks <= self.width
+    @property
+    def buckets(self) -> list[tuple[int, int]]:
+        return [(g.num_tokens, g.num_seqs) for g in self.graphs]
 
-    def run(self, host: dict[str, list]) -> torch.Tensor:
-        """Replay the bucket for ``host`` (python lists from the runner); logits [N, V]."""
-        n = len(host["seq_lens"])
-        b = next(b for b in self.buckets if b >= n)
-        static = self.inputs[b]
-        pad = b - n
-        rows = [t + [0] * (self.width - len(t)) for t in host["block_tables"]] + [[0] * self.width] * pad
-        fills = {
-            "input_ids": [host["input_ids"] + [0] * pad],
-            "position_ids": [host["position_ids"] + [0] * pad],
-            "slot_mapping": host["slot_mapping"] + [-1] * pad,
-            "block_tables": rows,
-            "seq_lens": host["seq_lens"] + [1] * pad,
-        }
-        for name, values in fills.items():
-            buf = static[name]
-            buf.copy_(torch.tensor(values, dtype=buf.dtype), non_blocking=True)
-        self.graphs[b].replay()
-        return self.outputs[b][0, :n]
+    def pick(self, num_tokens: int, num_seqs: int) -> StepGraph | None:
+        for graph in self.graphs:   # ascending token counts
+            if graph.num_tokens >= num_tokens and graph.num_seqs >= num_seqs:
+                return graph
+        return None

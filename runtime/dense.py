@@ -6,12 +6,13 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from fusegen.kv import KVGeometry
+
 
 class DenseRunner:
-    def __init__(self, gm: fx.GraphModule, kv: dict, batch: int, max_len: int, device):
+    def __init__(self, gm: fx.GraphModule, kv: KVGeometry, batch: int, max_len: int, device):
         self.gm = gm
-        shape = (kv["layers"], 2, batch, kv["kv_heads"], max_len, kv["head_dim"])
-        self.kv_cache = torch.zeros(shape, dtype=kv["dtype"], device=device)
+        self.kv_cache = torch.zeros(kv.dense_shape(batch, max_len), dtype=kv.dtype, device=device)
         self.max_len = max_len
 
     @torch.no_grad()

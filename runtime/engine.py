@@ -1,4 +1,5 @@
-"""The serving loop: a Scheduler deciding, a PagedRunner computing, ``sample`` choosing.
+"""The serving loop: a Scheduler deciding, a PagedRunner computing, ``sample`` choosing, with
+the host one step ahead of the GPU.
 
     engine = Engine(runner, eos_token_ids=[2], max_num_batched_tokens=256, max_num_seqs=32)
     rid = engine.add_request([1, 5, 9], max_new_tokens=16, temperature=0.7, seed=0)
@@ -6,101 +7,194 @@
         for request_id, token, finished in engine.step():
             ...
 
-One ``step``: schedule -> copy-on-write block copies -> one packed forward of every
-scheduled chunk -> sample the rows whose chunk ends its request's known tokens ->
-update the scheduler. Requests can be added between steps at any time.
+One ``step`` (overlapped, the default):
+
+    host   schedule N+1 | launch N+1 | wait for N's tokens | update with N | return N's events
+    GPU    ...... step N ...........|........ step N+1 ............................
+
+Launching a step: assign batch rows to admitted requests and write their tokens and
+sampling parameters, append new block ids to the device block table, copy-on-write
+copies, one packed forward (a CUDA graph where one fits), sampling on the device, the
+sampled tokens scattered into the device token rows (the next step's decodes read them
+there) and copied to pinned host memory behind an event. The host reads them one step
+later. With ``overlap=False`` each step waits for its own tokens.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
-from fusegen.runtime.paged import PagedRunner, Sequence
-from fusegen.runtime.sampling import SamplingParams, sample
+from fusegen.runtime.kv_manager import KVCacheManager
+from fusegen.runtime.paged import PagedRunner
+from fusegen.runtime.sampling import SamplingParams, SamplingRows, sample
 from fusegen.runtime.scheduler import Scheduler, StepPlan, TokenEvent
+
+
+@dataclass
+class StepRecord:
+    """One launched step: its shape, the host time it cost and the GPU time it took."""
+    kind: str                   # "decode", "prefill" or "mixed"
+    num_tokens: int
+    num_seqs: int
+    graph: bool
+    host_ms: float = 0.0        # time in step() for this step, waiting for the GPU excluded
+    gpu_ms: float | None = None  # between events around its GPU work, once finished
+
+
+@dataclass
+class _InFlight:
+    plan: StepPlan
+    tokens: torch.Tensor        # sampled ids, pinned host memory (valid after ``done``)
+    done: object                # CUDA event, or None on CPU
+    start: object
+    record: StepRecord
 
 
 class Engine:
     def __init__(self, runner: PagedRunner, eos_token_ids=(), max_num_batched_tokens: int = 512,
                  max_num_seqs: int = 64, enable_prefix_caching: bool = True,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, overlap: bool = True):
         self.runner = runner
         self.max_model_len = max_model_len
+        self.overlap = overlap
         self.eos_token_ids = frozenset(int(e) for e in eos_token_ids)
-        self.scheduler = Scheduler(runner.pool, max_num_batched_tokens, max_num_seqs,
-                                   enable_prefix_caching)
-        self._seqs: dict[int, Sequence] = {}
-        self._generators: dict[int, torch.Generator | None] = {}
+        self.kv = KVCacheManager(runner.num_blocks, runner.block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, max_num_batched_tokens, max_num_seqs)
+        longest = max_model_len or runner.num_blocks * runner.block_size
+        self.batch = runner.batch if runner.batch is not None and runner.batch.max_rows >= max_num_seqs \
+            and runner.batch.max_model_len >= longest else runner.allocate_batch(max_num_seqs, longest)
+        self._free_rows = list(range(self.batch.max_rows))[::-1]
+        self._rows: dict[int, int] = {}
+        self._inflight: _InFlight | None = None
+        self._timed = runner.device.type == "cuda"
+        self.step_log: list[StepRecord] = []
 
     @property
     def stats(self):
         return self.scheduler.stats
+
+    @property
+    def setup(self) -> dict:
+        """CUDA-graph capture: seconds, memory, buckets (empty without graphs)."""
+        g = self.runner.graphs
+        if g is None:
+            return {"capture_s": 0.0, "graph_memory_bytes": 0, "graphs": 0, "buckets": []}
+        return {"capture_s": g.capture_s, "graph_memory_bytes": g.memory_bytes,
+                "graphs": len(g.graphs), "buckets": g.buckets}
 
     def add_request(self, prompt: list[int], max_new_tokens: int = 16, *, eos_token_ids=None,
                     **sampling) -> int:
         """Queue a request; ``sampling`` are ``SamplingParams`` fields (temperature, top_k,
         top_p, repetition_penalty, seed). Returns its request id."""
         params = SamplingParams(**sampling)
-        if self.max_model_len is not None and len(prompt) + max_new_tokens > self.max_model_len:
+        if params.seed is None:   # reproducible under torch.manual_seed
+            params = SamplingParams(**dict(sampling, seed=int(torch.randint(1 << 62, ()).item())))
+        limit = min(n for n in (self.max_model_len, self.batch.max_model_len) if n)
+        if len(prompt) + max_new_tokens > limit:
             raise ValueError(f"prompt + max_new_tokens = {len(prompt)} + {max_new_tokens} exceeds "
-                             f"max_model_len={self.max_model_len}")
+                             f"max_model_len={limit}")
         eos = self.eos_token_ids if eos_token_ids is None else eos_token_ids
-        req = self.scheduler.add([int(t) for t in prompt], max_new_tokens, eos, params)
-        self._seqs[req.request_id] = Sequence(list(req.tokens))
-        self._generators[req.request_id] = params.generator(self.runner.device)
-        return req.request_id
+        return self.scheduler.add([int(t) for t in prompt], max_new_tokens, eos, params).request_id
 
     def abort(self, request_id: int) -> None:
+        """Drop a request now, also while a step computing it is in flight (its result is
+        dropped when it comes)."""
         self.scheduler.abort(request_id)
-        self._forget(request_id)
+        self._release_row(request_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
+
+    # --- one step -----------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self) -> list[TokenEvent]:
-        """Run one scheduled step; the tokens it produced as (request id, token, finished)."""
+        """Launch the next step and return the tokens of the one before it (overlapped), or
+        of this one (``overlap=False``), as (request id, token, finished) events."""
+        begin = time.perf_counter()
         plan = self.scheduler.schedule()
-        if not plan.requests:
-            if self.scheduler.has_unfinished():
-                raise RuntimeError(f"scheduler planned nothing for {len(self.scheduler.requests)} "
-                                   f"unfinished requests ({self.runner.pool.num_free} blocks free)")
-            return []
+        for rid in plan.preempted:
+            self._release_row(rid)
+        launched = self._launch(plan, begin) if plan.requests else None
+        if launched is None and self._inflight is None and self.scheduler.has_unfinished():
+            raise RuntimeError(f"scheduler planned nothing for {len(self.scheduler.requests)} "
+                               f"unfinished requests ({self.kv.pool.num_free} blocks free)")
+        if self.overlap:
+            previous, self._inflight = self._inflight, launched
+        else:
+            previous = launched
+        return self._finish(previous) if previous is not None else []
+
+    def _launch(self, plan: StepPlan, begin: float) -> _InFlight:
+        batch = self.batch
+        for req in plan.admitted:
+            self._rows[req.request_id] = self._free_rows.pop()
+        rows = [self._rows[r.request_id] for r in plan.requests]
+        start = self._event() if self._timed else None
+        batch.write_tokens([(self._rows[r.request_id], 0, r.tokens) for r in plan.admitted])
+        batch.write_sampling([self._rows[r.request_id] for r in plan.admitted],
+                             [r.sampling for r in plan.admitted])
+        batch.write_blocks([(self._rows[u.request_id], u.first, u.blocks) for u in plan.tables])
         self.runner.copy_blocks(plan.copies)
-        seqs = [self._sync(req) for req in plan.requests]
-        logits = self.runner.step(seqs, plan.counts, last_only=True)
-        rows = [i for i in range(len(plan.requests)) if plan.samples(i)]
-        sampled: list[int | None] = [None] * len(plan.requests)
-        if rows:
-            for i, token in zip(rows, self._sample(plan, rows, logits).tolist()):
-                sampled[i] = token
+        entries = [rows, plan.starts, plan.counts, [int(s) for s in plan.sampling]]
+        logits, device_entries, graphed = self.runner.forward(entries)
+        sampled = self._sample(plan, logits, device_entries)
+        batch.record_sampled(device_entries, sampled)
+        tokens, done = self._to_host(sampled)
+        record = StepRecord(_kind(plan), plan.num_tokens, len(plan.requests), graphed,
+                            host_ms=(time.perf_counter() - begin) * 1e3)
+        self.step_log.append(record)
+        return _InFlight(plan, tokens, done, start, record)
+
+    def _sample(self, plan: StepPlan, logits: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+        batch = self.batch
+        rows = entries[0].long()
+        params = [r.sampling for r in plan.requests]
+        lengths = (entries[1] + entries[2]).long()
+        sampling = SamplingRows(batch.temperature[rows], batch.top_k[rows], batch.top_p[rows],
+                                batch.repetition_penalty[rows], batch.seed[rows], lengths,
+                                any_random=any(not p.greedy for p in params),
+                                any_penalty=any(p.repetition_penalty != 1.0 for p in params))
+        history = batch.history(rows) if sampling.any_penalty else None
+        return sample(logits, sampling, history, lengths)
+
+    def _to_host(self, sampled: torch.Tensor):
+        if sampled.device.type != "cuda":
+            return sampled, None
+        host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
+        host.copy_(sampled, non_blocking=True)
+        return host, self._event()
+
+    @staticmethod
+    def _event():
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _finish(self, flight: _InFlight) -> list[TokenEvent]:
+        begin = time.perf_counter()
+        if flight.done is not None:
+            flight.done.synchronize()
+            flight.record.gpu_ms = flight.start.elapsed_time(flight.done)
+        waited = time.perf_counter()
+        values = flight.tokens.tolist()
+        plan = flight.plan
+        sampled = [values[i] if s else None for i, s in enumerate(plan.sampling)]
         events = self.scheduler.update(plan, sampled)
         for event in events:
             if event.finished:
-                self._forget(event.request_id)
+                self._release_row(event.request_id)
+        flight.record.host_ms += (time.perf_counter() - waited) * 1e3
         return events
 
-    def _sync(self, req) -> Sequence:
-        """The runner's view of ``req``: its tokens, blocks and cached count this step."""
-        seq = self._seqs[req.request_id]
-        for token in req.tokens[len(seq.tokens):]:
-            seq.append(token)
-        seq.num_cached = req.num_computed
-        seq.blocks = req.blocks
-        return seq
-
-    def _sample(self, plan: StepPlan, rows: list[int], logits: torch.Tensor) -> torch.Tensor:
-        last = logits[torch.tensor(rows, device=logits.device)]  # [N, V]: each sequence's last token
-        reqs = [plan.requests[i] for i in rows]
-        params = [r.sampling for r in reqs]
-        history = [r.tokens for r in reqs] if any(p.repetition_penalty != 1 for p in params) else None
-        return sample(last, params, [self._generators[r.request_id] for r in reqs], history)
-
-    def _forget(self, request_id: int) -> None:
-        self._seqs.pop(request_id, None)
-        self._generators.pop(request_id, None)
+    def _release_row(self, request_id: int) -> None:
+        row = self._rows.pop(request_id, None)
+        if row is not None:
+            self._free_rows.append(row)
 
     # --- conveniences -------------------------------------------------------------------
 
@@ -133,3 +227,10 @@ class Engine:
         finally:
             if not finished and rid in self.scheduler.requests:
                 self.abort(rid)
+
+
+def _kind(plan: StepPlan) -> str:
+    decodes = sum(1 for c, s in zip(plan.counts, plan.sampling) if c == 1 and s)
+    if decodes == len(plan.counts):
+        return "decode"
+    return "prefill" if decodes == 0 else "mixed"

@@ -1,127 +1,112 @@
-"""Runs a paged step graph: packs sequences, owns their blocks, builds the int32 inputs.
+"""Runs a paged step graph: owns the KV pool tensor and the device-resident batch, receives
+block ids (it never allocates), and turns a step's entries into one packed forward.
 
-A step takes, for each active sequence, the tokens not yet in the cache (a whole prompt,
-a chunk of one, or one decoded token), packs them into one [1, T] batch and returns the
-logits of every packed token.
+    engine ──(row, start, count, samples) per entry──▶ PagedRunner.forward
+                                                         │ a CUDA graph for the step's shape
+                                                         │ (or the graph module, eagerly)
+                                                         ▼
+                                    logits [N, V] of each entry's last token
+
+``packed_inputs`` builds the same inputs on the host from explicit tokens and block ids,
+for one-off forwards (``CompiledModel.__call__``) and tests; it is not on the serving path.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import fx
 
-from fusegen.runtime.block_pool import BlockPool
-
-
-@dataclass
-class Sequence:
-    tokens: list[int]                       # everything known: prompt + generated
-    positions: list[int] = field(default_factory=list)   # position id of each token
-    num_cached: int = 0                     # tokens whose K/V are in the pool
-    blocks: list[int] = field(default_factory=list)
-
-    def __post_init__(self):
-        if not self.positions:
-            self.positions = list(range(len(self.tokens)))
-
-    def append(self, token: int) -> None:
-        self.tokens.append(token)
-        self.positions.append(self.positions[-1] + 1)
-
-
-class PoolExhausted(RuntimeError):
-    """Not enough free blocks for the step; the caller decides whom to preempt."""
+from fusegen.kv import KVGeometry
+from fusegen.runtime.batch import BatchState, staged
 
 
 class PagedRunner:
-    def __init__(self, gm: fx.GraphModule, kv: dict, num_blocks: int, device, dtype=None):
+    def __init__(self, gm: fx.GraphModule, geometry: KVGeometry, num_blocks: int, device, dtype=None):
+        if geometry.block_size < 1:
+            raise ValueError(f"PagedRunner needs a paged KV geometry, got block_size {geometry.block_size}")
         self.gm = gm
-        self.kv = kv
+        self.geometry = geometry
+        self.num_blocks = num_blocks
         self.device = torch.device(device)
-        self.pool = BlockPool(num_blocks, kv["block_size"])
-        shape = (kv["layers"], 2, num_blocks, kv["block_size"], kv["kv_heads"], kv["head_dim"])
-        self.kv_pool = torch.zeros(shape, dtype=dtype or kv["dtype"], device=self.device)
-        self.graphs = None  # DecodeGraphs once enable_cuda_graphs ran
+        self.kv_pool = torch.zeros(geometry.pool_shape(num_blocks), dtype=dtype or geometry.dtype,
+                                   device=self.device)
+        self.batch: BatchState | None = None
+        self.graphs = None  # StepGraphs once capture_graphs ran
 
-    def _reserve(self, seq: Sequence, total: int) -> None:
-        need = self.pool.blocks_for(total) - len(seq.blocks)
-        if need > 0:
-            got = self.pool.allocate(need)
-            if got is None:
-                raise PoolExhausted(f"need {need} blocks, {self.pool.num_free} free")
-            seq.blocks.extend(got)
+    @property
+    def block_size(self) -> int:
+        return self.geometry.block_size
 
-    def release(self, seq: Sequence) -> None:
-        self.pool.free(seq.blocks)
-        seq.blocks, seq.num_cached = [], 0
+    def allocate_batch(self, max_rows: int, max_model_len: int) -> BatchState:
+        self.batch = BatchState(max_rows, max_model_len, self.block_size, self.device)
+        return self.batch
+
+    def capture_graphs(self, decode_buckets, token_buckets) -> None:
+        """Capture a CUDA graph per step shape (see cuda_graphs.py); once, after the batch."""
+        from fusegen.runtime.cuda_graphs import StepGraphs
+
+        if self.batch is None:
+            raise ValueError("capture_graphs needs the batch state: call allocate_batch first")
+        self.graphs = StepGraphs(self, decode_buckets, token_buckets)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """``kv_pool[:, :, dst] = kv_pool[:, :, src]`` for each (src, dst) pair, every layer,
         K and V (copy-on-write of shared blocks). All sources are read before any write."""
         if not copies:
             return
-        src = torch.tensor([s for s, _ in copies], dtype=torch.long, device=self.device)
-        dst = torch.tensor([d for _, d in copies], dtype=torch.long, device=self.device)
-        self.kv_pool.index_copy_(2, dst, self.kv_pool.index_select(2, src))
-
-    def _host_inputs(self, seqs: list[Sequence], counts: list[int]) -> dict[str, list]:
-        """The step's inputs as Python lists (blocks reserved as needed)."""
-        bs = self.pool.block_size
-        ids, pos, slots, lens, starts = [], [], [], [], [0]
-        for seq, n in zip(seqs, counts):
-            lo, hi = seq.num_cached, seq.num_cached + n
-            self._reserve(seq, hi)
-            ids.extend(seq.tokens[lo:hi])
-            pos.extend(seq.positions[lo:hi])
-            slots.extend(seq.blocks[i // bs] * bs + i % bs for i in range(lo, hi))
-            lens.append(hi)
-            starts.append(starts[-1] + n)
-        return {"input_ids": ids, "position_ids": pos, "slot_mapping": slots, "seq_lens": lens,
-                "query_start_loc": starts, "block_tables": [list(s.blocks) for s in seqs]}
-
-    def step_inputs(self, seqs: list[Sequence], counts: list[int],
-                    last_only: bool = False) -> dict[str, torch.Tensor]:
-        """Inputs for caching ``counts[i]`` more tokens of ``seqs[i]``; logits of every packed
-        token, or with ``last_only`` of each sequence's last one."""
-        return self._tensors(self._host_inputs(seqs, counts), last_only)
-
-    def _tensors(self, host: dict[str, list], last_only: bool) -> dict[str, torch.Tensor]:
-        starts = host["query_start_loc"]
-        width = max(len(t) for t in host["block_tables"])
-        tables = [t + [0] * (width - len(t)) for t in host["block_tables"]]
-        dev, i32 = self.device, torch.int32
-        return {
-            "input_ids": torch.tensor([host["input_ids"]], dtype=torch.long, device=dev),
-            "position_ids": torch.tensor([host["position_ids"]], dtype=torch.long, device=dev),
-            "kv_pool": self.kv_pool,
-            "slot_mapping": torch.tensor(host["slot_mapping"], dtype=i32, device=dev),
-            "block_tables": torch.tensor(tables, dtype=i32, device=dev),
-            "seq_lens": torch.tensor(host["seq_lens"], dtype=i32, device=dev),
-            "query_start_loc": torch.tensor(starts, dtype=i32, device=dev),
-            "logits_indices": torch.tensor([e - 1 for e in starts[1:]] if last_only else range(starts[-1]),
-                                           dtype=i32, device=dev),
-        }
-
-    def enable_cuda_graphs(self, max_seq_len: int, buckets=None) -> None:
-        """Capture decode graphs for batch-size buckets (once; see cuda_graphs.py)."""
-        from fusegen.runtime.cuda_graphs import DEFAULT_BUCKETS, DecodeGraphs
-
-        width = self.pool.blocks_for(max_seq_len)
-        self.graphs = DecodeGraphs(self, width, buckets or DEFAULT_BUCKETS)
+        index = staged([s for s, _ in copies] + [d for _, d in copies], torch.long, self.device).view(2, -1)
+        self.kv_pool.index_copy_(2, index[1], self.kv_pool.index_select(2, index[0]))
 
     @torch.no_grad()
-    def step(self, seqs: list[Sequence], counts: list[int], last_only: bool = False) -> torch.Tensor:
-        """Cache ``counts[i]`` more tokens of each sequence; logits [T, V] of those tokens, or
-        [N, V] of each sequence's last token with ``last_only``."""
-        host = self._host_inputs(seqs, counts)
-        graphs = self.graphs
-        if graphs is not None and last_only and all(n == 1 for n in counts) \
-                and graphs.fits(len(seqs), max(len(t) for t in host["block_tables"])):
-            logits = graphs.run(host)
-        else:
-            logits = self.gm(**self._tensors(host, last_only))[0]
-        for seq, n in zip(seqs, counts):
-            seq.num_cached += n
-        return logits
+    def forward(self, entries: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """One step over ``entries`` = [rows, starts, counts, samples] (host ints, N each):
+        (logits [N', V] with N' >= N rows, the entries on the device padded to N', whether a
+        CUDA graph ran). Rows past N are padding."""
+        n, num_tokens = len(entries[0]), sum(entries[2])
+        graph = self.graphs.pick(num_tokens, n) if self.graphs is not None else None
+        if graph is not None:
+            return graph.run(entries), graph.entries, True
+        device_entries = staged([v for col in entries for v in col], torch.int32, self.device).view(4, n)
+        inputs = self.batch.step_inputs(device_entries, num_tokens, self.kv_pool)
+        return self.gm(**inputs)[0], device_entries, False
+
+
+@dataclass
+class Chunk:
+    """``tokens`` at ``positions`` computed on top of ``start`` cached tokens, stored in
+    ``blocks`` (covering start + len(tokens))."""
+    tokens: list[int]
+    positions: list[int]
+    start: int
+    blocks: list[int]
+
+
+def packed_inputs(runner: PagedRunner, chunks: list[Chunk], last_only: bool = False) -> dict:
+    """Graph inputs for a one-off packed forward built on the host; logits of every packed
+    token, or with ``last_only`` of each chunk's last one."""
+    bs, dev, i32 = runner.block_size, runner.device, torch.int32
+    ids, pos, slots, lens, starts = [], [], [], [], [0]
+    for c in chunks:
+        end = c.start + len(c.tokens)
+        if runner.geometry.block_size * len(c.blocks) < end:
+            raise ValueError(f"chunk of {end} tokens needs {-(-end // bs)} blocks, got {len(c.blocks)}")
+        ids.extend(c.tokens)
+        pos.extend(c.positions)
+        slots.extend(c.blocks[i // bs] * bs + i % bs for i in range(c.start, end))
+        lens.append(end)
+        starts.append(starts[-1] + len(c.tokens))
+    width = max(len(c.blocks) for c in chunks)
+    tables = [c.blocks + [0] * (width - len(c.blocks)) for c in chunks]
+    rows = [e - 1 for e in starts[1:]] if last_only else list(range(starts[-1]))
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long, device=dev),
+        "position_ids": torch.tensor([pos], dtype=torch.long, device=dev),
+        "kv_pool": runner.kv_pool,
+        "slot_mapping": torch.tensor(slots, dtype=i32, device=dev),
+        "block_tables": torch.tensor(tables, dtype=i32, device=dev),
+        "seq_lens": torch.tensor(lens, dtype=i32, device=dev),
+        "query_start_loc": torch.tensor(starts, dtype=i32, device=dev),
+        "logits_indices": torch.tensor(rows, dtype=i32, device=dev),
+    }

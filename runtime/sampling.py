@@ -1,14 +1,17 @@
-"""Next-token choice for a batch of logits, on the logits' device.
+"""Next-token choice for a batch of logits, on the logits' device, without host syncs.
 
     logits [B, V] --repetition penalty--> --temperature--> --top-k--> --top-p--> draw
 
 The order and the penalty follow HF's processors (``RepetitionPenaltyLogitsProcessor``,
-then ``TemperatureLogitsWarper``, ``TopKLogitsWarper``, ``TopPLogitsWarper``). A row with
-``temperature == 0`` is greedy; a batch of greedy rows takes one argmax.
+then ``TemperatureLogitsWarper``, ``TopKLogitsWarper``, ``TopPLogitsWarper``). Every
+parameter is a per-row device tensor (``SamplingRows``); a row with temperature 0 is
+greedy. Whether any row draws or is penalised is known on the host (from the requests'
+parameters), so an all-greedy batch runs one argmax.
 
-A sampled row draws exactly one uniform number per token from its own ``torch.Generator``
-(inverse-CDF over its sorted, filtered distribution), so a seeded request gets the same
-tokens whichever requests share its batch.
+Randomness is counter-based: a row's uniform number is a hash of (seed, position), where
+position is the index of the token being chosen. A seeded request therefore gets the same
+tokens alone, in any batch, and whether or not steps overlap. The draw is inverse-CDF over
+the row's sorted, filtered distribution (one uniform per token).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+_MASK32 = 0xFFFFFFFF
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -24,7 +29,7 @@ class SamplingParams:
     top_k: int = 0                    # 0: off
     top_p: float = 1.0                # 1: off
     repetition_penalty: float = 1.0   # 1: off; > 1 discourages tokens already seen
-    seed: int | None = None           # None: torch's global generator
+    seed: int | None = None           # None: the engine draws one from torch's generator
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -35,76 +40,103 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None and not -(1 << 63) <= self.seed < (1 << 63):
+            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
-    def generator(self, device) -> torch.Generator | None:
-        if self.seed is None:
-            return None
-        return torch.Generator(device=device).manual_seed(self.seed)
+
+@dataclass
+class SamplingRows:
+    """Per-row parameters as device tensors ([B] each), plus what the host knows of them."""
+    temperature: torch.Tensor     # float32; 0 = greedy
+    top_k: torch.Tensor           # long; 0 = off
+    top_p: torch.Tensor           # float32
+    repetition_penalty: torch.Tensor  # float32
+    seed: torch.Tensor            # long
+    position: torch.Tensor        # long: index of the token each row chooses
+    any_random: bool = True
+    any_penalty: bool = True
+
+    @classmethod
+    def from_params(cls, params: list[SamplingParams], positions: list[int], device) -> "SamplingRows":
+        """Rows for a host-side list of parameters (tests and one-off calls); unseeded rows
+        use seed 0."""
+        f32, i64 = torch.float32, torch.long
+        return cls(
+            temperature=torch.tensor([0.0 if p.greedy else p.temperature for p in params], dtype=f32, device=device),
+            top_k=torch.tensor([p.top_k for p in params], dtype=i64, device=device),
+            top_p=torch.tensor([p.top_p for p in params], dtype=f32, device=device),
+            repetition_penalty=torch.tensor([p.repetition_penalty for p in params], dtype=f32, device=device),
+            seed=torch.tensor([p.seed or 0 for p in params], dtype=i64, device=device),
+            position=torch.tensor(positions, dtype=i64, device=device),
+            any_random=any(not p.greedy for p in params),
+            any_penalty=any(p.repetition_penalty != 1.0 for p in params))
 
 
-def apply_repetition_penalty(logits: torch.Tensor, history: list[list[int]],
-                             penalties: list[float]) -> torch.Tensor:
-    """HF semantics: a seen token's logit is divided by the penalty if positive, else
-    multiplied. Rows with penalty 1 are untouched."""
-    rows = [i for i, p in enumerate(penalties) if p != 1.0]
-    if not rows:
-        return logits
-    logits = logits.clone()
-    width = max(len(history[i]) for i in rows)
-    seen = torch.tensor([history[i] + [history[i][0]] * (width - len(history[i])) for i in rows],
-                        dtype=torch.long, device=logits.device)
-    sub = logits[rows]
-    penalty = torch.tensor([penalties[i] for i in rows], dtype=logits.dtype,
-                           device=logits.device)[:, None]
-    picked = sub.gather(1, seen)
-    sub.scatter_(1, seen, torch.where(picked > 0, picked / penalty, picked * penalty))
-    logits[rows] = sub
-    return logits
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply, constants from Wellons' hash prospector)
+    on int64 tensors holding values < 2**32; the products stay below 2**63."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _MASK32
+    return x ^ (x >> 15)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None] | None = None,
-           history: list[list[int]] | None = None) -> torch.Tensor:
-    """Token ids [B] (long, on ``logits.device``) for ``logits`` [B, V]. ``history[i]``
-    (prompt + generated tokens) is needed when a row has a repetition penalty."""
-    if logits.dim() != 2 or logits.shape[0] != len(params):
+def uniform(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """float32 in [0, 1), a pure function of (seed, counter) (both int64 tensors)."""
+    x = _mix32((counter & _MASK32) ^ 0x9E3779B9)
+    x = _mix32(x ^ (seed & _MASK32))
+    x = _mix32(x ^ ((seed >> 32) & _MASK32) ^ ((counter >> 32) & _MASK32))
+    return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def apply_repetition_penalty(logits: torch.Tensor, penalty: torch.Tensor, history: torch.Tensor,
+                             lengths: torch.Tensor) -> torch.Tensor:
+    """HF semantics: a token in ``history[b, :lengths[b]]`` has its logit divided by the
+    row's penalty if positive, else multiplied. Rows with penalty 1 come out unchanged."""
+    keep = torch.arange(history.shape[1], device=history.device)[None] < lengths[:, None]
+    seen = torch.where(keep, history, history[:, :1])    # padding repeats a seen token
+    picked = logits.gather(1, seen)
+    p = penalty.to(logits.dtype)[:, None]
+    return logits.scatter(1, seen, torch.where(picked > 0, picked / p, picked * p))
+
+
+def sample(logits: torch.Tensor, rows: SamplingRows, history: torch.Tensor | None = None,
+           lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Token ids [B] (long, on ``logits.device``) for ``logits`` [B, V]. ``history`` [B, L]
+    and ``lengths`` [B] (prompt + generated tokens) are needed when a row is penalised."""
+    if logits.dim() != 2 or logits.shape[0] != rows.temperature.shape[0]:
         raise ValueError(f"sample: logits {tuple(logits.shape)} must be [B, V] with B = "
-                         f"{len(params)} sampling params")
-    generators = generators if generators is not None else [None] * len(params)
-    if any(p.repetition_penalty != 1.0 for p in params):
-        if history is None:
+                         f"{rows.temperature.shape[0]} rows of sampling parameters")
+    if rows.any_penalty:
+        if history is None or lengths is None:
             raise ValueError("sample: repetition_penalty needs the token history of each row")
-        logits = apply_repetition_penalty(logits, history, [p.repetition_penalty for p in params])
-    tokens = logits.argmax(-1)
-    drawn = [i for i, p in enumerate(params) if not p.greedy]
-    if drawn:
-        idx = torch.tensor(drawn, device=logits.device)
-        tokens[idx] = _draw(logits[idx].float(), [params[i] for i in drawn],
-                            [generators[i] for i in drawn])
-    return tokens
+        logits = apply_repetition_penalty(logits, rows.repetition_penalty, history, lengths)
+    greedy = logits.argmax(-1)
+    if not rows.any_random:
+        return greedy
+    drawn = _draw(logits.float(), rows)
+    return torch.where(rows.temperature > 0, drawn, greedy)
 
 
-def _draw(logits: torch.Tensor, params: list[SamplingParams],
-          generators: list[torch.Generator | None]) -> torch.Tensor:
+def _draw(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
     B, V = logits.shape
-    dev = logits.device
-    temperature = torch.tensor([p.temperature for p in params], device=dev)[:, None]
-    top_k = torch.tensor([p.top_k or V for p in params], device=dev)[:, None]
-    top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
+    temperature = torch.where(rows.temperature > 0, rows.temperature, 1.0)[:, None]
+    top_k = torch.where(rows.top_k > 0, rows.top_k, V)[:, None]
     # Stable: equal logits keep vocabulary order, so a draw never depends on sort internals.
     sorted_logits, order = torch.sort(logits / temperature, dim=-1, descending=True, stable=True)
-    rank = torch.arange(V, device=dev)[None]
+    rank = torch.arange(V, device=logits.device)[None]
     sorted_logits = sorted_logits.masked_fill(rank >= top_k, float("-inf"))
     probs = sorted_logits.softmax(-1)
     cdf = probs.cumsum(-1)
-    nucleus = (cdf - probs) < top_p     # keep the smallest head whose mass reaches top_p
+    nucleus = (cdf - probs) < rows.top_p[:, None]    # the smallest head whose mass reaches top_p
     probs = probs * nucleus
     cdf = probs.cumsum(-1)
     kept = (probs > 0).sum(-1, keepdim=True).clamp(min=1)
-    u = torch.cat([torch.rand(1, device=dev, generator=g) for g in generators])[:, None]
+    u = uniform(rows.seed, rows.position)[:, None]
     pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=kept - 1)
     return order.gather(1, pick)[:, 0]

@@ -1,10 +1,17 @@
 """Continuous batching: which requests run in the next step, and how many tokens each.
 
-A pure state machine over a ``BlockPool``; it never runs a model. The engine drives it:
+A pure state machine over a ``KVCacheManager``; it never runs a model. The engine drives it:
 
-    plan = scheduler.schedule()          # requests, token counts, block copies
-    ... copy blocks, run the model on plan.requests / plan.counts, sample ...
+    plan = scheduler.schedule()          # requests, token counts, new block ids, copies
+    ... copy blocks, run the model on the plan's entries, sample ...
     events = scheduler.update(plan, sampled)   # append tokens, finish, free blocks
+
+Plans may run ahead of their results by one step (overlapped scheduling): ``schedule``
+advances each entry's ``num_computed`` at once and counts a token it samples as *pending*
+until ``update`` brings it. A decode whose input is a pending token reads it on the device,
+where the previous step left it. A request whose pending tokens reach ``max_new_tokens`` is
+not scheduled again; one that sampled eos may compute one more token, which ``update``
+drops (it is never returned).
 
 Each step fits ``max_num_batched_tokens`` and ``max_num_seqs``:
 
@@ -12,11 +19,12 @@ Each step fits ``max_num_batched_tokens`` and ``max_num_seqs``:
                      1          1               5           = 7 tokens, 1 left unused
                  decodes first, then running prefills, then waiting requests (FCFS)
 
-A request's K/V live in its blocks; ``num_computed`` counts the tokens written there:
+A request's K/V live in its blocks; ``num_computed`` counts the tokens scheduled there:
 
-    tokens   [ p p p p | p p g g | g ]         p prompt, g generated (block_size 4)
+    tokens   [ p p p p | p p g g ] + 1 pending      p prompt, g generated (block_size 4)
     blocks   [    3    |    8    | 1 ]
-    num_computed 8: the next step computes token 8 (a decode)
+    num_computed 8, one token pending (sampled by the step in flight): the next step
+    computes token 8, the pending one, whose id only the device holds so far
 
 When the pool cannot give a running request its next block, the newest running request
 is preempted: its blocks are freed and it waits at the head of the queue, to be
@@ -37,8 +45,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from fusegen.runtime.block_pool import BlockPool
-from fusegen.runtime.prefix_cache import extend_hashes, match_prefix
+from fusegen.runtime.kv_manager import KVCacheManager
 
 
 class Status(enum.Enum):
@@ -54,28 +61,44 @@ class Request:
     max_new_tokens: int
     eos_token_ids: frozenset[int] = frozenset()
     sampling: Any = None                    # carried for the engine, never read here
-    tokens: list[int] = field(default_factory=list)     # prompt + output
+    tokens: list[int] = field(default_factory=list)     # prompt + output known on the host
     output: list[int] = field(default_factory=list)
-    num_computed: int = 0                   # tokens whose K/V are in ``blocks``
-    blocks: list[int] = field(default_factory=list)
-    hashes: list[int] = field(default_factory=list)     # chained hashes of full blocks
-    num_registered: int = 0                 # leading blocks offered to the prefix cache
+    num_computed: int = 0                   # tokens scheduled into the cache
+    num_pending: int = 0                    # sampled by steps whose results have not come
     status: Status = Status.WAITING
     finish_reason: str | None = None        # "eos", "length" or "abort"
     num_preemptions: int = 0
 
     @property
     def remaining(self) -> int:
-        """Tokens known but not yet in the cache."""
-        return len(self.tokens) - self.num_computed
+        """Tokens known or pending but not yet scheduled into the cache."""
+        return len(self.tokens) + self.num_pending - self.num_computed
+
+    @property
+    def out_of_budget(self) -> bool:
+        """Every token it may generate is out or pending: nothing more to schedule."""
+        return len(self.output) + self.num_pending >= self.max_new_tokens
+
+
+class TableUpdate(NamedTuple):
+    """Block ids to write into the request's block-table row from column ``first`` on."""
+    request_id: int
+    first: int
+    blocks: list[int]
 
 
 @dataclass
 class StepPlan:
-    """What one step computes: ``counts[i]`` tokens of ``requests[i]``, starting at its
-    ``num_computed``. ``copies`` (src, dst) block copies must happen before the step."""
+    """What one step computes: ``counts[i]`` tokens of ``requests[i]`` starting at position
+    ``starts[i]``; ``sampling[i]``: the entry's last token gives a new token. ``admitted``
+    entered RUNNING in this plan (their block-table rows start empty), ``tables`` are the
+    block ids the runner has not seen, ``copies`` (src, dst) block copies come first."""
     requests: list[Request] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+    sampling: list[bool] = field(default_factory=list)
+    admitted: list[Request] = field(default_factory=list)
+    tables: list[TableUpdate] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[int] = field(default_factory=list)
 
@@ -84,9 +107,7 @@ class StepPlan:
         return sum(self.counts)
 
     def samples(self, i: int) -> bool:
-        """Does entry ``i`` reach its request's last token (so its logits give a token)?"""
-        req = self.requests[i]
-        return req.num_computed + self.counts[i] == len(req.tokens)
+        return self.sampling[i]
 
     def _add(self, req: Request, count: int) -> None:
         self.requests.append(req)
@@ -106,21 +127,19 @@ class TokenEvent(NamedTuple):
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, max_num_batched_tokens: int = 512, max_num_seqs: int = 64,
-                 enable_prefix_caching: bool = True):
+    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int = 512, max_num_seqs: int = 64):
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise ValueError(f"Scheduler needs max_num_batched_tokens >= 1 and max_num_seqs >= 1, "
                              f"got {max_num_batched_tokens} and {max_num_seqs}")
-        self.pool = pool
+        self.kv = kv
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
-        self.enable_prefix_caching = enable_prefix_caching
         self.waiting: deque[Request] = deque()
         # Always sorted by arrival: admission is FCFS and preempted requests wait at the
         # head, so every running request is older than every waiting one.
         self.running: list[Request] = []
         self.requests: dict[int, Request] = {}      # unfinished requests by id
-        self.stats: Counter = Counter()
+        self.stats: Counter = kv.stats
         self._next_id = 0
 
     # --- requests -----------------------------------------------------------------------
@@ -131,11 +150,11 @@ class Scheduler:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         # The last generated token is never written to the cache.
-        need = self.pool.blocks_for(len(prompt) + max_new_tokens - 1)
-        if need > self.pool.num_blocks:
+        need = self.kv.blocks_for(len(prompt) + max_new_tokens - 1)
+        if need > self.kv.num_blocks:
             raise ValueError(f"request of {len(prompt)} prompt + {max_new_tokens} new tokens needs "
-                             f"{need} blocks of {self.pool.block_size} tokens; the pool has "
-                             f"{self.pool.num_blocks}")
+                             f"{need} blocks of {self.kv.block_size} tokens; the pool has "
+                             f"{self.kv.num_blocks}")
         req = Request(self._next_id, list(prompt), max_new_tokens, frozenset(eos_token_ids), sampling,
                       tokens=list(prompt))
         self._next_id += 1
@@ -144,13 +163,14 @@ class Scheduler:
         return req
 
     def abort(self, request_id: int) -> None:
-        """Drop an unfinished request and free its blocks (not between schedule and update)."""
+        """Drop an unfinished request and free its blocks. Allowed while plans are in
+        flight: their entries for it are ignored by ``update``."""
         req = self.requests.pop(request_id, None)
         if req is None:
             raise ValueError(f"no unfinished request {request_id} ({len(self.requests)} unfinished)")
         if req.status is Status.RUNNING:
             self.running.remove(req)
-            self._release(req)
+            self.kv.free(request_id)
         else:
             self.waiting.remove(req)
         req.status, req.finish_reason = Status.FINISHED, "abort"
@@ -158,12 +178,16 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    def blocks(self, req: Request) -> list[int]:
+        return self.kv.blocks(req.request_id)
+
     # --- one step -----------------------------------------------------------------------
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
-        decodes = [r for r in self.running if r.remaining == 1]
-        prefills = [r for r in self.running if r.remaining > 1]
+        active = [r for r in self.running if not r.out_of_budget]
+        decodes = [r for r in active if r.remaining == 1]
+        prefills = [r for r in active if r.remaining > 1]
         for req in decodes + prefills:
             budget = self.max_num_batched_tokens - plan.num_tokens
             if budget == 0:
@@ -172,13 +196,13 @@ class Scheduler:
                 self._schedule_running(req, min(req.remaining, budget), plan)
         if not plan.preempted:   # just ran out of blocks: admitting now would only thrash
             self._admit_waiting(plan)
-        self.stats["steps"] += 1
+        self._finalize(plan)
+        self.stats["steps"] += bool(plan.requests)
         self.stats["scheduled_tokens"] += plan.num_tokens
-        self.stats["prefill_chunks_cut"] += sum(c < r.remaining for r, c in zip(plan.requests, plan.counts))
         return plan
 
     def _schedule_running(self, req: Request, count: int, plan: StepPlan) -> None:
-        while not self._grow(req, req.num_computed + count):
+        while self.kv.grow(req.request_id, req.num_computed + count) is None:
             victim = self.running[-1]
             self._preempt(victim, plan)
             if victim is req:
@@ -188,65 +212,37 @@ class Scheduler:
     def _admit_waiting(self, plan: StepPlan) -> None:
         while self.waiting and len(self.running) < self.max_num_seqs:
             budget = self.max_num_batched_tokens - plan.num_tokens
-            if budget == 0:
-                return
             req = self.waiting[0]
-            count = self._admit(req, budget, plan)
-            if count is None:
-                return   # FCFS: nobody overtakes the head
+            if budget == 0 or req.num_pending:   # FCFS: nobody overtakes the head
+                return
+            admission = self.kv.admit(req.request_id, req.tokens, budget)
+            if admission is None:
+                return
             self.waiting.popleft()
-            req.status = Status.RUNNING
+            req.status, req.num_computed = Status.RUNNING, admission.start
             self.running.append(req)
-            plan._add(req, count)
+            plan.copies.extend(admission.copies)
+            plan.admitted.append(req)
+            plan._add(req, admission.count)
 
-    def _admit(self, req: Request, budget: int, plan: StepPlan) -> int | None:
-        """Give ``req`` its shared prefix and the blocks of its first chunk; the chunk's
-        size, or None when the pool cannot provide them (nothing taken)."""
-        bs, hit = self.pool.block_size, []
-        if self.enable_prefix_caching:
-            extend_hashes(req.hashes, req.tokens, bs, len(req.tokens))
-            hit = match_prefix(self.pool, req.hashes)
-        while True:
-            start = min(len(hit) * bs, len(req.tokens) - 1)   # compute >= 1 token for logits
-            cow = start < len(hit) * bs
-            count = min(len(req.tokens) - start, budget)
-            fresh = self.pool.blocks_for(start + count) - len(hit) + cow
-            taken = sum(1 for b in hit if self.pool.ref_count(b) == 0)
-            if fresh + taken <= self.pool.num_free:
-                break
-            if not cow:
-                return None
-            hit = hit[:-1]   # no room for the copy: recompute that block instead
-        self.pool.share(hit)
-        req.blocks = list(hit)
-        if cow:
-            (dst,) = self.pool.allocate(1)
-            plan.copies.append((hit[-1], dst))
-            self.pool.free([hit[-1]])
-            req.blocks[-1] = dst
-            self.stats["cow_copies"] += 1
-        self.stats["prefix_hit_blocks"] += len(hit)
-        self.stats["prefix_hit_tokens"] += start
-        req.num_computed = start
-        req.num_registered = len(hit) - cow
-        self._grow(req, start + count)
-        return count
-
-    def _grow(self, req: Request, total: int) -> bool:
-        need = self.pool.blocks_for(total) - len(req.blocks)
-        if need <= 0:
-            return True
-        got = self.pool.allocate(need)
-        if got is None:
-            return False
-        req.blocks.extend(got)
-        self.stats["blocks_allocated"] += need
-        return True
+    def _finalize(self, plan: StepPlan) -> None:
+        """Advance every entry's request past the tokens it computes (the plan's results
+        come later) and collect the block ids the runner has not seen."""
+        for req, count in zip(plan.requests, plan.counts):
+            samples = req.num_computed + count == len(req.tokens) + req.num_pending
+            plan.starts.append(req.num_computed)
+            plan.sampling.append(samples)
+            self.stats["prefill_chunks_cut"] += not samples
+            req.num_computed += count
+            req.num_pending += samples
+            first, new = self.kv.take_new(req.request_id)
+            if new:
+                plan.tables.append(TableUpdate(req.request_id, first, new))
 
     def _preempt(self, req: Request, plan: StepPlan) -> None:
         self.running.remove(req)
         plan._drop(req)
-        self._release(req)
+        self.kv.free(req.request_id)
         req.num_computed = 0
         req.status = Status.WAITING
         req.num_preemptions += 1
@@ -254,44 +250,29 @@ class Scheduler:
         plan.preempted.append(req.request_id)
         self.stats["preemptions"] += 1
 
-    def _release(self, req: Request) -> None:
-        # Tail first: the free list evicts least recently freed blocks first, and a
-        # prefix's head is the part other requests are likeliest to share.
-        self.pool.free(req.blocks[::-1])
-        req.blocks, req.num_registered = [], 0
-
     # --- after the step -----------------------------------------------------------------
 
     def update(self, plan: StepPlan, sampled: list[int | None]) -> list[TokenEvent]:
-        """Record the step: ``sampled[i]`` is the token for entry ``i`` if it samples
-        (``plan.samples(i)``), else None. Returns one event per new token."""
+        """Record a step's results, in plan order: ``sampled[i]`` is the token of entry ``i``
+        if it samples, else None. Returns one event per new token."""
         if len(sampled) != len(plan.requests):
             raise ValueError(f"update got {len(sampled)} sampled tokens for a plan of "
                              f"{len(plan.requests)} requests")
         events = []
-        for i, (req, count) in enumerate(zip(plan.requests, plan.counts)):
-            if req.status is not Status.RUNNING:
-                continue   # aborted during the step
-            samples = plan.samples(i)
-            if samples != (sampled[i] is not None):
+        for i, req in enumerate(plan.requests):
+            if plan.sampling[i] != (sampled[i] is not None):
                 raise ValueError(f"request {req.request_id}: entry {i} computes tokens "
-                                 f"{req.num_computed}..{req.num_computed + count} of "
-                                 f"{len(req.tokens)}, so it {'needs' if samples else 'takes no'} "
-                                 f"sampled token, got {sampled[i]}")
-            req.num_computed += count
-            self._register_full_blocks(req)
-            if samples:
+                                 f"{plan.starts[i]}..{plan.starts[i] + plan.counts[i]}, so it "
+                                 f"{'needs a' if plan.sampling[i] else 'takes no'} sampled token, "
+                                 f"got {sampled[i]}")
+            if req.status is Status.FINISHED:
+                continue   # aborted, or finished while this step was in flight: dropped
+            if req.status is Status.RUNNING:
+                self.kv.commit(req.request_id, req.tokens, plan.starts[i] + plan.counts[i])
+            if plan.sampling[i]:
+                req.num_pending -= 1
                 events.append(self._append(req, int(sampled[i])))
         return events
-
-    def _register_full_blocks(self, req: Request) -> None:
-        if not self.enable_prefix_caching:
-            return
-        full = req.num_computed // self.pool.block_size
-        extend_hashes(req.hashes, req.tokens, self.pool.block_size, full * self.pool.block_size)
-        for i in range(req.num_registered, full):
-            self.pool.cache(req.blocks[i], req.hashes[i])
-        req.num_registered = max(req.num_registered, full)
 
     def _append(self, req: Request, token: int) -> TokenEvent:
         req.tokens.append(token)
@@ -301,8 +282,11 @@ class Scheduler:
         elif len(req.output) >= req.max_new_tokens:
             req.finish_reason = "length"
         if req.finish_reason:
-            self.running.remove(req)
-            self._release(req)
+            if req.status is Status.RUNNING:
+                self.running.remove(req)
+                self.kv.free(req.request_id)
+            else:   # preempted while its token was in flight
+                self.waiting.remove(req)
             req.status = Status.FINISHED
             del self.requests[req.request_id]
         return TokenEvent(req.request_id, token, req.finish_reason is not None)

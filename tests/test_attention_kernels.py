@@ -82,6 +82,10 @@ PREFILL_CASES = {
     "noncausal-softcap": (4, 2, 16, 16, [17, 5], [17, 5], False, 0, 30.0, 0),
     "block-larger-than-tile-window": (2, 1, 16, 32, [70, 9], [40, 9], True, 5, 0.0, 0),
     "odd-block-size-gathers-rows": (2, 1, 16, 6, [23, 4], [10, 4], True, 7, 0.0, 1),
+    # head dims that are not a power of two: computed in a tile padded to 128 (32 for 24)
+    "d80-gqa4/2-chunked-pad": (4, 2, 80, 8, [9, 40], [9, 21], True, 0, 0.0, 2),
+    "d96-mqa3/1-window-softcap": (3, 1, 96, 16, [33, 6], [17, 6], True, 5, 30.0, 1),
+    "d24-gqa4/2-noncausal-gathers-rows": (4, 2, 24, 6, [14, 23], [14, 5], False, 0, 0.0, 0),
 }
 
 
@@ -92,8 +96,9 @@ def with_dtypes(cases, fp16_cases):
 
 
 @pytest.mark.parametrize("case, dtype", with_dtypes(
-    PREFILL_CASES, ["prefill-gqa4/2-d16-b4", "mixed-decode-rows-window-softcap"]))
-def test_paged_prefill_matches_reference(case, dtype):
+    PREFILL_CASES, ["prefill-gqa4/2-d16-b4", "mixed-decode-rows-window-softcap",
+                    "d80-gqa4/2-chunked-pad"]))
+def test_paged_prefill_matches_reference(case, dtype, nan_outputs):
     Hq, Hkv, D, bs, seq_lens, q_lens, causal, window, softcap, pad = PREFILL_CASES[case]
     b = paged_batch(seq_lens, q_lens, Hq, Hkv, D, bs, dtype, pad_tokens=pad)
     assert b["q"].shape[2] != len(seq_lens)  # the FlashAttention-2 path
@@ -114,6 +119,53 @@ def test_paged_prefill_rows_before_first_start_are_zero():
     assert torch.count_nonzero(got[:, :, :2]) == 0
 
 
+@pytest.fixture
+def nan_outputs(monkeypatch):
+    """The wrappers' ``torch.empty_like`` outputs start as NaN, so a row no program writes
+    shows up (a fresh CPU allocation is often zeros already)."""
+    empty_like = torch.empty_like
+
+    def nan_empty_like(t, *args, **kwargs):
+        out = empty_like(t, *args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
+
+
+# (Hq, Hkv, D, block_size, seq_lens, q_lens, pad_tokens), the runtime's padding: sequences
+# with no queries (query_start_loc repeats, seq_len 0) and tokens past query_start_loc[N]
+PADDED_BATCHES = {
+    "N-padded-to-64-T-padded": (4, 2, 80, 8, [9, 40] + [0] * 62, [3, 21] + [0] * 62, 24),
+    "zero-query-sequence-between": (3, 1, 96, 4, [7, 0, 12, 0], [4, 0, 12, 0], 5),
+    "grid-bound-tight": (2, 1, 16, 4, [5, 9, 3], [1, 1, 1], 13),  # 3 + 1 tiles of 16 = 1 + 3
+}
+
+
+@pytest.mark.parametrize("case", PADDED_BATCHES)
+def test_paged_prefill_padded_batch_matches_reference_and_zeroes_unowned_rows(case, nan_outputs):
+    Hq, Hkv, D, bs, seq_lens, q_lens, pad = PADDED_BATCHES[case]
+    b = paged_batch(seq_lens, q_lens, Hq, Hkv, D, bs, torch.float32, pad_tokens=pad)
+    assert b["q"].shape[2] != len(seq_lens)  # the packed-tile prefill path
+    got, args = run_paged(b, 1, 0.8, True, 0, 0.0)
+    assert not got.isnan().any(), "a row no program wrote"
+    assert_close_report(got, reference(ops.paged_attention, *args), 1e-4, 1e-4, msg=case)
+    assert torch.count_nonzero(got[:, :, sum(q_lens):]) == 0
+
+
+def test_packed_prefill_grid_covers_every_owned_and_unowned_tile():
+    """sum_n cdiv(q_len_n, BLOCK_M) + cdiv(unowned rows, BLOCK_M) <= the grid's tiles."""
+    g = torch.Generator().manual_seed(4)
+    for _ in range(2000):
+        block_m = (16, 32, 64)[int(torch.randint(3, (1,), generator=g))]
+        n = int(torch.randint(1, 9, (1,), generator=g))
+        q_lens = torch.randint(0, 3 * block_m, (n,), generator=g).tolist()
+        before, after = torch.randint(0, 2 * block_m, (2,), generator=g).tolist()
+        T = before + sum(q_lens) + after
+        need = sum(-(-q // block_m) for q in q_lens) + -(-(before + after) // block_m)
+        assert need <= attn.paged_prefill_grid(T, n, block_m, 1)[0], (block_m, q_lens, before, after)
+    assert attn.paged_prefill_grid(2048, 64, 64, 32) == (96, 32)  # was 32 * 65 tiles per head
+
+
 # --- decode (T == N): split-KV kernel and its reduction -----------------------------------
 
 # (Hq, Hkv, D, block_size, seq_lens, q_lens, causal, window, softcap, num_splits)
@@ -127,12 +179,17 @@ DECODE_CASES = {
     "padded-sequence-and-row": (3, 1, 16, 4, [5, 0, 7], [1, 0, 1], True, 0, 0.0, 1),
     "block-larger-than-tile-window": (2, 1, 16, 32, [70, 40], [1, 1], True, 21, 0.0, 2),
     "odd-block-size-window": (2, 1, 16, 6, [23, 35], [1, 1], False, 19, 0.0, 2),
+    "d80-gqa4/2-4splits-window": (4, 2, 80, 8, [1, 21, 40], [1, 1, 1], True, 9, 0.0, 4),
+    "d80-gqa4/2-one-split": (4, 2, 80, 4, [17, 6], [1, 1], True, 0, 30.0, 1),
+    "d96-mqa3/1-auto-splits-padded-row": (3, 1, 96, 16, [33, 0, 7], [1, 0, 1], True, 0, 0.0, None),
+    "d40-gqa4/2-2splits-uneven": (4, 2, 40, 4, [6, 3, 5], [2, 0, 1], True, 0, 0.0, 2),
 }
 
 
 @pytest.mark.parametrize("case, dtype", with_dtypes(
-    DECODE_CASES, ["gqa4/2-d16-b4-auto-splits", "mqa3/1-d32-b8-window-4splits"]))
-def test_paged_decode_matches_reference(case, dtype):
+    DECODE_CASES, ["gqa4/2-d16-b4-auto-splits", "mqa3/1-d32-b8-window-4splits",
+                   "d80-gqa4/2-4splits-window"]))
+def test_paged_decode_matches_reference(case, dtype, nan_outputs):
     Hq, Hkv, D, bs, seq_lens, q_lens, causal, window, softcap, splits = DECODE_CASES[case]
     pad = len(seq_lens) - sum(q_lens)
     b = paged_batch(seq_lens, q_lens, Hq, Hkv, D, bs, dtype, pad_tokens=pad)
@@ -165,10 +222,14 @@ FLASH_CASES = {
     "mqa3/1-s21-window-softcap": (1, 3, 1, 21, 21, 16, True, 5, 30.0),
     "noncausal-window": (1, 2, 2, 19, 19, 16, False, 5, 0.0),
     "fewer-queries-than-keys": (2, 2, 1, 7, 30, 16, True, 0, 0.0),
+    "d80-gqa4/2-s19-causal": (2, 4, 2, 19, 19, 80, True, 0, 0.0),
+    "d96-mqa2/1-fewer-queries-window-softcap": (1, 2, 1, 9, 26, 96, True, 7, 30.0),
+    "d8-noncausal": (1, 2, 2, 11, 11, 8, False, 0, 0.0),
 }
 
 
-@pytest.mark.parametrize("case, dtype", with_dtypes(FLASH_CASES, ["gqa4/2-s37-causal"]))
+@pytest.mark.parametrize("case, dtype", with_dtypes(FLASH_CASES, ["gqa4/2-s37-causal",
+                                                                  "d80-gqa4/2-s19-causal"]))
 def test_flash_attention_matches_reference(case, dtype):
     B, Hq, Hkv, S, L, D, causal, window, softcap = FLASH_CASES[case]
     g = torch.Generator().manual_seed(1)
@@ -230,9 +291,9 @@ def test_paged_attention_rejects_bad_inputs_with_shapes():
         call(q=torch.zeros(2, 4, 8, 16, device=DEVICE))
     with pytest.raises(ValueError, match=r"q \(1, 3, 8, 16\) does not fit the pool's 2 KV heads"):
         call(q=torch.zeros(1, 3, 8, 16, device=DEVICE))
-    with pytest.raises(ValueError, match="head dim 24 must be a power of two"):
-        call(q=torch.zeros(1, 4, 8, 24, device=DEVICE),
-             kv_pool=torch.zeros(2, 2, 4, 4, 2, 24, device=DEVICE))
+    with pytest.raises(ValueError, match="head dim 20 is not supported .* multiples of 8 from 8 to 256"):
+        call(q=torch.zeros(1, 4, 8, 20, device=DEVICE),
+             kv_pool=torch.zeros(2, 2, 4, 4, 2, 20, device=DEVICE))
     with pytest.raises(ValueError, match="float64"):
         call(q=b["q"].double())
     with pytest.raises(ValueError, match=r"N\+1 = 3 entries, got shape \(2,\)"):
@@ -241,6 +302,18 @@ def test_paged_attention_rejects_bad_inputs_with_shapes():
         call(seq_lens=b["seq_lens"].long())
     with pytest.raises(ValueError, match="layer 5 out of range for a pool of 2 layers"):
         call(layer=5)
+
+
+def test_check_head_dim_names_the_head_dim_and_what_is_served():
+    for d in (8, 24, 64, 80, 96, 112, 128, 200, 256):
+        attn.check_head_dim(d)
+    for d in (0, 4, 20, 100, 264, 320, 512):
+        with pytest.raises(ValueError, match=rf"head dim {d} is not supported by the Triton "
+                                             r"attention kernels, .*multiples of 8 from 8 to 256"):
+            attn.check_head_dim(d)
+    q = torch.zeros(1, 2, 4, 100, device=DEVICE)
+    with pytest.raises(ValueError, match="flash_attention: head dim 100 is not supported"):
+        attn.flash_attention(q, q, q, 1.0, True)
 
 
 def test_flash_and_write_reject_bad_inputs_with_shapes():

@@ -223,7 +223,7 @@ def analyze_graph(gm: fx.GraphModule, facts: dict, batch: int, seq: int, gpu: st
         raise ValueError("the cost model needs the graph's symbolic shapes, which a model loaded "
                          "from an artifact does not carry; analyze the model itself")
     spec = gpu_spec(gpu)
-    block_size = facts.get("kv", {}).get("block_size", 16)
+    block_size = getattr(facts.get("kv"), "block_size", 0) or 16
     phases = {}
     for phase in phases_for(graph_kind(gm)):
         phases[phase.name] = PhaseCost(phase, graph_costs(gm, phase, block_size, dtype), batch, seq, spec)

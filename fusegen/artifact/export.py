@@ -18,6 +18,7 @@ from fusegen.artifact.format import (FORMAT, FORMAT_VERSION, GRAPH, MANIFEST, SH
 from fusegen.codegen.pointwise import source_key
 from fusegen.compiler import CompiledModel
 from fusegen.fused_group import FusedGroup
+from fusegen.kv import KVGeometry
 from fusegen.ir import graph_tensors, graph_to_ir, value_to_json
 from fusegen.progress import Bar
 
@@ -136,6 +137,8 @@ def _manifest(compiled: CompiledModel, weights: dict, kernels: list[dict], has_t
     import triton
 
     facts = {k: v for k, v in compiled.facts.items() if k not in ("kernels", "hf_config")}
+    if isinstance(facts.get("kv"), KVGeometry):
+        facts["kv"] = facts["kv"].to_dict()
     report = compiled.report
     return {
         "format": FORMAT,

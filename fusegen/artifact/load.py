@@ -16,6 +16,7 @@ from fusegen.compiler import CompiledModel, CompileReport
 from fusegen.config import CompileConfig
 from fusegen.errors import ArtifactError, ArtifactFormatError, ArtifactMissingError
 from fusegen.fused_group import FusedGroup
+from fusegen.kv import KVGeometry
 from fusegen.ir import ir_to_graph_module, value_from_json
 from fusegen.passes.dump import PassRecord
 from fusegen.progress import Bar
@@ -55,8 +56,17 @@ def load(directory, device: str | torch.device | None = None, *, progress: bool 
     return compiled
 
 
+def _kv_geometry(data) -> KVGeometry:
+    try:
+        return KVGeometry.from_dict(data)
+    except TypeError as exc:
+        raise ArtifactFormatError(f"{MANIFEST}: facts.kv is not a KV geometry ({exc})") from None
+
+
 def _compiled_model(manifest: dict, gm, target: torch.device, kernels: list[dict]) -> CompiledModel:
     facts = value_from_json(manifest["facts"], MANIFEST)
+    if "kv" in facts:
+        facts["kv"] = _kv_geometry(facts["kv"])
     facts.update(device=target, kernels=kernels, hf_config=manifest["model"]["config"])
     records = [PassRecord(p["name"], p["changed"], p["seconds"], p["counters"],
                           Counter(p.get("node_counts", {})), p["nodes_made"]) for p in manifest["passes"]]

@@ -1,0 +1,234 @@
+"""Split-KV paged decode attention (Flash-Decoding), the ``T == N`` path of
+``fusegen.codegen.attention.paged_attention``.
+
+    launch_decode         _decode_split_kernel, grid (T, Hkv, NUM_SPLITS)
+                          + _decode_reduce_kernel, grid (T, Hq), when NUM_SPLITS > 1
+
+One program serves one token and one KV head: the GROUP query heads of that KV head are the
+rows of its tile, so each K/V tile is read once per group. A token's visible keys are cut
+into NUM_SPLITS ranges, each written as a partial (o_s, lse_s) to float32 buffers
+
+    part_out [T, Hq, NUM_SPLITS, HEAD_DIM]    part_lse [T, Hq, NUM_SPLITS]
+
+(real head dim, padded columns masked off) which the reduction combines. The split count
+comes from shapes only (``decode_num_splits``), so the launch can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fusegen.codegen.attention_common import (_TL_DTYPES, _attend_tiles, _dot_precision, _fail,
+                                              _load_tile, _next_pow2, _prev_pow2, _tile_mask,
+                                              head_dim_pad)
+
+# Split-KV decode: a split gets at least this many keys, and the split count aims at a few
+# programs per multiprocessor.
+DECODE_MIN_KEYS_PER_SPLIT = 256
+DECODE_MAX_SPLITS = 64
+DECODE_PROGRAMS_PER_SM = 2
+
+
+@triton.jit
+def _decode_split_kernel(Q, KPool, VPool, Out, PartOut, PartLse, BlockTables, SeqLens,
+                         QueryStartLoc,
+                         stride_qh, stride_qt, stride_qd,
+                         stride_kh, stride_kb, stride_kr, stride_kd,
+                         stride_oh, stride_ot, stride_od,
+                         stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
+                         stride_bt, num_seqs, qk_scale, cap_scale, window,
+                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, PAGE: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr, SEQS_PAD: tl.constexpr,
+                         CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
+                         DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Flash-Decoding (Dao, Haziza, Massa, Sizov 2023), split step, for one (token t, KV head,
+    split): the GROUP query heads sharing the KV head form the rows of one [GROUP_PAD, D_PAD]
+    tile, so each K/V tile is read once for the whole group.
+
+    The token's visible keys [lo, hi) (lo rounded down to a tile) are cut into NUM_SPLITS
+    ranges of equal size (a multiple of BLOCK_N); this program writes, for its range R,
+        o_s = sum_{j in R} 2^(s_j - m_s) V_j / l_s,   lse_s = m_s + log2 l_s  (log2 units),
+    an empty range giving o_s = 0, lse_s = -inf. With NUM_SPLITS == 1 it writes O directly.
+    Each packed token finds its own sequence (the n with qsl[n] <= t < qsl[n+1]) and its
+    position, so any batch with T == N tokens is handled, not only one query per sequence;
+    tokens no sequence owns come out as zeros.
+    """
+    tl.static_assert(GROUP_PAD >= 16 and GROUP_PAD >= GROUP, "query-head tile needs >= 16 rows")
+    tl.static_assert(BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
+    tl.static_assert((NUM_SPLITS & (NUM_SPLITS - 1)) == 0, "split count must be a power of two")
+    tl.static_assert(D_PAD >= 16 and (D_PAD & (D_PAD - 1)) == 0 and D_PAD >= HEAD_DIM,
+                     "D_PAD must be a power of two >= 16 covering HEAD_DIM")
+    t = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    offs_n = tl.arange(0, SEQS_PAD)
+    starts = tl.load(QueryStartLoc + offs_n, mask=offs_n <= num_seqs, other=2147483647)
+    idx = tl.sum((starts <= t).to(tl.int32), 0) - 1
+    owned = (idx >= 0) & (idx < num_seqs)
+    n = tl.minimum(tl.maximum(idx, 0), num_seqs - 1)
+    q_first = tl.load(QueryStartLoc + n)
+    q_len = tl.load(QueryStartLoc + n + 1) - q_first
+    kv_len = tl.load(SeqLens + n)
+    p = kv_len - q_len + (t - q_first)
+
+    lo = tl.where(window > 0, tl.maximum(p - window + 1, 0), 0)
+    if CAUSAL:
+        hi = tl.minimum(p + 1, kv_len)
+    else:
+        hi = kv_len
+    hi = tl.where(owned, tl.maximum(hi, lo), lo)
+    lo_tile = lo // BLOCK_N * BLOCK_N  # splits and tiles start at multiples of BLOCK_N
+    per_split = tl.cdiv(tl.cdiv(hi - lo_tile, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = lo_tile + split * per_split
+    stop = tl.minimum(start + per_split, hi)
+    # masked: the tile holding lo (window start); unmasked: whole tiles; masked: the last one
+    mid = start + tl.cdiv(tl.maximum(lo - start, 0), BLOCK_N) * BLOCK_N
+    full_stop = mid + tl.maximum(stop - mid, 0) // BLOCK_N * BLOCK_N
+
+    g = tl.arange(0, GROUP_PAD)
+    heads = (kvh * GROUP + g).to(tl.int64)
+    head_ok = g < GROUP
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    t64 = t.to(tl.int64)
+    q = _load_tile(Q + heads[:, None] * stride_qh + t64 * stride_qt + offs_d[None, :] * stride_qd,
+                   head_ok, d_ok, True, HEAD_DIM < D_PAD).to(DTYPE)
+    pos = tl.zeros([GROUP_PAD], dtype=tl.int32) + p
+    table = BlockTables + n.to(tl.int64) * stride_bt
+    k_base = KPool + kvh.to(tl.int64) * stride_kh
+    v_base = VPool + kvh.to(tl.int64) * stride_kh
+    acc = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, pos, k_base, v_base, table, start, mid,
+                                  stop, qk_scale, cap_scale, window, stride_kb, stride_kr,
+                                  stride_kd, stride_kb, stride_kr, stride_kd, PAGE, BLOCK_N,
+                                  HEAD_DIM, D_PAD, CAUSAL, SOFTCAP, True, True, DTYPE,
+                                  DOT_PRECISION)
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, pos, k_base, v_base, table, mid, full_stop,
+                                  stop, qk_scale, cap_scale, window, stride_kb, stride_kr,
+                                  stride_kd, stride_kb, stride_kr, stride_kd, PAGE, BLOCK_N,
+                                  HEAD_DIM, D_PAD, CAUSAL, SOFTCAP, True, False, DTYPE,
+                                  DOT_PRECISION)
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, pos, k_base, v_base, table, full_stop, stop,
+                                  stop, qk_scale, cap_scale, window, stride_kb, stride_kr,
+                                  stride_kd, stride_kb, stride_kr, stride_kd, PAGE, BLOCK_N,
+                                  HEAD_DIM, D_PAD, CAUSAL, SOFTCAP, True, True, DTYPE,
+                                  DOT_PRECISION)
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    mask = _tile_mask(head_ok, d_ok, HEAD_DIM < D_PAD)
+    if NUM_SPLITS == 1:
+        o_ptrs = Out + heads[:, None] * stride_oh + t64 * stride_ot + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask)
+    else:
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+        part = t64 * stride_pt + heads * stride_ph + split * stride_ps
+        tl.store(PartOut + part[:, None] + offs_d[None, :], out, mask=mask)
+        tl.store(PartLse + t64 * stride_lt + heads * stride_lh + split, lse, mask=head_ok)
+
+
+@triton.jit
+def _decode_reduce_kernel(PartOut, PartLse, Out, stride_pt, stride_ph, stride_ps,
+                          stride_lt, stride_lh, stride_oh, stride_ot, stride_od,
+                          NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """Flash-Decoding reduction (Dao et al. 2023) for one (token, query head):
+
+        M = max_s lse_s,  w_s = 2^(lse_s - M),  O = sum_s w_s o_s / sum_s w_s
+    (O = 0 when every split was empty, i.e. all lse_s = -inf). Columns HEAD_DIM..D_PAD of
+    the tile are padding: not read, not stored.
+    """
+    tl.static_assert((NUM_SPLITS & (NUM_SPLITS - 1)) == 0, "split count must be a power of two")
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    s = tl.arange(0, NUM_SPLITS)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    lse = tl.load(PartLse + t * stride_lt + h * stride_lh + s)
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)
+    o = _load_tile(PartOut + t * stride_pt + h * stride_ph + s[:, None] * stride_ps
+                   + offs_d[None, :], s < NUM_SPLITS, d_ok, False, HEAD_DIM < D_PAD)
+    total = tl.sum(w, 0)
+    out = tl.sum(o * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    o_ptrs = Out + h * stride_oh + t * stride_ot + offs_d * stride_od
+    if HEAD_DIM < D_PAD:
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=d_ok)
+    else:
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty))
+
+
+def default_decode_config(head_dim: int, on_cuda: bool) -> dict:
+    """Tiles of _decode_split_kernel. H100, bf16 GQA 32/8 D128, block_size 16, CUDA graph:
+    B1 L8k 2.1 TB/s, B1 L32k 2.45, B32 L4k 2.9 (BLOCK_N 32/128 and 4 warps measured no faster).
+    Chosen by the padded head dim (80 and 96 run as 128)."""
+    if not on_cuda:
+        return dict(BLOCK_N=16, num_warps=1, num_stages=1)
+    return dict(BLOCK_N=64 if head_dim_pad(head_dim) <= 128 else 32, num_warps=2, num_stages=3)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_num_splits(num_tokens: int, kv_heads: int, max_keys: int, multiprocessors: int) -> int:
+    """Split count from shapes only: about DECODE_PROGRAMS_PER_SM (token, KV head, split)
+    programs per multiprocessor, no split shorter than DECODE_MIN_KEYS_PER_SPLIT keys of the
+    longest possible context ``max_keys`` (block_tables width * block_size), rounded down to a
+    power of two. (H100, GQA 32/8, D 128: B1 L8k -> 32, B1 L32k -> 32, B32 L4k -> 2.)"""
+    want = triton.cdiv(DECODE_PROGRAMS_PER_SM * multiprocessors, max(1, num_tokens * kv_heads))
+    by_length = triton.cdiv(max(1, max_keys), DECODE_MIN_KEYS_PER_SPLIT)
+    return min(_prev_pow2(min(want, by_length)), DECODE_MAX_SPLITS)
+
+
+def launch_decode(q: Tensor, kv_pool: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,
+                  query_start_loc: Tensor, out: Tensor, qk_scale: float, cap_scale: float,
+                  causal: bool, window: int, softcap: float, num_splits) -> None:
+    """Decode attention of T == N packed tokens into ``out``; inputs already checked by
+    ``paged_attention``. ``num_splits`` None: ``decode_num_splits`` from the shapes."""
+    Hq, T, D = q.shape[1], q.shape[2], q.shape[3]
+    page, hkv = kv_pool.shape[3], kv_pool.shape[4]
+    N = seq_lens.numel()
+    group = Hq // hkv
+    if num_splits is None:
+        sms = _multiprocessors(q.device.index if q.device.index is not None
+                               else torch.cuda.current_device()) if q.is_cuda else 4
+        num_splits = decode_num_splits(T, hkv, block_tables.shape[1] * page, sms)
+    if num_splits < 1 or num_splits & (num_splits - 1):
+        _fail("paged_attention", f"num_splits must be a power of two, got {num_splits}")
+    cfg = default_decode_config(D, q.is_cuda)
+    k_pool, v_pool = kv_pool[layer, 0], kv_pool[layer, 1]
+    kb, kr, kh, kd = k_pool.stride()
+    if num_splits > 1:
+        part_out = torch.empty((T, Hq, num_splits, D), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((T, Hq, num_splits), dtype=torch.float32, device=q.device)
+    else:  # written straight to out; the pointers are unused
+        part_out = part_lse = out
+    _decode_split_kernel[(T, hkv, num_splits)](
+        q, k_pool, v_pool, out, part_out, part_lse, block_tables, seq_lens, query_start_loc,
+        q.stride(1), q.stride(2), q.stride(3),
+        kh, kb, kr, kd,
+        out.stride(1), out.stride(2), out.stride(3),
+        Hq * num_splits * D, num_splits * D, D, Hq * num_splits, num_splits,
+        block_tables.stride(0), N, qk_scale, cap_scale, window,
+        GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), PAGE=page, HEAD_DIM=D,
+        D_PAD=head_dim_pad(D), BLOCK_N=cfg["BLOCK_N"], NUM_SPLITS=num_splits,
+        SEQS_PAD=_next_pow2(N + 1), CAUSAL=bool(causal), SOFTCAP=softcap > 0.0,
+        DTYPE=_TL_DTYPES[q.dtype], DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if num_splits > 1:
+        _decode_reduce_kernel[(T, Hq)](
+            part_out, part_lse, out,
+            Hq * num_splits * D, num_splits * D, D, Hq * num_splits, num_splits,
+            out.stride(1), out.stride(2), out.stride(3),
+            NUM_SPLITS=num_splits, HEAD_DIM=D, D_PAD=head_dim_pad(D),
+            num_warps=4 if q.is_cuda else 1)

@@ -118,6 +118,11 @@ def hf_padded(model, prompts) -> float:
     return len(prompts) * NEW / timed(lambda: model.generate(ids, **kw))
 
 
+def reset_prefix_cache(engine) -> None:
+    """Forget the engine's cached prefixes, so that a measurement computes its prompts again."""
+    engine.kv.pool.reset_cache()
+
+
 def step_summary(log) -> dict[str, dict]:
     """Per step kind of an engine's ``step_log``: steps, tokens and sequences per step, host ms
     spent in ``step()`` and GPU ms between the step's CUDA events (median, mean), and the share
@@ -167,7 +172,7 @@ def fusegen_decode(engine, prompts: list[list[int]], reset: bool) -> tuple[float
     """Decode ms per step for ``prompts`` decoding together: (NEW + 1 tokens - 1 token) / NEW,
     with the step log of the NEW + 1 call; ``reset`` clears the prefix cache before each call so
     that every call computes its prefill."""
-    before = engine.runner.pool.reset_cache if reset else None
+    before = (lambda: reset_prefix_cache(engine)) if reset else None
     engine.generate_batch(prompts, 4, eos_token_ids=[])  # warm-up: Triton compiles
     full, log = timed_steps(engine, lambda: engine.generate_batch(prompts, NEW + 1, eos_token_ids=[]), 2, before)
     one, _ = timed_steps(engine, lambda: engine.generate_batch(prompts, 1, eos_token_ids=[]), 2, before)
@@ -197,7 +202,7 @@ def fusegen_measures(model, prompts, long_prompt, short_prompt) -> dict:
     engine.generate_batch(prompts, 8, eos_token_ids=[])  # warm-up: kernels for every batch shape
     # the timed run computes its prompts again
     t, log = timed_steps(engine, lambda: engine.generate_batch(prompts, NEW, eos_token_ids=[]), 1,
-                         before=engine.runner.pool.reset_cache)
+                         before=lambda: reset_prefix_cache(engine))
     steps["workload_64"] = step_summary(log)
     batch = [[rng.randrange(3, vocab) for _ in range(32)] for _ in range(64)]
     decode64_ms, steps["decode_b64"] = fusegen_decode(engine, batch, reset=True)
@@ -242,10 +247,14 @@ def print_steps(steps: dict) -> None:
           "   (medians per step)")
     for phase, kinds in steps.items():
         for kind, s in kinds.items():
-            print(f"  {phase:13} {kind:8} {s['steps']:5d} {s['host_ms_median']:8.3f} {fmt(s['gpu_ms_median'], '8.3f')} "
-                  f"{fmt(s.get('wall_ms_per_step'), '8.3f')} {fmt(s.get('wall_over_gpu'), '7.3f')}x")
-    ratios = [(b, steps[p].get("decode", {}).get("wall_over_gpu")) for b, p in (("1", "decode_b1"), ("64", "decode_b64"))]
-    print("  decode wall / GPU busy per step: " + ", ".join(f"batch {b} {fmt(r, '.3f')}x" for b, r in ratios)
+            ratio = s.get("wall_over_gpu")
+            print(f"  {phase:13} {kind:8} {s['steps']:5d} {s['host_ms_median']:8.3f} "
+                  f"{fmt(s['gpu_ms_median'], '.3f'):>8} {fmt(s.get('wall_ms_per_step'), '.3f'):>8} "
+                  f"{fmt(ratio, '.3f') + ('x' if ratio else ''):>8}")
+    ratios = [(b, steps[p].get("decode", {}).get("wall_over_gpu"))
+              for b, p in (("1", "decode_b1"), ("64", "decode_b64"))]
+    print("  decode wall / GPU busy per step: " + ", ".join(f"batch {b} {fmt(r, '.3f')}{'x' if r else ''}"
+                                                        for b, r in ratios)
           + f" (target <= {DECODE_TARGET}x)")
 
 

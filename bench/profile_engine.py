@@ -1,54 +1,119 @@
-"""Where an engine step's time goes on the GPU: torch.profiler over the 64-request workload
-of bench/e2e.py on the Llama-3.2-1B config (random bf16 weights).
+"""Where an engine step's time goes: host versus GPU per step kind, and a torch.profiler view
+of decode steps, on a random-weight bf16 Llama config.
 
-    python bench/profile_engine.py [--model 1b] [--requests 64]
+    python bench/profile_engine.py [--model 1b] [--requests 64] [--out bench/results/profile_1b.json]
+
+For decode at batch 1 and at batch ``--requests`` and for a fresh 2048-token prefill:
+wall time per step (CUDA-synchronised host clock over many steps), the engine's own
+per-step host time and GPU time (events around each step's GPU work), and, from the
+profiler, the GPU busy time per step (the union of kernel intervals) and kernels per step.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import random
+import statistics
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import fusegen
-from e2e import NEW, build, workload
+from e2e import build
+
+
+def busy_ms(prof) -> tuple[float, int]:
+    """Union of the GPU kernel intervals (ms) and the kernel count in a profile."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    total, end = 0, None
+    for a, b in spans:
+        if end is None or a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total / 1e3, len(spans)
+
+
+def decode_steps(engine, prompts, steps: int) -> dict:
+    for p in prompts:
+        engine.add_request(p, steps + 40, eos_token_ids=[])
+    while len(engine.scheduler.running) < len(prompts) or any(r.remaining > 1 for r in engine.scheduler.running):
+        engine.step()
+    for _ in range(5):
+        engine.step()
+    engine.step_log.clear()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / steps * 1e3
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            engine.step()
+        torch.cuda.synchronize()
+    busy, kernels = busy_ms(prof)
+    log = [r for r in engine.step_log if r.kind == "decode" and r.gpu_ms is not None][:steps]
+    out = {"batch": len(prompts), "wall_ms_per_step": wall, "gpu_busy_ms_per_step": busy / 20,
+           "kernels_per_step": kernels / 20,
+           "engine_host_ms": statistics.median(r.host_ms for r in log),
+           "engine_gpu_ms": statistics.median(r.gpu_ms for r in log),
+           "graph_steps": sum(r.graph for r in log), "steps": len(log)}
+    out["wall_over_busy"] = out["wall_ms_per_step"] / out["gpu_busy_ms_per_step"]
+    for rid in list(engine.scheduler.requests):
+        engine.abort(rid)
+    while engine.has_unfinished():
+        engine.step()
+    return out
+
+
+def prefill(engine, vocab: int, length: int) -> dict:
+    rng = random.Random(5)
+    fresh = lambda: [rng.randrange(3, vocab) for _ in range(length)]
+    engine.generate_batch([fresh()], 1, eos_token_ids=[])
+    times = []
+    for _ in range(5):
+        prompt = fresh()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        engine.generate_batch([prompt], 1, eos_token_ids=[])
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.generate_batch([fresh()], 1, eos_token_ids=[])
+        torch.cuda.synchronize()
+    busy, kernels = busy_ms(prof)
+    record = engine.step_log[-1]
+    return {"tokens": length, "ttft_ms": statistics.median(times), "gpu_busy_ms": busy, "kernels": kernels,
+            "engine_host_ms": record.host_ms, "engine_gpu_ms": record.gpu_ms, "graph": record.graph}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="1b")
     parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--out", default=None)
     args = parser.parse_args()
     model = build(args.model)
+    vocab = model.config.vocab_size
     compiled = fusegen.compile(model, "max_seq_len=4096,max_num_seqs=64,max_num_batched_tokens=4096")
     engine = compiled.engine()
-    prompts = workload(model.config.vocab_size)[: args.requests]
-    engine.generate_batch(prompts[:8], 8, eos_token_ids=[])
-    for p in prompts:
-        engine.add_request(p, NEW, eos_token_ids=[])
-    steps, kinds = [], []
-    while engine.has_unfinished():
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        events = engine.step()
-        torch.cuda.synchronize()
-        steps.append(time.perf_counter() - start)
-        kinds.append(len(events))
-    decode = [t for t, n in zip(steps, kinds) if n == len(prompts)]
-    print(f"{len(steps)} steps, {sum(steps):.2f} s; full decode steps: {len(decode)}, "
-          f"median {sorted(decode)[len(decode) // 2] * 1e3:.2f} ms" if decode else "")
-    for p in prompts:
-        engine.add_request(p, 32, eos_token_ids=[])
-    while len(engine.step()) < len(prompts):  # until every request is decoding
-        pass
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            engine.step()
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
+    rng = random.Random(0)
+    prompt = lambda: [rng.randrange(3, vocab) for _ in range(32)]
+    results = {"device": torch.cuda.get_device_name(), "model": args.model, "setup": engine.setup,
+               "decode_b1": decode_steps(engine, [prompt()], 100),
+               f"decode_b{args.requests}": decode_steps(engine, [prompt() for _ in range(args.requests)], 50),
+               "prefill_2048": prefill(engine, vocab, 2048)}
+    results["setup"]["buckets"] = [list(b) for b in results["setup"]["buckets"]]
+    print(json.dumps(results, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":

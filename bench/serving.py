@@ -34,13 +34,14 @@ import random
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig
 
 import fusegen
-from e2e import CONFIGS, ENGINE_CONFIG, build, copy_bandwidth, step_summary  # same models and engine
+from e2e import CONFIGS, ENGINE_CONFIG, build, copy_bandwidth, reset_prefix_cache, step_summary  # same as e2e
 
 PROMPT_LEN = (32, 2048)
 OUTPUT_LEN = (16, 512)
@@ -100,12 +101,17 @@ def drive(engine, requests: list[Request], arrivals: list[float]) -> Trace:
         now = time.perf_counter() - start
         for event in events:
             token_times[index[event.request_id]].append(now)
+    return checked_trace("fusegen", requests, list(arrivals), token_times)
+
+
+def checked_trace(system: str, requests: list[Request], arrivals: list[float], token_times) -> Trace:
+    """The run's trace, once every request got exactly its max_new_tokens (eos is disabled)."""
     short = [(i, len(t), r.max_new_tokens) for i, (t, r) in enumerate(zip(token_times, requests))
              if len(t) != r.max_new_tokens]
     if short:
-        raise RuntimeError(f"{len(short)} of {len(requests)} requests got another token count than asked "
-                           f"(request, got, asked): {short[:5]}")
-    return Trace(list(arrivals), token_times, sum(len(r.prompt) for r in requests))
+        raise RuntimeError(f"{system}: {len(short)} of {len(requests)} requests got another token count than "
+                           f"asked (request, got, asked): {short[:5]}")
+    return Trace(arrivals, token_times, sum(len(r.prompt) for r in requests))
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -142,10 +148,12 @@ def latency_stats(trace: Trace) -> dict:
 
 def run_rate(engine, requests: list[Request], rate: float, seed) -> dict:
     arrivals = poisson_arrivals(len(requests), rate, f"arrivals-{seed}-{rate}")
-    engine.runner.pool.reset_cache()  # no prefix reuse from an earlier rate
+    reset_prefix_cache(engine)  # no prefix reuse from an earlier rate
     engine.step_log.clear()
+    counters = Counter(getattr(engine, "stats", None) or {})  # scheduler counters, where the engine has them
     out = {"rate": rate if math.isfinite(rate) else "inf", **latency_stats(drive(engine, requests, arrivals))}
     out["steps"] = step_summary(list(engine.step_log))
+    out["engine_stats"] = dict(Counter(getattr(engine, "stats", None) or {}) - counters)
     return out
 
 
@@ -182,34 +190,38 @@ def hf_collect(manager, count: int) -> dict:
     return results
 
 
-def hf_once(model, requests: list[Request]) -> tuple[Trace, float]:
+def hf_once(model, requests: list[Request], config: GenerationConfig, hints, keep: bool) -> tuple[Trace, float]:
     """All ``requests`` at once through HF's continuous-batching manager (what generate_batch
-    runs), each with its own max_new_tokens; token times from HF's own per-token stamps."""
-    from transformers.generation.continuous_batching.utils import WorkloadHints
-
-    config = GenerationConfig(max_new_tokens=max(r.max_new_tokens for r in requests), do_sample=False,
-                              eos_token_id=None, pad_token_id=0)  # eos None: HF sets -1, disabled
-    hints = WorkloadHints(max_prompt_length=max(len(r.prompt) for r in requests),
-                          max_generated_length=config.max_new_tokens, num_requests=len(requests))
+    runs), each with its own max_new_tokens; token times from HF's own per-token stamps. With
+    ``keep`` the manager (its cache and captured CUDA graphs) stays on the model for the next call."""
     start = time.perf_counter()
     with model.continuous_batching_context_manager(generation_config=config, block=True, timeout=5,
-                                                   workload_hints=hints) as manager:
-        setup_s = time.perf_counter() - start  # the manager's cache and CUDA-graph warm-up
+                                                   workload_hints=hints, persistent_manager=keep) as manager:
+        setup_s = time.perf_counter() - start  # a new manager's cache and CUDA-graph warm-up
         start = time.perf_counter()
         ids = [manager.add_request(r.prompt, max_new_tokens=r.max_new_tokens, eos_token_id=-1, record_timestamps=True)
                for r in requests]
         results = hf_collect(manager, len(ids))
     times = [[ts - start for ts in results[i].timestamps] for i in ids]
-    short = [(n, len(t), r.max_new_tokens) for n, (t, r) in enumerate(zip(times, requests)) if len(t) != r.max_new_tokens]
-    if short:
-        raise RuntimeError(f"HF: {len(short)} requests got another token count than asked: {short[:5]}")
-    return Trace([0.0] * len(requests), times, sum(len(r.prompt) for r in requests)), setup_s
+    return checked_trace("HF", requests, [0.0] * len(requests), times), setup_s
 
 
 def hf_baseline(model, requests: list[Request]) -> dict | str:
+    """HF on ``requests`` all at once, after a warm-up on 8 of them (16 tokens each) with the same
+    manager (sized for all), as fusegen's engine is warm; the manager's own set-up is reported apart."""
     try:
-        hf_once(model, requests[:8])  # warm-up
-        trace, setup_s = hf_once(model, requests)
+        from transformers.generation.continuous_batching.utils import WorkloadHints
+
+        config = GenerationConfig(max_new_tokens=max(r.max_new_tokens for r in requests), do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)  # eos None: HF sets -1, disabled
+        hints = WorkloadHints(max_prompt_length=max(len(r.prompt) for r in requests),
+                              max_generated_length=config.max_new_tokens, num_requests=len(requests))
+        try:
+            warm = [Request(r.prompt, min(r.max_new_tokens, 16)) for r in requests[:8]]
+            _, setup_s = hf_once(model, warm, config, hints, keep=True)
+            trace, _ = hf_once(model, requests, config, hints, keep=False)
+        finally:
+            model.destroy_cached_continuous_batching_manager()
         return {"manager_setup_s": setup_s, **latency_stats(trace)}
     except Exception as exc:  # the API is young; record why it did not run
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
@@ -237,7 +249,7 @@ def print_table(results: dict) -> None:
     if isinstance(results["hf"], dict):
         rows.append(("HF inf", results["hf"]))
     for name, r in rows:
-        print(f"{name:>7} {r['request_throughput']:6.2f} {r['output_tok_s']:9.0f} {p50_p99(r['ttft_ms'], '.0f'):>17} "
+        print(f"{name:>7} {r['request_throughput']:6.1f} {r['output_tok_s']:9.0f} {p50_p99(r['ttft_ms'], '.0f'):>17} "
               f"{p50_p99(r['tpot_ms'], '.2f'):>16} {p50_p99(r['itl_ms'], '.2f'):>15} "
               f"{p50_p99(r['e2e_ms'], '.1f', 1e-3):>14}")
     print(f"{'rate/s':>7} {'kind':8} {'steps':>6} {'tokens':>7} {'host ms med/mean':>17} {'GPU ms med/mean':>16} "
@@ -246,7 +258,7 @@ def print_table(results: dict) -> None:
         for kind, s in r["steps"].items():
             print(f"{str(r['rate']):>7} {kind:8} {s['steps']:6d} {s['tokens_mean']:7.0f} "
                   f"{s['host_ms_median']:8.2f}/{s['host_ms_mean']:<8.2f} "
-                  f"{fmt(s['gpu_ms_median'], '7.2f')}/{fmt(s['gpu_ms_mean'], '<8.2f')} {s['graph_share']:6.0%}")
+                  f"{fmt(s['gpu_ms_median'], '.2f'):>7}/{fmt(s['gpu_ms_mean'], '.2f'):<8} {s['graph_share']:6.0%}")
     hf = results["hf"]
     if isinstance(hf, dict):
         print(f"all at once, {hf['requests']} requests: fusegen {results['ratio_basis_tok_s']:.0f} out tok/s, "
@@ -266,6 +278,8 @@ def main() -> None:
     parser.add_argument("--hf-requests", type=int, help="HF baseline on the first N requests (default: all; 0 skips)")
     parser.add_argument("--out", help="JSON results (default bench/results/serving_<model>.json)")
     args = parser.parse_args()
+    if args.requests < 1 or any(not r > 0 for r in args.rates or []):
+        parser.error(f"--requests must be >= 1 and --rates > 0 (got {args.requests}, {args.rates})")
     if not torch.cuda.is_available():
         sys.exit("bench/serving.py: error: a CUDA GPU is needed (torch.cuda.is_available() is False)")
     rates = sorted(set(args.rates or DEFAULT_RATES[args.model]) | {math.inf})
@@ -285,6 +299,7 @@ def main() -> None:
         results["fusegen"] = fusegen_serving(model, requests, rates, args.seed, hf_requests)
         gc.collect()
         torch.cuda.empty_cache()  # the engine's pool and graphs go before HF sizes its cache
+        results["hf_start_allocated_GB"] = torch.cuda.memory_allocated() / 1e9
         results["hf"] = hf_baseline(model, requests[:hf_requests]) if hf_requests else "skipped (--hf-requests 0)"
     if isinstance(results["hf"], dict):
         basis = results["fusegen"].get("subset") or results["fusegen"]["rates"][-1]  # inf sorts last

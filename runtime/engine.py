@@ -151,15 +151,18 @@ class Engine:
         return _InFlight(plan, tokens, done, start, record)
 
     def _sample(self, plan: StepPlan, logits: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+        params = [r.sampling for r in plan.requests]
+        any_random = any(not p.greedy for p in params)
+        any_penalty = any(p.repetition_penalty != 1.0 for p in params)
+        if not (any_random or any_penalty):
+            return logits.argmax(-1)
         batch = self.batch
         rows = entries[0].long()
-        params = [r.sampling for r in plan.requests]
         lengths = (entries[1] + entries[2]).long()
         sampling = SamplingRows(batch.temperature[rows], batch.top_k[rows], batch.top_p[rows],
                                 batch.repetition_penalty[rows], batch.seed[rows], lengths,
-                                any_random=any(not p.greedy for p in params),
-                                any_penalty=any(p.repetition_penalty != 1.0 for p in params))
-        history = batch.history(rows) if sampling.any_penalty else None
+                                any_random=any_random, any_penalty=any_penalty)
+        history = batch.history(rows) if any_penalty else None
         return sample(logits, sampling, history, lengths)
 
     def _to_host(self, sampled: torch.Tensor):
@@ -230,7 +233,9 @@ class Engine:
 
 
 def _kind(plan: StepPlan) -> str:
-    decodes = sum(1 for c, s in zip(plan.counts, plan.sampling) if c == 1 and s)
+    """A decode entry computes one generated token; everything else is prefill."""
+    decodes = sum(1 for r, s, c in zip(plan.requests, plan.starts, plan.counts)
+                  if c == 1 and s >= len(r.prompt))
     if decodes == len(plan.counts):
         return "decode"
     return "prefill" if decodes == 0 else "mixed"

@@ -103,7 +103,7 @@ def test_gqa_converted_weights_are_what_is_stored(tmp_path):
     calibration = torch.randint(3, 128, (2, 32), generator=torch.Generator().manual_seed(0))
     compiled = fusegen.compile(mini_model("llama"), "gqa_kv_heads=1", calibration_ids=calibration)
     loaded = fusegen.load(compiled.save(tmp_path / "gqa"))
-    assert loaded.facts["kv"]["kv_heads"] == 1
+    assert loaded.facts["kv"].kv_heads == 1
     ids = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(1))
     assert torch.equal(loaded.generate(ids, 10), compiled.generate(ids, 10))
 

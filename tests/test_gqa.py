@@ -254,8 +254,8 @@ def test_compiled_gqa_model_caches_fewer_heads_and_generates(converted):
     assert (counters["convert_mha_to_gqa.kv_bytes_per_token_after"] * HEADS
             == counters["convert_mha_to_gqa.kv_bytes_per_token_before"] * target)
     assert compiled.kind == "paged"
-    assert compiled.facts["kv"]["kv_heads"] == target
-    assert compiled.facts["kv"]["query_heads"] == HEADS
+    assert compiled.facts["kv"].kv_heads == target
+    assert compiled.facts["kv"].query_heads == HEADS
     gm = compiled.graph_module
     pool = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.target == "kv_pool")
     assert val(pool).shape[4] == target

@@ -36,7 +36,7 @@ from fusegen.fused_group import FusedGroup
 from fusegen.onnx_view import to_onnx
 from fusegen.passes.cleanup_graph import cleanup_graph
 from fusegen.passes.infra import PassContext
-from fusegen.runtime.paged import PagedRunner, Sequence
+from fusegen.runtime.paged import Chunk, PagedRunner, packed_inputs
 from helpers import assert_close_report
 
 ops = torch.ops.fusegen
@@ -328,8 +328,8 @@ def test_paged_step_runs_like_the_fx_graph(exported):
     """One packed prefill of two sequences: attention sees K/V only if it reads the written pool."""
     compiled, path = exported("llama-paged")
     runner = PagedRunner(compiled.graph_module, compiled.facts["kv"], num_blocks=4, device="cpu")
-    seqs = [Sequence([5, 9, 17, 3, 8]), Sequence([7, 2, 11])]
-    inputs = runner.step_inputs(seqs, [5, 3])
+    chunks = [Chunk([5, 9, 17, 3, 8], [0, 1, 2, 3, 4], 0, [2]), Chunk([7, 2, 11], [0, 1, 2], 0, [0])]
+    inputs = packed_inputs(runner, chunks)
     feeds = {k: v.clone().numpy() for k, v in inputs.items()}
     with torch.no_grad():
         want = compiled.graph_module(**inputs)

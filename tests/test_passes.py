@@ -33,7 +33,10 @@ from fusegen.passes.infra import PROVENANCE, PassContext, call_nodes, node_count
 from fusegen.passes.normalize_graph import normalize_graph
 from fusegen.passes.pipeline import run_pipeline
 from fusegen.runtime.block_pool import BlockPool
-from fusegen.runtime.paged import PagedRunner, Sequence
+from fusegen.kv import PAGED_INPUTS, KVGeometry
+from fusegen.runtime.batch import BatchState
+from fusegen.runtime.kv_manager import KVCacheManager
+from fusegen.runtime.paged import Chunk, PagedRunner, packed_inputs
 from helpers import assert_close_report
 
 aten = torch.ops.aten
@@ -766,8 +769,8 @@ def test_insert_kv_cache_graph(dense):
     cache = next(n for n in gm.graph.nodes if n.target == "kv_cache")
     shape = val(cache).shape
     assert (shape[0], shape[1], shape[3], shape[5]) == (LAYERS, 2, KV_HEADS, HEAD_DIM)
-    assert dense.facts["kv"] == {"layers": LAYERS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
-                                 "dtype": torch.float32, "query_heads": HEADS}
+    assert dense.facts["kv"] == KVGeometry(layers=LAYERS, kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+                                           dtype=torch.float32, query_heads=HEADS)
     _check_provenance(gm, "insert_kv_cache",
                       {ops.dense_kv_write.default, ops.dense_kv_attention.default, "kv_cache"})
     _check_rotary_groups(gm, q_reader=(ops.dense_kv_attention.default, 0, 2),
@@ -779,6 +782,7 @@ def test_insert_paged_blocks_graph(paged):
     assert paged.kind == "paged"
     assert _placeholders(gm) == ["input_ids", "position_ids", "kv_pool", "slot_mapping",
                                  "block_tables", "seq_lens", "query_start_loc", "logits_indices"]
+    assert tuple(_placeholders(gm)) == PAGED_INPUTS   # the names the runtime feeds
     assert _stats(paged, "insert_paged_blocks") == {"paged_writes": LAYERS, "paged_attention": LAYERS}
     writes = call_nodes(gm, ops.paged_kv_write.default)
     reads = call_nodes(gm, ops.paged_attention.default)
@@ -793,7 +797,7 @@ def test_insert_paged_blocks_graph(paged):
     pool = next(n for n in gm.graph.nodes if n.target == "kv_pool")
     shape = val(pool).shape
     assert (shape[0], shape[1], shape[3], shape[4], shape[5]) == (LAYERS, 2, 16, KV_HEADS, HEAD_DIM)
-    assert paged.facts["kv"]["block_size"] == 16
+    assert paged.facts["kv"].block_size == 16
     # the LM head (the graph's output) reads index_select(hidden, 1, logits_indices): [1, R, V]
     (picked,) = call_nodes(gm, aten.index_select.default)
     indices = next(n for n in gm.graph.nodes if n.target == "logits_indices")
@@ -915,38 +919,65 @@ def _hf_logits(model, tokens: list[int]) -> torch.Tensor:
     return _logits(model, torch.tensor([tokens]))[0]
 
 
-def test_paged_prefill_two_prompts_then_decode(llama, paged):
-    runner = PagedRunner(paged.graph_module, paged.facts["kv"], num_blocks=8, device="cpu")
-    seqs = [Sequence(_prompt(14, seed=1)), Sequence(_prompt(19, seed=2))]
+class Packed:
+    """Drives the paged graph by hand: a KV-cache manager hands out blocks, chunks are
+    packed on the host (what the engine does on the device)."""
 
-    logits = runner.step(seqs, [14, 19])  # one packed prefill, T = 33
+    def __init__(self, paged, num_blocks):
+        self.kv = KVCacheManager(num_blocks, paged.facts["kv"].block_size, enable_prefix_caching=False)
+        self.runner = PagedRunner(paged.graph_module, paged.facts["kv"], num_blocks, device="cpu")
+        self.gm = paged.graph_module
+        self.cached: dict[int, int] = {}
+
+    def inputs(self, seqs: dict[int, list[int]], counts: list[int], last_only=False) -> dict:
+        chunks = []
+        for (rid, tokens), n in zip(seqs.items(), counts):
+            start = self.cached.get(rid, 0)
+            if not self.kv.holds(rid):
+                self.kv.admit(rid, tokens, n)
+            assert self.kv.grow(rid, start + n) is not None
+            chunks.append(Chunk(tokens[start:start + n], list(range(start, start + n)), start,
+                                self.kv.blocks(rid)))
+            self.cached[rid] = start + n
+        return packed_inputs(self.runner, chunks, last_only)
+
+    def step(self, seqs, counts, last_only=False) -> torch.Tensor:
+        with torch.no_grad():
+            return self.gm(**self.inputs(seqs, counts, last_only))[0]
+
+
+def test_paged_prefill_two_prompts_then_decode(llama, paged):
+    packed = Packed(paged, num_blocks=8)
+    seqs = {0: _prompt(14, seed=1), 1: _prompt(19, seed=2)}
+
+    logits = packed.step(seqs, [14, 19])  # one packed prefill, T = 33
     assert logits.shape == (33, VOCAB)
-    assert_close_report(logits[:14], _hf_logits(llama, seqs[0].tokens), atol=1e-4, rtol=1e-4)
-    assert_close_report(logits[14:], _hf_logits(llama, seqs[1].tokens), atol=1e-4, rtol=1e-4)
-    assert [s.blocks for s in seqs] == [[0], [1, 2]]
+    assert_close_report(logits[:14], _hf_logits(llama, seqs[0]), atol=1e-4, rtol=1e-4)
+    assert_close_report(logits[14:], _hf_logits(llama, seqs[1]), atol=1e-4, rtol=1e-4)
+    assert [packed.kv.blocks(r) for r in seqs] == [[0], [1, 2]]
     last = logits[[13, 32]]
 
     for step in range(4):  # sequence 0 crosses the block boundary at 16 tokens
-        for seq, row in zip(seqs, last):
-            seq.append(int(row.argmax()))
-        last = runner.step(seqs, [1, 1])
+        for tokens, row in zip(seqs.values(), last):
+            tokens.append(int(row.argmax()))
+        last = packed.step(seqs, [1, 1])
         assert last.shape == (2, VOCAB)
-        for seq, row in zip(seqs, last):
-            assert_close_report(row, _hf_logits(llama, seq.tokens)[-1], atol=1e-4, rtol=1e-4,
-                                msg=f"decode step {step}, {len(seq.tokens)} tokens")
-    assert [s.num_cached for s in seqs] == [18, 23]
-    assert [s.blocks for s in seqs] == [[0, 3], [1, 2]]
-    for seq in seqs:
-        runner.release(seq)
-    assert runner.pool.num_free == 8
+        for tokens, row in zip(seqs.values(), last):
+            assert_close_report(row, _hf_logits(llama, tokens)[-1], atol=1e-4, rtol=1e-4,
+                                msg=f"decode step {step}, {len(tokens)} tokens")
+    assert packed.cached == {0: 18, 1: 23}
+    assert [packed.kv.blocks(r) for r in seqs] == [[0, 3], [1, 2]]
+    for rid in seqs:
+        packed.kv.free(rid)
+    assert packed.kv.pool.num_free == 8
 
 
 def test_paged_graph_computes_logits_of_the_rows_logits_indices_picks(llama, paged):
-    runner = PagedRunner(paged.graph_module, paged.facts["kv"], num_blocks=4, device="cpu")
-    seqs = [Sequence(_prompt(7, seed=6)), Sequence(_prompt(12, seed=7))]
-    inputs = runner.step_inputs(seqs, [7, 12], last_only=True)
+    packed = Packed(paged, num_blocks=4)
+    seqs = {0: _prompt(7, seed=6), 1: _prompt(12, seed=7)}
+    inputs = packed.inputs(seqs, [7, 12], last_only=True)
     assert inputs["logits_indices"].tolist() == [6, 18]  # the last packed token of each sequence
-    want = torch.cat([_hf_logits(llama, s.tokens) for s in seqs])  # [19, V], packed order
+    want = torch.cat([_hf_logits(llama, s) for s in seqs.values()])  # [19, V], packed order
     inputs["logits_indices"] = torch.tensor([18, 0, 6, 9, 6], dtype=torch.int32)
     with torch.no_grad():
         got = paged.graph_module(**inputs)
@@ -955,37 +986,64 @@ def test_paged_graph_computes_logits_of_the_rows_logits_indices_picks(llama, pag
 
 
 def test_paged_step_last_only(llama, paged):
-    runner = PagedRunner(paged.graph_module, paged.facts["kv"], num_blocks=4, device="cpu")
-    seqs = [Sequence(_prompt(7, seed=6)), Sequence(_prompt(12, seed=7))]
-    last = runner.step(seqs, [7, 12], last_only=True)
+    packed = Packed(paged, num_blocks=4)
+    seqs = {0: _prompt(7, seed=6), 1: _prompt(12, seed=7)}
+    last = packed.step(seqs, [7, 12], last_only=True)
     assert last.shape == (2, VOCAB)
-    for seq, row in zip(seqs, last):
-        assert_close_report(row, _hf_logits(llama, seq.tokens)[-1], atol=1e-4, rtol=1e-4)
-    assert [s.num_cached for s in seqs] == [7, 12]
+    for tokens, row in zip(seqs.values(), last):
+        assert_close_report(row, _hf_logits(llama, tokens)[-1], atol=1e-4, rtol=1e-4)
 
 
 def test_paged_chunked_prefill(llama, paged):
-    runner = PagedRunner(paged.graph_module, paged.facts["kv"], num_blocks=4, device="cpu")
+    packed = Packed(paged, num_blocks=4)
     prompt = _prompt(21, seed=3)
-    seq = Sequence(list(prompt))
     want = _hf_logits(llama, prompt)
-
-    first = runner.step([seq], [5])
+    first = packed.step({0: prompt}, [5])
     assert_close_report(first, _hf_logits(llama, prompt[:5]), atol=1e-4, rtol=1e-4)
-    rest = runner.step([seq], [len(prompt) - 5])
+    rest = packed.step({0: prompt}, [len(prompt) - 5])
     assert rest.shape == (16, VOCAB)
     assert_close_report(rest, want[5:], atol=1e-4, rtol=1e-4)
-    assert seq.num_cached == 21 and seq.blocks == [0, 1]
+    assert packed.cached == {0: 21} and packed.kv.blocks(0) == [0, 1]
 
 
 def test_paged_step_mixes_a_prefill_chunk_and_a_decode(llama, paged):
-    runner = PagedRunner(paged.graph_module, paged.facts["kv"], num_blocks=4, device="cpu")
-    a, b = Sequence(_prompt(6, seed=4)), Sequence(_prompt(9, seed=5))
-    runner.step([a, b], [6, 4])  # a whole, b's first chunk
-    a.append(7)
-    logits = runner.step([a, b], [1, 5])  # a decodes while b finishes its prefill
-    assert_close_report(logits[0], _hf_logits(llama, a.tokens)[-1], atol=1e-4, rtol=1e-4)
-    assert_close_report(logits[1:], _hf_logits(llama, b.tokens)[4:], atol=1e-4, rtol=1e-4)
+    packed = Packed(paged, num_blocks=4)
+    seqs = {0: _prompt(6, seed=4), 1: _prompt(9, seed=5)}
+    packed.step(seqs, [6, 4])  # a whole, b's first chunk
+    seqs[0].append(7)
+    logits = packed.step(seqs, [1, 5])  # a decodes while b finishes its prefill
+    assert_close_report(logits[0], _hf_logits(llama, seqs[0])[-1], atol=1e-4, rtol=1e-4)
+    assert_close_report(logits[1:], _hf_logits(llama, seqs[1])[4:], atol=1e-4, rtol=1e-4)
+
+
+def test_device_side_step_inputs_match_the_host_packing(llama, paged):
+    """BatchState.step_inputs (the engine's, on the device, padded) computes what the host
+    packing computes for the same chunks; padding tokens write nothing."""
+    packed = Packed(paged, num_blocks=8)
+    seqs = {0: _prompt(6, seed=4), 1: _prompt(9, seed=5), 2: _prompt(3, seed=8)}
+    packed.step({0: seqs[0], 1: seqs[1]}, [6, 4])
+    seqs[0].append(7)
+    want = packed.inputs(seqs, [1, 5, 3], last_only=True)
+    batch = BatchState(max_rows=4, max_model_len=32, block_size=paged.facts["kv"].block_size, device="cpu")
+    rows = {0: 2, 1: 0, 2: 3}
+    batch.write_tokens([(rows[r], 0, t) for r, t in seqs.items()])
+    batch.write_blocks([(rows[r], 0, packed.kv.blocks(r)) for r in seqs])
+    entries = torch.tensor([[2, 0, 3, batch.padding_row], [6, 4, 0, 0], [1, 5, 3, 0], [1, 1, 1, 0]],
+                           dtype=torch.int32)
+    got = batch.step_inputs(entries, 12, packed.runner.kv_pool)        # 9 real tokens, 3 padding
+    assert list(got) == list(want)
+    for name in ("input_ids", "position_ids", "slot_mapping"):
+        assert got[name][..., :9].tolist() == want[name].tolist(), name
+    assert got["slot_mapping"][9:].tolist() == [-1, -1, -1]
+    assert got["seq_lens"].tolist() == want["seq_lens"].tolist() + [0]
+    assert got["query_start_loc"].tolist() == want["query_start_loc"].tolist() + [9]
+    assert got["logits_indices"][:3].tolist() == want["logits_indices"].tolist()
+    width = want["block_tables"].shape[1]
+    assert got["block_tables"][:3, :width].tolist() == want["block_tables"].tolist()
+    with torch.no_grad():
+        logits = paged.graph_module(**got)[0]
+    for i, tokens in enumerate(seqs.values()):
+        assert_close_report(logits[i], _hf_logits(llama, tokens)[-1], atol=1e-4, rtol=1e-4)
 
 
 def test_dense_graph_matches_the_model_with_left_padding(llama, dense):

@@ -57,8 +57,9 @@ def to_onnx(gm: fx.GraphModule, path, *, weights: bool = True, facts: dict | Non
 
 
 def _metadata(facts: dict | None) -> dict[str, str]:
+    plain = {key: value.to_dict() if hasattr(value, "to_dict") else value for key, value in (facts or {}).items()}
     props = {key: value if isinstance(value, str) else json.dumps(value, default=str)
-             for key, value in (facts or {}).items()}
+             for key, value in plain.items()}
     props.update(producer="fusegen", producer_version=fusegen.__version__)
     return props
 

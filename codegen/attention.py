@@ -31,7 +31,10 @@ to N = 64 sequences of which 3 are real launches few idle programs:
 
     q_len   [70, 0, 20, 0, ...]   BLOCK_M 32   tiles per sequence [3, 0, 1, 0, ...]
     tile    0      1      2      3      4 ....
-    serves  n0 b2  n0 b1  n0 b0  n2 b0  unowned rows 0-31, 32-63, ... then nothing
+    serves  n0 b2  n0 b1  n0 b0  n2 b0  unowned rows u = 0-31, then 32-63, ... (until none)
+
+(``n0 b2``: sequence 0, query block 2; the unowned rows [0, qsl[0]) and [qsl[N], T) are
+counted u = 0, 1, ... one after the other.)
 
 ``register()`` makes these wrappers the CUDA kernels of the ``fusegen`` ops.
 """

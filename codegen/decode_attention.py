@@ -155,8 +155,11 @@ def _decode_reduce_kernel(PartOut, PartLse, Out, stride_pt, stride_ph, stride_ps
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(lse - m)
-    o = _load_tile(PartOut + t * stride_pt + h * stride_ph + s[:, None] * stride_ps
-                   + offs_d[None, :], s < NUM_SPLITS, d_ok, False, HEAD_DIM < D_PAD)
+    part_ptrs = PartOut + t * stride_pt + h * stride_ph + s[:, None] * stride_ps + offs_d[None, :]
+    if HEAD_DIM < D_PAD:
+        o = tl.load(part_ptrs, mask=d_ok[None, :], other=0.0)
+    else:
+        o = tl.load(part_ptrs)
     total = tl.sum(w, 0)
     out = tl.sum(o * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
     o_ptrs = Out + h * stride_oh + t * stride_ot + offs_d * stride_od

@@ -2,6 +2,8 @@
 
 Without a GPU the kernels run in the Triton interpreter on CPU tensors (slow: shapes are
 tiny and odd on purpose; fp32 and fp16 only, bf16 arithmetic is broken in the interpreter).
+Head dims include ones that are not a power of two (8, 24, 40, 80, 96: padded tiles), and
+paged batches padded the way the runtime pads them (empty sequences, unowned tokens).
 The ``gpu`` tests (``python -m pytest -m gpu tests/test_attention_kernels.py``) run bf16/fp16
 on larger shapes against a float64 reference, plus CUDA-graph capture and registration.
 """

@@ -203,3 +203,16 @@ def test_host_to_device_traffic_per_step_does_not_grow_with_context(llama, monke
         per_step[length] = max(sizes)
         staged_sizes.clear()
     assert per_step[8] == per_step[120] <= 4 * 2 + 3 * 2   # entries, plus a block id per request
+
+
+def test_a_head_dim_the_kernels_cannot_serve_is_refused_at_compile_time():
+    from fusegen.compiler import _check_kernels_serve
+    from fusegen.errors import UnsupportedModelError
+    from fusegen.kv import KVGeometry
+
+    model = mini_model("llama")
+    facts = {"kv": KVGeometry(layers=2, kv_heads=2, head_dim=100, dtype=torch.float32, query_heads=4,
+                              block_size=16)}
+    with pytest.raises(UnsupportedModelError, match=r"LlamaForCausalLM is not supported: .*head dim 100 .*"
+                                                    r"multiples of 8 from 8 to 256"):
+        _check_kernels_serve(model, facts)

@@ -31,13 +31,17 @@ import torch
 from fusegen.kv import PAGED_INPUTS
 
 
-def staged(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _host(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` in host memory, pinned when they are going to a CUDA device."""
+    return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+
+
+def staged(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``values`` on ``device`` through a pinned host buffer and an asynchronous copy. The
     caching host allocator keeps the buffer until the copy has run, so nothing syncs."""
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
-    host = torch.tensor(values, dtype=dtype, pin_memory=True)
-    return host.to(device, non_blocking=True)
+    return _host(values, dtype, device).to(device, non_blocking=True)
 
 
 class BatchState:
@@ -65,19 +69,14 @@ class BatchState:
     # --- host -> device, incremental --------------------------------------------------
 
     def write_tokens(self, writes: list[tuple[int, int, list[int]]]) -> None:
-        """``tokens[row, first:first + len(ids)] = ids`` for each (row, first, ids)."""
-        if not writes:
-            return
-        rows, cols, flat = [], [], []
+        """``tokens[row, first:first + len(ids)] = ids`` for each (row, first, ids): one
+        asynchronous copy per row, straight into its slice."""
         for row, first, ids in writes:
             if first + len(ids) > self.max_model_len:
                 raise ValueError(f"row {row}: {first + len(ids)} tokens exceed max_model_len="
                                  f"{self.max_model_len}")
-            rows.extend([row] * len(ids))
-            cols.extend(range(first, first + len(ids)))
-            flat.extend(ids)
-        packed = staged(rows + cols + flat, torch.long, self.device).view(3, -1)
-        self.tokens[packed[0], packed[1]] = packed[2]
+            self.tokens[row, first:first + len(ids)].copy_(_host(ids, torch.long, self.device),
+                                                          non_blocking=True)
 
     def write_blocks(self, writes: list[tuple[int, int, list[int]]]) -> None:
         """``block_table[row, first:first + len(ids)] = ids`` for each (row, first, ids)."""

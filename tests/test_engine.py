@@ -194,7 +194,6 @@ def test_host_to_device_traffic_per_step_does_not_grow_with_context(llama, monke
         for p in prompts:
             eng.add_request(p, 20)
         eng.step()                                 # admission: the prompts' tokens go over once
-        assert sum(staged_sizes) >= 3 * 2 * length
         sizes = []
         for _ in range(12):
             staged_sizes.clear()

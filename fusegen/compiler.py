@@ -136,7 +136,7 @@ class CompiledModel:
         kwargs.setdefault("max_num_batched_tokens", self.config.max_num_batched_tokens)
         kwargs.setdefault("max_num_seqs", self.config.max_num_seqs)
         engine = Engine(runner, sorted(_eos_set(self.facts.get("eos_token_id"))),
-                        max_model_len=self._max_len(), **kwargs)
+                        max_model_len=self._max_len(), vocab_size=self.facts.get("vocab_size"), **kwargs)
         if cuda_graphs and self.config.cuda_graphs and self.device.type == "cuda":
             seqs, tokens = kwargs["max_num_seqs"], kwargs["max_num_batched_tokens"]
             runner.capture_graphs(decode_buckets(seqs), token_buckets(seqs, tokens))

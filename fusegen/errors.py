@@ -71,3 +71,14 @@ class ArtifactFormatError(ArtifactError):
 
 class MissingDependencyError(FusegenError, ImportError):
     """An optional package a feature needs is not installed."""
+
+
+class RequestFailedError(FusegenError, RuntimeError):
+    """An accepted request could not be completed because the step computing it raised.
+    The request was aborted and its blocks returned; the engine goes on serving the rest."""
+
+    def __init__(self, request_id: int, cause: BaseException):
+        self.request_id = request_id
+        self.cause = cause
+        super().__init__(f"request {request_id} failed in an engine step: "
+                         f"{type(cause).__name__}: {cause}")

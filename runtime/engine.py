@@ -22,16 +22,24 @@ later. With ``overlap=False`` each step waits for its own tokens.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
+from fusegen.errors import RequestFailedError
 from fusegen.runtime.kv_manager import KVCacheManager
+from fusegen.runtime.outputs import RequestOutput
 from fusegen.runtime.paged import PagedRunner
+from fusegen.runtime.requests import count, token_ids, token_list
 from fusegen.runtime.sampling import SamplingParams, SamplingRows, sample
 from fusegen.runtime.scheduler import Scheduler, StepPlan, TokenEvent
+
+log = logging.getLogger("fusegen.engine")
 
 
 @dataclass
@@ -57,11 +65,12 @@ class _InFlight:
 class Engine:
     def __init__(self, runner: PagedRunner, eos_token_ids=(), max_num_batched_tokens: int = 512,
                  max_num_seqs: int = 64, enable_prefix_caching: bool = True,
-                 max_model_len: int | None = None, overlap: bool = True):
+                 max_model_len: int | None = None, overlap: bool = True, vocab_size: int | None = None):
         self.runner = runner
+        self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.overlap = overlap
-        self.eos_token_ids = frozenset(int(e) for e in eos_token_ids)
+        self.eos_token_ids = frozenset(token_ids(eos_token_ids, vocab_size, "eos_token_ids"))
         self.kv = KVCacheManager(runner.num_blocks, runner.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_batched_tokens, max_num_seqs)
         longest = max_model_len or runner.num_blocks * runner.block_size
@@ -72,6 +81,9 @@ class Engine:
         self._inflight: _InFlight | None = None
         self._timed = runner.device.type == "cuda"
         self.step_log: list[StepRecord] = []
+        self._lock = threading.RLock()
+        self._outputs: dict[int, RequestOutput] = {}
+        self.failures: deque[tuple[int, BaseException]] = deque(maxlen=1000)   # unsubscribed ones
 
     @property
     def stats(self):
@@ -89,22 +101,49 @@ class Engine:
     def add_request(self, prompt: list[int], max_new_tokens: int = 16, *, eos_token_ids=None,
                     **sampling) -> int:
         """Queue a request; ``sampling`` are ``SamplingParams`` fields (temperature, top_k,
-        top_p, repetition_penalty, seed). Returns its request id."""
+        top_p, repetition_penalty, seed). Returns its request id. Bad input raises
+        ``ValueError`` naming the argument, and nothing is queued."""
+        return self.add_requests([prompt], max_new_tokens, eos_token_ids=eos_token_ids, **sampling)[0]
+
+    def add_requests(self, prompts: list, max_new_tokens: int = 16, *, eos_token_ids=None,
+                     **sampling) -> list[int]:
+        """Queue several requests with the same settings, all or none: every prompt is
+        checked before the first is queued."""
+        if isinstance(prompts, torch.Tensor) or not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError(f"prompts must be a non-empty list of token lists, got {type(prompts).__name__}"
+                             + (" (empty)" if isinstance(prompts, (list, tuple)) else ""))
+        checked = [self._check(p, max_new_tokens, f"prompts[{i}]") for i, p in enumerate(prompts)]
+        new = count(max_new_tokens, "max_new_tokens")
+        eos = self.eos_token_ids if eos_token_ids is None else \
+            frozenset(token_ids(eos_token_ids, self.vocab_size, "eos_token_ids"))
         params = SamplingParams(**sampling)
-        if params.seed is None:   # reproducible under torch.manual_seed
-            params = SamplingParams(**dict(sampling, seed=int(torch.randint(1 << 62, ()).item())))
+        with self._lock:
+            ids = []
+            for tokens in checked:
+                seeded = params if params.seed is not None else SamplingParams(   # reproducible under
+                    **dict(sampling, seed=int(torch.randint(1 << 62, ()).item())))  # torch.manual_seed
+                ids.append(self.scheduler.add(tokens, new, eos, seeded).request_id)
+            return ids
+
+    def _check(self, prompt, max_new_tokens, name: str) -> list[int]:
+        tokens = token_list(prompt, self.vocab_size, name)
+        new = count(max_new_tokens, "max_new_tokens")
         limit = min(n for n in (self.max_model_len, self.batch.max_model_len) if n)
-        if len(prompt) + max_new_tokens > limit:
-            raise ValueError(f"prompt + max_new_tokens = {len(prompt)} + {max_new_tokens} exceeds "
+        if len(tokens) + new > limit:
+            raise ValueError(f"prompt + max_new_tokens = {len(tokens)} + {new} exceeds "
                              f"max_model_len={limit}")
-        eos = self.eos_token_ids if eos_token_ids is None else eos_token_ids
-        return self.scheduler.add([int(t) for t in prompt], max_new_tokens, eos, params).request_id
+        need = self.kv.blocks_for(len(tokens) + new - 1)
+        if need > self.kv.num_blocks:
+            raise ValueError(f"request of {len(tokens)} prompt + {new} new tokens needs {need} blocks "
+                             f"of {self.kv.block_size} tokens; the pool has {self.kv.num_blocks}")
+        return tokens
 
     def abort(self, request_id: int) -> None:
         """Drop a request now, also while a step computing it is in flight (its result is
         dropped when it comes)."""
-        self.scheduler.abort(request_id)
-        self._release_row(request_id)
+        with self._lock:
+            self.scheduler.abort(request_id)
+            self._release_row(request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self._inflight is not None
@@ -114,20 +153,54 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[TokenEvent]:
         """Launch the next step and return the tokens of the one before it (overlapped), or
-        of this one (``overlap=False``), as (request id, token, finished) events."""
-        begin = time.perf_counter()
-        plan = self.scheduler.schedule()
-        for rid in plan.preempted:
-            self._release_row(rid)
-        launched = self._launch(plan, begin) if plan.requests else None
-        if launched is None and self._inflight is None and self.scheduler.has_unfinished():
-            raise RuntimeError(f"scheduler planned nothing for {len(self.scheduler.requests)} "
-                               f"unfinished requests ({self.kv.pool.num_free} blocks free)")
-        if self.overlap:
-            previous, self._inflight = self._inflight, launched
-        else:
-            previous = launched
-        return self._finish(previous) if previous is not None else []
+        of this one (``overlap=False``), as (request id, token, finished) events. Requests
+        of a step that raises are aborted and reported (see ``failures``), not returned."""
+        with self._lock:
+            begin = time.perf_counter()
+            plan = self.scheduler.schedule()
+            for rid in plan.preempted:
+                self._release_row(rid)
+            launched = None
+            if plan.requests:
+                try:
+                    launched = self._launch(plan, begin)
+                except Exception as exc:  # noqa: BLE001 - isolated to this step's requests
+                    self._fail(plan, exc)
+            elif self._inflight is None and self.scheduler.has_unfinished():
+                raise RuntimeError(f"scheduler planned nothing for {len(self.scheduler.requests)} "
+                                   f"unfinished requests ({self.kv.pool.num_free} blocks free)")
+            if self.overlap:
+                previous, self._inflight = self._inflight, launched
+            else:
+                previous = launched
+            if previous is None:
+                return []
+            try:
+                events = self._finish(previous)
+            except Exception as exc:  # noqa: BLE001
+                self._fail(previous.plan, exc)
+                return []
+            for event in events:
+                out = self._outputs.get(event.request_id)
+                if out is not None:
+                    out.push(event.token, event.finished)
+            return events
+
+    def _fail(self, plan: StepPlan, exc: Exception) -> None:
+        """Abort every unfinished request of a step that raised, and tell its consumer."""
+        log.warning("engine step of %d requests failed: %s: %s", len(plan.requests), type(exc).__name__, exc)
+        self.stats["failed_steps"] += 1
+        for req in plan.requests:
+            if req.request_id not in self.scheduler.requests:
+                continue
+            self.abort(req.request_id)
+            error = RequestFailedError(req.request_id, exc)
+            self.stats["failed_requests"] += 1
+            out = self._outputs.get(req.request_id)
+            if out is not None:
+                out.fail(error)
+            else:
+                self.failures.append((req.request_id, error))
 
     def _launch(self, plan: StepPlan, begin: float) -> _InFlight:
         batch = self.batch
@@ -204,32 +277,69 @@ class Engine:
     def generate_batch(self, prompts: list[list[int]], max_new_tokens: int = 16,
                        **sampling) -> list[list[int]]:
         """New tokens of each prompt (eos included when it stopped there). Other requests
-        already in the engine keep running alongside."""
-        ids = [self.add_request(p, max_new_tokens, **sampling) for p in prompts]
-        outputs = {rid: [] for rid in ids}
-        pending = set(ids)
-        while pending:
-            for rid, token, finished in self.step():
-                if rid in outputs:
-                    outputs[rid].append(token)
-                    if finished:
-                        pending.discard(rid)
-        return [outputs[rid] for rid in ids]
+        already in the engine keep running alongside. The prompts are accepted all or none;
+        a request that fails raises ``RequestFailedError`` (the others are aborted)."""
+        with self._lock:
+            ids = self.add_requests(prompts, max_new_tokens, **sampling)
+            outs = [self._subscribe(rid) for rid in ids]
+        try:
+            results = []
+            for out in outs:
+                tokens = []
+                while True:
+                    self._wait(out)
+                    tokens += out.take()
+                    if out.error is not None:
+                        raise out.error
+                    if out.finished:
+                        break
+                results.append(tokens)
+            return results
+        finally:
+            self._unsubscribe(ids)
 
     def stream(self, prompt: list[int], max_new_tokens: int = 16, **sampling) -> Iterator[int]:
-        """Yield the new tokens of one request as they are produced; closing the iterator
-        early aborts the request."""
-        rid = self.add_request(prompt, max_new_tokens, **sampling)
-        finished = False
+        """Yield the new tokens of one request as they are produced. The request is checked
+        and queued now; closing the iterator early aborts it."""
+        with self._lock:
+            rid = self.add_request(prompt, max_new_tokens, **sampling)
+            out = self._subscribe(rid)
+        return self._drain(rid, out)
+
+    def _drain(self, rid: int, out: RequestOutput) -> Iterator[int]:
         try:
-            while not finished:
-                for event in self.step():
-                    if event.request_id == rid:
-                        finished = event.finished
-                        yield event.token
+            while True:
+                self._wait(out)
+                with self._lock:
+                    tokens = out.take()
+                yield from tokens
+                if out.error is not None:
+                    raise out.error
+                if out.finished and not out.tokens:
+                    return
         finally:
-            if not finished and rid in self.scheduler.requests:
-                self.abort(rid)
+            self._unsubscribe([rid])
+
+    def _subscribe(self, request_id: int) -> RequestOutput:
+        out = self._outputs[request_id] = RequestOutput(request_id)
+        return out
+
+    def _unsubscribe(self, ids: list[int]) -> None:
+        with self._lock:
+            for rid in ids:
+                self._outputs.pop(rid, None)
+                if rid in self.scheduler.requests:
+                    self.abort(rid)
+
+    def _wait(self, out: RequestOutput) -> None:
+        """Drive steps until ``out`` has something to hand over. Steps run one at a time
+        under the lock; a thread waiting for it blocks (no busy waiting), and finds the
+        tokens the other thread's steps put in its queue."""
+        with self._lock:
+            while not out.ready:
+                if not self.has_unfinished():
+                    raise RuntimeError(f"request {out.request_id} is unfinished but the engine has no work")
+                self.step()
 
 
 def _kind(plan: StepPlan) -> str:

@@ -172,6 +172,7 @@ def export_command(args: argparse.Namespace) -> int:
          arg("--device", default=None, help="where to run (default: the device it was compiled for)"))
 def run_command(args: argparse.Namespace) -> int:
     _check_generation_args(args)
+    _check_device(args.device)
     compiled = fusegen.load(args.artifact, device=args.device, progress=True)
     if compiled.tokenizer is None:
         raise ValueError(f"{args.artifact} was exported without a tokenizer; use fusegen.load() "
@@ -180,8 +181,32 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def _check_generation_args(args: argparse.Namespace) -> None:
+    """Every generation option, before anything slow (loading, compiling) runs."""
+    from fusegen.runtime.sampling import SamplingParams
+
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.do_sample and not args.temperature > 0:
+        raise ValueError(f"--temperature must be > 0 with --do-sample, got {args.temperature}")
+    try:
+        SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    except ValueError as exc:
+        raise ValueError(f"--{str(exc).replace('_', '-')}") from None
+
+
+def _check_device(text: str | None) -> None:
+    if text is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device {text!r} is not a device; fusegen runs on cpu or cuda[:N]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {text!r}: fusegen runs on cpu or cuda[:N]")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text!r}: no CUDA GPU is available here")
 
 
 def _stream_completion(compiled, tokenizer, args: argparse.Namespace) -> int:

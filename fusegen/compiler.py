@@ -96,7 +96,8 @@ class CompiledModel:
         """Logits [B, S, V] for ``input_ids`` [B, S]; ``attention_mask`` [B, S] marks real tokens
         (left padding). ``position_ids`` default to 0..S-1 for every row, as HF's forward does.
         Padding positions of a stateful graph get zero logits (they are never computed)."""
-        input_ids, attention_mask, position_ids = _full_inputs(input_ids, attention_mask, position_ids)
+        input_ids, attention_mask, position_ids = _full_inputs(input_ids, attention_mask, position_ids,
+                                                               self.facts.get("vocab_size"), self.device)
         self._check_length(input_ids.shape[1])
         if self.kind == "stateless":
             return self.graph_module(input_ids, attention_mask, position_ids)
@@ -184,7 +185,11 @@ class CompiledModel:
             raise ValueError("generate needs a stateful graph; compile with insert_kv_cache=1")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        input_ids, attention_mask, _ = _full_inputs(input_ids, attention_mask, None)
+        input_ids, attention_mask, _ = _full_inputs(input_ids, attention_mask, None,
+                                                    self.facts.get("vocab_size"), self.device)
+        if do_sample and not temperature > 0:
+            raise ValueError(f"temperature must be > 0 when do_sample=True, got {temperature} "
+                             f"(use do_sample=False for greedy decoding)")
         eos = _eos_set(self.facts.get("eos_token_id") if eos_token_id is None else eos_token_id)
         real = attention_mask.bool()
         prompts = [input_ids[b, real[b]].tolist() for b in range(input_ids.shape[0])]
@@ -240,17 +245,57 @@ def _eos_set(eos) -> set[int]:
     return {int(e) for e in eos} if isinstance(eos, (list, tuple, set)) else {int(eos)}
 
 
-def _full_inputs(input_ids, attention_mask, position_ids):
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+def _full_inputs(input_ids, attention_mask, position_ids, vocab_size: int | None = None,
+                 device: torch.device | None = None):
+    """Checked inputs: integer ids [B, S] within the vocabulary, on the model's device; a 0/1
+    mask of the same shape whose rows are left-padded (zeros, then ones; at least one one)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a [batch, seq] tensor, got {shape}")
+    _check_ids_tensor(input_ids, "input_ids", vocab_size, device)
     B, S = input_ids.shape
+    if B == 0 or S == 0:
+        raise ValueError(f"input_ids is empty: shape {(B, S)}")
     if attention_mask is None:
         attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
-    elif attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {(B, S)}")
+    elif not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask shape {shape} != input_ids shape {(B, S)}")
+    else:
+        _check_left_padded(attention_mask)
     if position_ids is None:
         position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
+    else:
+        _check_ids_tensor(position_ids, "position_ids", None, device)
+        if position_ids.shape != input_ids.shape:
+            raise ValueError(f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {(B, S)}")
     return input_ids, attention_mask.long(), position_ids
+
+
+def _check_ids_tensor(t: torch.Tensor, name: str, vocab_size: int | None, device) -> None:
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integers, got {t.dtype}")
+    if device is not None and t.device.type != torch.device(device).type:
+        raise ValueError(f"{name} is on {t.device}, the model on {device}")
+    if t.numel() and (int(t.min()) < 0 or (vocab_size is not None and int(t.max()) >= vocab_size)):
+        bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
+        raise ValueError(f"{name} holds {bad}, not a token id of this model (vocabulary of {vocab_size})"
+                         if name == "input_ids" else f"{name} holds {bad}, which is negative")
+
+
+def _check_left_padded(mask: torch.Tensor) -> None:
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        raise ValueError(f"attention_mask must hold 0 and 1 as integers or bools, got {mask.dtype}")
+    m = mask.long()
+    if ((m != 0) & (m != 1)).any():
+        raise ValueError("attention_mask must hold only 0 and 1")
+    if (m[:, 1:] < m[:, :-1]).any():
+        row = int((m[:, 1:] < m[:, :-1]).any(1).nonzero()[0])
+        raise ValueError(f"attention_mask row {row} is not left-padded (a 0 after a 1); fusegen "
+                         f"takes left padding only")
+    if (m.sum(1) == 0).any():
+        row = int((m.sum(1) == 0).nonzero()[0])
+        raise ValueError(f"attention_mask row {row} needs at least one real token (a 1)")
 
 
 def compile(model: nn.Module, config: CompileConfig | str | None = None, *, dump_dir=None,

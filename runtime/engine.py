@@ -160,12 +160,12 @@ class Engine:
             plan = self.scheduler.schedule()
             for rid in plan.preempted:
                 self._release_row(rid)
-            launched = None
+            launched, failure = None, None
             if plan.requests:
                 try:
                     launched = self._launch(plan, begin)
                 except Exception as exc:  # noqa: BLE001 - isolated to this step's requests
-                    self._fail(plan, exc)
+                    failure = exc
             elif self._inflight is None and self.scheduler.has_unfinished():
                 raise RuntimeError(f"scheduler planned nothing for {len(self.scheduler.requests)} "
                                    f"unfinished requests ({self.kv.pool.num_free} blocks free)")
@@ -173,18 +173,22 @@ class Engine:
                 previous, self._inflight = self._inflight, launched
             else:
                 previous = launched
-            if previous is None:
-                return []
-            try:
-                events = self._finish(previous)
-            except Exception as exc:  # noqa: BLE001
-                self._fail(previous.plan, exc)
-                return []
-            for event in events:
-                out = self._outputs.get(event.request_id)
-                if out is not None:
-                    out.push(event.token, event.finished)
+            events = self._deliver(previous) if previous is not None else []
+            if failure is not None:   # after the previous step's tokens are handed over
+                self._fail(plan, failure)
             return events
+
+    def _deliver(self, flight: _InFlight) -> list[TokenEvent]:
+        try:
+            events = self._finish(flight)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(flight.plan, exc)
+            return []
+        for event in events:
+            out = self._outputs.get(event.request_id)
+            if out is not None:
+                out.push(event.token, event.finished)
+        return events
 
     def _fail(self, plan: StepPlan, exc: Exception) -> None:
         """Abort every unfinished request of a step that raised, and tell its consumer."""

@@ -113,6 +113,30 @@ def test_generate_rejects_a_non_positive_token_count(capsys):
     assert err == ["fusegen-cli: error: --max-new-tokens must be >= 1, got 0"]
 
 
+@pytest.mark.parametrize("argv, problem", [
+    (["--do-sample", "--temperature", "0"], "--temperature must be > 0 with --do-sample, got 0.0"),
+    (["--temperature", "nan"], "--temperature must be a finite number, got nan"),
+    (["--top-p", "1.5"], r"--top-p must be in (0, 1], got 1.5"),
+    (["--top-k", "-1"], "--top-k must be >= 0, got -1"),
+])
+def test_bad_sampling_options_fail_before_loading_anything(argv, problem, capsys, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("loaded a model before checking the options")
+
+    monkeypatch.setattr("fusegen.cli.load_model", never)
+    monkeypatch.setattr("fusegen.cli.load_tokenizer", never)
+    assert main(["generate", "--prompt", "hi", *argv]) == 2
+    assert _one_error_line(capsys.readouterr().err) == f"fusegen-cli: error: {problem}"
+
+
+@pytest.mark.parametrize("device, problem", [("tpu", "--device 'tpu' is not a device"),
+                                             ("meta", "--device 'meta': fusegen runs on cpu or cuda")])
+def test_run_on_a_device_that_is_not_there_is_one_line(device, problem, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("fusegen.load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    assert main(["run", str(tmp_path), "--prompt", "hi", "--device", device]) == 2
+    assert problem in _one_error_line(capsys.readouterr().err)
+
+
 @pytest.mark.slow
 def test_export_then_run_answers_like_generate(tmp_path, capsys):
     prompt = ["--prompt", "The capital of France is", "--max-new-tokens", "8"]

@@ -108,6 +108,11 @@ def _target_to_ir(gm: fx.GraphModule, node: fx.Node, modules: dict):
                                       f"submodule; only FusedGroup submodules can be stored")
         modules[node.target] = {"kind": "FusedGroup", "name": module.name, "schedule": module.schedule,
                                 "graph": graph_to_ir(module.reference)}
+        if hasattr(module, "frame"):   # what codegen needs to generate the group's kernel again
+            lead, n = module.frame
+            modules[node.target].update(frame=[[str(d) for d in lead], int(n)],
+                                        input_layouts=list(module.input_layouts),
+                                        output_layouts=list(module.output_layouts))
         return {"module": node.target}
     if node.op == "call_function":
         target = node.target
@@ -208,8 +213,7 @@ def ir_to_graph_module(ir: dict, tensors: dict[str, torch.Tensor], device: torch
             if spec.get("kind") != "FusedGroup":
                 raise ArtifactFormatError(where, f"module {key!r} of kind {spec.get('kind')!r} is unknown")
             reference = ir_to_graph_module(spec.get("graph"), tensors, device, where, f"{prefix}{key}.reference.")
-            root[key] = FusedGroup(_field(spec, "name", str, where), reference,
-                                   _field(spec, "schedule", str, where))
+            root[key] = _fused_group(spec, reference, where)
             target = key
         else:
             raise ArtifactFormatError(where, f"node {name!r} has unknown opcode {op!r}")
@@ -228,6 +232,25 @@ def ir_to_graph_module(ir: dict, tensors: dict[str, torch.Tensor], device: torch
     except Exception as e:  # a dangling or reordered reference: the IR was edited
         raise ArtifactFormatError(where, f"the graph does not verify: {e}") from None
     return fx.GraphModule(root, graph)
+
+
+def _fused_group(spec: dict, reference: fx.GraphModule, where: str) -> FusedGroup:
+    schedule = _field(spec, "schedule", str, where)
+    if schedule not in ("pointwise", "row"):
+        raise ArtifactFormatError(where, f"fused group schedule {schedule!r} is unknown")
+    group = FusedGroup(_field(spec, "name", str, where), reference, schedule)
+    if "frame" in spec:
+        frame = spec["frame"]
+        ok = (isinstance(frame, list) and len(frame) == 2 and isinstance(frame[0], list)
+              and all(isinstance(d, str) for d in frame[0]) and isinstance(frame[1], int) and frame[1] > 0)
+        layouts = [spec.get("input_layouts"), spec.get("output_layouts")]
+        ok = ok and all(isinstance(l, list) and all(x in ("row", "col", "broadcast") for x in l)
+                        for l in layouts)
+        if not ok:
+            raise ArtifactFormatError(where, f"fused group {group.name!r}: malformed frame or layouts")
+        group.frame = (tuple(frame[0]), frame[1])
+        group.input_layouts, group.output_layouts = layouts
+    return group
 
 
 def _field(obj, key, kind, where):

@@ -83,7 +83,8 @@ def test_loaded_graph_has_the_kernels_and_the_report(llama, saved):
     originals = {n: m for n, m in llama.graph_module.named_children() if isinstance(m, FusedGroup)}
     assert groups.keys() == originals.keys() and groups
     for name, group in groups.items():
-        assert group.source == originals[name].source and group.kernel is not None
+        assert group.source == originals[name].source
+        assert group.kernel is None      # on the CPU no kernel launches, so none is imported
     assert [r.name for r in loaded.report.records] == [r.name for r in llama.report.records]
     assert loaded.report.counters == llama.report.counters
     assert [str(n.target) for n in loaded.graph_module.graph.nodes] == \
@@ -127,7 +128,7 @@ def test_a_tensor_named_twice_is_stored_once(tmp_path):
 
 def test_manifest_records_what_the_issue_lists(llama, saved):
     manifest = json.loads((saved / "manifest.json").read_text())
-    assert manifest["format"] == "fusegen-artifact" and manifest["format_version"] == 1
+    assert manifest["format"] == "fusegen-artifact" and manifest["format_version"] == 2
     assert set(manifest["versions"]) == {"fusegen", "torch", "triton"}
     assert manifest["model"]["class"] == "LlamaForCausalLM"
     assert manifest["model"]["config"]["hidden_size"] == 64
@@ -244,7 +245,7 @@ def test_tampered_kernel_is_refused_and_never_executed(saved, tmp_path):
 
 
 @pytest.mark.parametrize("field,value,problem", [
-    ("format_version", 2, "format version 2"),
+    ("format_version", 1, "format version 1"),
     ("versions.torch", "1.13.0", "torch 1.13.0"),
     ("versions.fusegen", "9.0.0", "fusegen 9.0.0"),
 ])
@@ -303,11 +304,36 @@ def test_graph_without_an_output(saved):
         fusegen.load(saved)
 
 
-def test_kernel_that_matches_its_hash_but_is_not_a_module(saved):
+def test_kernel_rewritten_with_its_hash_is_refused_and_never_executed(saved, tmp_path):
+    """A consistent rewrite (file and manifest hash) no longer passes: the kernel is
+    generated again from its group's graph and must be the same bytes."""
+    marker = tmp_path / "ran"
+    path = saved / "kernels" / "fused_0.py"
+    path.write_text(f"open({str(marker)!r}, 'w').write('x')\n" + path.read_text())
+    _rehash(saved, "kernels/fused_0.py")
+    with pytest.raises(ArtifactTamperedError, match="kernels/fused_0.py: differs from the kernel that "
+                                                    "group 'fused_0' of the graph generates"):
+        fusegen.load(saved)
+    assert not marker.exists()
     (saved / "kernels" / "fused_0.py").write_bytes(b"def broken(:\n")
     _rehash(saved, "kernels/fused_0.py")
-    with pytest.raises(ArtifactFormatError, match="kernels/fused_0.py: not a kernel module"):
+    with pytest.raises(ArtifactTamperedError, match="kernels/fused_0.py"):
         fusegen.load(saved)
+
+
+def test_kernel_source_hash_in_the_manifest_is_compared(saved):
+    _edit_manifest(saved, lambda m: m["kernels"][0].update(source_hash="0" * 16))
+    with pytest.raises(ArtifactTamperedError, match="kernel 'fused_0': source_hash '0000000000000000' is "
+                                                    "not the hash of its source"):
+        fusegen.load(saved)
+
+
+def test_no_stored_code_is_imported_on_a_device_that_launches_none(saved, monkeypatch):
+    imported = []
+    monkeypatch.setattr("fusegen.codegen.cache.load", lambda source: imported.append(source))
+    monkeypatch.delenv("FUSEGEN_KERNELS", raising=False)
+    loaded = fusegen.load(saved)
+    assert imported == [] and all(m.source for m in loaded.graph_module.children() if isinstance(m, FusedGroup))
 
 
 MALFORMED = {

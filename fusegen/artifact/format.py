@@ -8,7 +8,7 @@ from pathlib import Path
 from fusegen.errors import ArtifactFormatError
 
 FORMAT = "fusegen-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: fused groups carry what regenerating their kernels needs
 MANIFEST = "manifest.json"
 GRAPH = "graph.json"
 TOKENIZER = "tokenizer"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -12,10 +13,11 @@ from safetensors import safe_open
 from fusegen.artifact.format import GRAPH, MANIFEST, inside
 from fusegen.artifact.verify import read_json, read_manifest, read_verified, verify_files
 from fusegen.codegen import cache
+from fusegen.codegen.pointwise import generate_source, source_key
 from fusegen.compiler import CompiledModel, CompileReport
 from fusegen.config import CompileConfig
-from fusegen.errors import ArtifactError, ArtifactFormatError, ArtifactMissingError
-from fusegen.fused_group import FusedGroup
+from fusegen.errors import ArtifactError, ArtifactFormatError, ArtifactMissingError, ArtifactTamperedError
+from fusegen.fused_group import KERNELS_ENV, FusedGroup
 from fusegen.kv import KVGeometry
 from fusegen.ir import ir_to_graph_module, value_from_json
 from fusegen.passes.dump import PassRecord
@@ -46,7 +48,7 @@ def load(directory, device: str | torch.device | None = None, *, progress: bool 
     moved = target if target != torch.device(manifest["device"]) else None
     gm = ir_to_graph_module(graph_ir, tensors, moved)
     clock.lap("graph")
-    kernels = _load_kernels(directory, gm, manifest["kernels"], files)
+    kernels = _load_kernels(directory, gm, manifest["kernels"], files, _kernels_launch(target))
     clock.lap("kernels")
     compiled = _compiled_model(manifest, gm, target, kernels)
     if manifest.get("tokenizer"):
@@ -105,24 +107,51 @@ def _read_weights(directory: Path, weights: dict, device: torch.device, progress
     return tensors
 
 
-def _load_kernels(directory: Path, gm, kernels: list, files: dict) -> list[dict]:
-    """Attach each group's kernel. Kernel sources are Python: each is executed only from the
-    bytes that hashed to the manifest's record, so the manifest must come from a trusted export."""
+def _load_kernels(directory: Path, gm, kernels: list, files: dict, launch: bool) -> list[dict]:
+    """Attach each group's kernel. No shipped code is trusted: every kernel is generated
+    again from its group's graph (already verified and resolved against the allow-lists)
+    and must equal the shipped bytes and the manifest's ``source_hash``. The source is
+    imported only when kernels will launch (``launch``: a CUDA target, or FUSEGEN_KERNELS=1)."""
     records = []
     for entry in kernels:
         group, rel = entry["group"], entry["file"]
         module = getattr(gm, group, None)
         if not isinstance(module, FusedGroup):
             raise ArtifactFormatError(MANIFEST, f"kernel entry names {group!r}, which is no fused group")
-        data = read_verified(directory, rel, files)
-        try:
-            source = data.decode()
-            module.kernel = cache.load(source).launch
-        except Exception as e:  # a listed, hash-matching file that is not a kernel module
-            raise ArtifactFormatError(rel, f"not a kernel module ({type(e).__name__}: {e})") from None
+        shipped = read_verified(directory, rel, files)
+        source = _regenerate(module, group, rel)
+        if shipped != source.encode():
+            raise ArtifactTamperedError(rel, f"differs from the kernel that group {group!r} of the graph "
+                                        f"generates; it is not run")
+        if entry.get("source_hash") != source_key(source):
+            raise ArtifactTamperedError(MANIFEST, f"kernel {group!r}: source_hash {entry.get('source_hash')!r} "
+                                        f"is not the hash of its source")
         module.source = source
+        if launch:
+            module.kernel = cache.load(source).launch
         records.append({k: entry[k] for k in ("group", "schedule", "source_hash", "ops") if k in entry})
     return records
+
+
+def _regenerate(module: FusedGroup, group: str, rel: str) -> str:
+    """The group's kernel source as codegen writes it, from the loaded group graph (whose
+    values carry dtypes as text: give codegen meta tensors of those dtypes meanwhile)."""
+    nodes = list(module.reference.graph.nodes)
+    try:
+        for node in nodes:
+            shape = node.meta.get("fusegen_shape")
+            if isinstance(shape, dict) and isinstance(shape.get("dtype"), str):
+                node.meta["val"] = torch.empty((), dtype=getattr(torch, shape["dtype"]), device="meta")
+        return generate_source(module, f"_{group}_kernel")
+    except Exception as e:  # a group graph codegen cannot take: the IR was edited
+        raise ArtifactFormatError(rel, f"group {group!r} does not generate a kernel ({type(e).__name__}: {e})") from None
+    finally:
+        for node in nodes:
+            node.meta.pop("val", None)
+
+
+def _kernels_launch(target: torch.device) -> bool:
+    return target.type == "cuda" or os.environ.get(KERNELS_ENV) == "1"
 
 
 def _target_device(manifest: dict, device) -> torch.device:

@@ -76,7 +76,8 @@ class CompiledModel:
         if self._tokenizer is None and self.tokenizer_path is not None:
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path, trust_remote_code=False,
+                                                            local_files_only=True)
         return self._tokenizer
 
     def save(self, directory, tokenizer=None, onnx: bool = False, progress: bool = False):

@@ -205,6 +205,7 @@ def ir_to_graph_module(ir: dict, tensors: dict[str, torch.Tensor], device: torch
                     raise ArtifactFormatError(where, f"node {name!r} reads tensor {prefix + target!r}, "
                                               f"which the weights do not hold")
                 root[target] = tensors[prefix + target]
+                _check_tensor(root[target], entry.get("shape"), prefix + target, where)
         elif op == "call_function":
             target = _resolve_function(target, where, name)
         elif op == "call_module":
@@ -232,6 +233,18 @@ def ir_to_graph_module(ir: dict, tensors: dict[str, torch.Tensor], device: torch
     except Exception as e:  # a dangling or reordered reference: the IR was edited
         raise ArtifactFormatError(where, f"the graph does not verify: {e}") from None
     return fx.GraphModule(root, graph)
+
+
+def _check_tensor(tensor: torch.Tensor, shape, name: str, where: str) -> None:
+    """A weight must have the dtype and static shape the graph was traced with."""
+    if not isinstance(shape, dict) or not isinstance(tensor, torch.Tensor):
+        return
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    dims = shape.get("shape")
+    if shape.get("dtype") != dtype or (isinstance(dims, list) and all(isinstance(d, int) for d in dims)
+                                       and list(tensor.shape) != dims):
+        raise ArtifactFormatError(where, f"tensor {name!r} is {dtype} {list(tensor.shape)}, the graph "
+                                  f"reads {shape.get('dtype')} {dims}")
 
 
 def _fused_group(spec: dict, reference: fx.GraphModule, where: str) -> FusedGroup:

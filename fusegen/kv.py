@@ -21,6 +21,19 @@ class KVGeometry:
     query_heads: int
     block_size: int = 0          # 0: dense cache (no blocks)
 
+    def __post_init__(self):
+        for name in ("layers", "kv_heads", "head_dim", "query_heads", "block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "block_size" else 1):
+                raise ValueError(f"KV geometry: {name} must be a positive integer, got {value!r}")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"KV geometry: block_size must be a power of two, got {self.block_size}")
+        if self.query_heads % self.kv_heads:
+            raise ValueError(f"KV geometry: {self.query_heads} query heads are not a multiple of "
+                             f"{self.kv_heads} KV heads")
+        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
+            raise ValueError(f"KV geometry: dtype must be a floating-point torch dtype, got {self.dtype!r}")
+
     def with_blocks(self, block_size: int) -> "KVGeometry":
         return replace(self, block_size=block_size)
 

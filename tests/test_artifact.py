@@ -410,3 +410,82 @@ print("ok", out.shape[1])
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["ok", "10"]
+
+
+# --- what loading proves beyond the hashes ---------------------------------------------------
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(100)}
+    vocab["[UNK]"] = 100
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+@pytest.fixture
+def with_tokenizer(llama, tmp_path):
+    return llama.save(tmp_path / "artifact", tokenizer=_tiny_tokenizer())
+
+
+def test_the_tokenizer_folder_holds_only_listed_files(with_tokenizer, tmp_path):
+    loaded = fusegen.load(with_tokenizer)
+    assert loaded.tokenizer("w1 w7").input_ids == [1, 7]
+    extra = with_tokenizer / "tokenizer" / "added_tokens.json"
+    extra.write_text('{"w1": 99}')
+    with pytest.raises(ArtifactTamperedError, match="tokenizer/added_tokens.json: is not listed in the manifest"):
+        fusegen.load(with_tokenizer)
+    extra.unlink()
+    secret = tmp_path / "passwd"
+    secret.write_text("root:x:0:0")
+    (with_tokenizer / "tokenizer" / "chat_template.jinja").symlink_to(secret)
+    with pytest.raises(ArtifactTamperedError, match="chat_template.jinja: is a symbolic link"):
+        fusegen.load(with_tokenizer)
+
+
+def test_the_tokenizer_is_loaded_without_remote_code(with_tokenizer, monkeypatch):
+    seen = {}
+    from transformers import AutoTokenizer
+
+    real = AutoTokenizer.from_pretrained
+
+    def spy(path, **kwargs):
+        seen.update(kwargs)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", spy)
+    assert fusegen.load(with_tokenizer).tokenizer is not None
+    assert seen["trust_remote_code"] is False and seen["local_files_only"] is True
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda f: f["dict"]["kv"]["dict"].update(block_size=0), "facts.kv.block_size 0 differs"),
+    (lambda f: f["dict"]["kv"]["dict"].update(block_size=-4), "facts.kv is not a KV geometry .*block_size"),
+    (lambda f: f["dict"]["kv"]["dict"].update(kv_heads=3), "facts.kv is not a KV geometry .*not a multiple"),
+    (lambda f: f["dict"]["kv"]["dict"].update(block_size=32), "facts.kv.block_size 32 differs"),
+    (lambda f: f["dict"].update(vocab_size=-1), "facts.vocab_size = -1 is out of range"),
+    (lambda f: f["dict"].update(eos_token_id="2"), "facts.eos_token_id = '2'"),
+])
+def test_facts_are_checked_by_type_and_range(saved, edit, problem):
+    _edit_manifest(saved, lambda m: edit(m["facts"]))
+    with pytest.raises(ArtifactFormatError, match=problem):
+        fusegen.load(saved)
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda t: t[:-1], r"is float32 \[127, 64\], the graph reads float32 \[128, 64\]"),
+    (lambda t: t.double(), r"is float64 \[128, 64\], the graph reads float32"),
+])
+def test_weights_must_have_the_shape_and_dtype_the_graph_reads(saved, change, problem):
+    from safetensors.torch import load_file, save_file
+
+    path = saved / "weights" / "00000.safetensors"
+    tensors = load_file(path)
+    name = "fusegen_fused_proj_0_weight"           # q, k, v of layer 0: [64 + 32 + 32, 64]
+    tensors[name] = change(tensors[name]).contiguous()
+    save_file(tensors, path)
+    _rehash(saved, "weights/00000.safetensors")
+    with pytest.raises(ArtifactFormatError, match=f"graph.json: tensor '{name}' {problem}"):
+        fusegen.load(saved)

@@ -38,6 +38,7 @@ def load(directory, device: str | torch.device | None = None, *, progress: bool 
     read_now = set(weights["tensors"].values())
     if manifest.get("tokenizer"):
         read_now |= {rel for rel in files if rel.startswith(manifest["tokenizer"] + "/")}
+        _check_tokenizer_folder(directory, manifest["tokenizer"], files)
     verify_files(directory, files, hashed=read_now, progress=progress)  # graph, kernels: as read
     clock.lap("verify")
     tensors = _read_weights(directory, weights, target, progress)
@@ -61,8 +62,48 @@ def load(directory, device: str | torch.device | None = None, *, progress: bool 
 def _kv_geometry(data) -> KVGeometry:
     try:
         return KVGeometry.from_dict(data)
-    except TypeError as exc:
-        raise ArtifactFormatError(f"{MANIFEST}: facts.kv is not a KV geometry ({exc})") from None
+    except (TypeError, ValueError) as exc:
+        raise ArtifactFormatError(MANIFEST, f"facts.kv is not a KV geometry ({exc})") from None
+
+
+# Facts the runtime reads, with the check each must pass.
+def _positive(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _ids(v) -> bool:
+    items = v if isinstance(v, list) else [v]
+    return all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items)
+
+
+FACT_CHECKS = {
+    "vocab_size": _positive, "num_hidden_layers": _positive, "num_attention_heads": _positive,
+    "num_key_value_heads": _positive, "hidden_size": _positive, "max_position_embeddings": _positive,
+    "n_positions": _positive, "eos_token_id": _ids, "model_class": lambda v: isinstance(v, str),
+    "dtype": lambda v: isinstance(v, torch.dtype),
+}
+
+
+def _check_facts(facts: dict, config: CompileConfig, kind) -> None:
+    for key, ok in FACT_CHECKS.items():
+        if key in facts and not ok(facts[key]):
+            raise ArtifactFormatError(MANIFEST, f"facts.{key} = {facts[key]!r} is out of range or of the wrong type")
+    kv = facts.get("kv")
+    if kind == "paged" and (not isinstance(kv, KVGeometry) or kv.block_size != config.block_size):
+        raise ArtifactFormatError(MANIFEST, f"facts.kv.block_size {getattr(kv, 'block_size', None)} differs "
+                                  f"from the compile config's block_size {config.block_size}")
+
+
+def _check_tokenizer_folder(directory: Path, folder: str, files: dict) -> None:
+    """Every file under the tokenizer folder must be listed (and so verified): an unlisted
+    file, or a link, is refused rather than read."""
+    root = inside(directory, folder)
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(directory).as_posix()
+        if path.is_symlink():
+            raise ArtifactTamperedError(rel, "is a symbolic link; a tokenizer folder holds plain files only")
+        if path.is_file() and rel not in files:
+            raise ArtifactTamperedError(rel, "is not listed in the manifest; the tokenizer is not loaded")
 
 
 def _compiled_model(manifest: dict, gm, target: torch.device, kernels: list[dict]) -> CompiledModel:
@@ -70,10 +111,11 @@ def _compiled_model(manifest: dict, gm, target: torch.device, kernels: list[dict
     if "kv" in facts:
         facts["kv"] = _kv_geometry(facts["kv"])
     facts.update(device=target, kernels=kernels, hf_config=manifest["model"]["config"])
+    config = CompileConfig.from_string(manifest["compile_config"])
+    _check_facts(facts, config, manifest.get("kind"))
     records = [PassRecord(p["name"], p["changed"], p["seconds"], p["counters"],
                           Counter(p.get("node_counts", {})), p["nodes_made"]) for p in manifest["passes"]]
-    report = CompileReport(manifest["model"]["class"], CompileConfig.from_string(manifest["compile_config"]),
-                           records)
+    report = CompileReport(manifest["model"]["class"], config, records)
     if target.type == "cuda":
         from fusegen.codegen import attention
 

@@ -15,12 +15,13 @@ from fusegen.errors import (ConfigError, FusegenError, ModelNotFoundError, PassE
                             UnsupportedModelError, VerificationError)
 
 
-def load(directory, device=None, *, progress: bool = False) -> CompiledModel:
+def load(directory, device=None, *, trusted_keys=None, progress: bool = False) -> CompiledModel:
     """Load an artifact written by ``fusegen-cli export`` or ``CompiledModel.save`` (see
-    fusegen.artifact): checked against its manifest, no pickle, no model code."""
+    fusegen.artifact): checked against its manifest, no pickle, no model code; with
+    ``trusted_keys`` (Ed25519 public keys), its signature must verify with one of them."""
     from fusegen.artifact import load as _load
 
-    return _load(directory, device, progress=progress)
+    return _load(directory, device, trusted_keys=trusted_keys, progress=progress)
 
 
 def load_model(name_or_path, **kwargs):

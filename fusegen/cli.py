@@ -150,16 +150,22 @@ def generate_command(args: argparse.Namespace) -> int:
          arg("-o", "--output", required=True, metavar="DIR", help="the artifact directory to write"),
          arg("--onnx", action="store_true",
              help="also write the optimized graph as DIR/model.onnx (fused ops in the 'fusegen' domain)"),
+         arg("--sign", metavar="KEY", default=None,
+             help="sign the manifest with this Ed25519 private key (PEM); `run --trusted-key` checks it"),
          CONFIG_ARG)
 def export_command(args: argparse.Namespace) -> int:
     from fusegen.artifact import check_destination, export
 
+    from fusegen.artifact.sign import read_key
+
     config = _parse_config(args.config)
     check_destination(args.output)  # before the slow part
+    sign_key = read_key(args.sign, private=True) if args.sign else None
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model)
     compiled = fusegen.compile(model, config=config, progress=True)
-    directory = export(compiled, args.output, tokenizer=tokenizer, onnx=args.onnx, progress=True)
+    directory = export(compiled, args.output, tokenizer=tokenizer, onnx=args.onnx, sign_key=sign_key,
+                       progress=True)
     total = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
     print(f"wrote {directory} ({total / 2**20:.1f} MiB): {compiled.report.model_class}, "
           f"{len(compiled.facts['kernels'])} kernels, config {compiled.config}")
@@ -169,11 +175,13 @@ def export_command(args: argparse.Namespace) -> int:
 @command("run", "load an artifact written by `export` and generate text from a prompt",
          arg("artifact", metavar="DIR", help="an artifact directory written by `fusegen-cli export`"),
          *GENERATION_ARGS,
-         arg("--device", default=None, help="where to run (default: the device it was compiled for)"))
+         arg("--device", default=None, help="where to run (default: the device it was compiled for)"),
+         arg("--trusted-key", metavar="PUB", action="append", default=None,
+             help="an Ed25519 public key (PEM) the artifact must be signed with (repeatable)"))
 def run_command(args: argparse.Namespace) -> int:
     _check_generation_args(args)
     _check_device(args.device)
-    compiled = fusegen.load(args.artifact, device=args.device, progress=True)
+    compiled = fusegen.load(args.artifact, device=args.device, trusted_keys=args.trusted_key, progress=True)
     if compiled.tokenizer is None:
         raise ValueError(f"{args.artifact} was exported without a tokenizer; use fusegen.load() "
                          f"with token ids instead")

@@ -80,12 +80,13 @@ class CompiledModel:
                                                             local_files_only=True)
         return self._tokenizer
 
-    def save(self, directory, tokenizer=None, onnx: bool = False, progress: bool = False):
-        """Write this model as an artifact (see ``fusegen.artifact``); ``fusegen.load`` reads it."""
+    def save(self, directory, tokenizer=None, onnx: bool = False, sign_key=None, progress: bool = False):
+        """Write this model as an artifact (see ``fusegen.artifact``); ``fusegen.load`` reads it.
+        ``sign_key``: an Ed25519 private key (PEM path or bytes) that signs it."""
         from fusegen.artifact import export
 
         return export(self, directory, tokenizer=tokenizer if tokenizer is not None else self.tokenizer,
-                      onnx=onnx, progress=progress)
+                      onnx=onnx, sign_key=sign_key, progress=progress)
 
     @property
     def device(self) -> torch.device:

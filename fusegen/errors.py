@@ -65,6 +65,10 @@ class ArtifactVersionError(ArtifactError):
     """The artifact was written by an incompatible fusegen, torch or artifact format."""
 
 
+class ArtifactUntrustedError(ArtifactError):
+    """Trusted keys were given and the artifact's signature is missing or verifies with none."""
+
+
 class ArtifactFormatError(ArtifactError):
     """A file parses but is not what fusegen writes (malformed JSON, unknown op, bad field)."""
 

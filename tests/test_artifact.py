@@ -11,7 +11,7 @@ import torch
 
 import fusegen
 from fusegen import artifact
-from fusegen.errors import (ArtifactFormatError, ArtifactMissingError, ArtifactTamperedError,
+from fusegen.errors import (ArtifactFormatError, ArtifactMissingError, ArtifactTamperedError, ArtifactUntrustedError,
                             ArtifactTruncatedError, ArtifactVersionError)
 from fusegen.fused_group import FusedGroup
 from families import left_padded, mini_model
@@ -489,3 +489,63 @@ def test_weights_must_have_the_shape_and_dtype_the_graph_reads(saved, change, pr
     _rehash(saved, "weights/00000.safetensors")
     with pytest.raises(ArtifactFormatError, match=f"graph.json: tensor '{name}' {problem}"):
         fusegen.load(saved)
+
+
+# --- signed artifacts ----------------------------------------------------------------------
+
+@pytest.fixture
+def keys(tmp_path):
+    artifact.generate_keys(tmp_path / "key.pem", tmp_path / "key.pub.pem")
+    artifact.generate_keys(tmp_path / "other.pem", tmp_path / "other.pub.pem")
+    return tmp_path
+
+
+def test_a_signed_artifact_loads_with_its_key_and_a_consistent_rewrite_no_longer_passes(llama, keys, tmp_path):
+    signed = llama.save(tmp_path / "signed", sign_key=keys / "key.pem")
+    assert (signed / artifact.SIGNATURE).is_file()
+    loaded = fusegen.load(signed, trusted_keys=[keys / "other.pub.pem", keys / "key.pub.pem"])
+    ids = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(loaded(ids), llama(ids), rtol=0, atol=0)
+    with pytest.raises(ArtifactUntrustedError, match="manifest.sig: does not verify with any of the 1"):
+        fusegen.load(signed, trusted_keys=[keys / "other.pub.pem"])
+    # Rewrite the graph and its record in the manifest consistently: hashes pass, the signature does not.
+    path = signed / "graph.json"
+    path.write_text(path.read_text().replace("aten::mul.Tensor", "aten::add.Tensor", 1))
+    _rehash(signed, "graph.json")
+    with pytest.raises(ArtifactUntrustedError, match="does not verify"):
+        fusegen.load(signed, trusted_keys=[keys / "key.pub.pem"])
+
+
+def test_trusted_keys_refuse_an_unsigned_artifact(saved, keys):
+    fusegen.load(saved)                                   # no keys asked for: loads
+    with pytest.raises(ArtifactUntrustedError, match="manifest.sig: missing: the artifact is not signed"):
+        fusegen.load(saved, trusted_keys=[keys / "key.pub.pem"])
+    (saved / artifact.SIGNATURE).write_text("not base64!\n")
+    with pytest.raises(ArtifactUntrustedError, match="not a base64 signature"):
+        fusegen.load(saved, trusted_keys=[keys / "key.pub.pem"])
+    with pytest.raises(ValueError, match="not a PEM public key"):
+        fusegen.load(saved, trusted_keys=[keys / "key.pem"])
+
+
+def test_cli_export_sign_and_run_trusted_key(tiny_llama_dir_for_artifacts, keys, tmp_path, capsys):
+    from fusegen.cli import main
+
+    out = tmp_path / "art"
+    assert main(["export", str(tiny_llama_dir_for_artifacts), "-o", str(out), "--sign", str(keys / "key.pem")]) == 0
+    assert (out / artifact.SIGNATURE).is_file()
+    capsys.readouterr()
+    assert main(["run", str(out), "--prompt", "w1 w2", "--max-new-tokens", "2",
+                 "--trusted-key", str(keys / "other.pub.pem")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "manifest.sig: does not verify" in err[0]
+    assert main(["export", str(tiny_llama_dir_for_artifacts), "-o", str(tmp_path / "b"), "--sign",
+                 str(keys / "key.pub.pem")]) == 2
+    assert "not a PEM private key" in capsys.readouterr().err
+
+
+@pytest.fixture
+def tiny_llama_dir_for_artifacts(tmp_path):
+    path = tmp_path / "tiny"
+    mini_model("llama").save_pretrained(path)
+    _tiny_tokenizer().save_pretrained(path)
+    return path

@@ -14,14 +14,17 @@ graph's call targets resolve against allow-lists. The manifest is read and type-
 first; every file it lists must be present and of its recorded size, and each file loading
 reads must hash to the recorded digests (a kernel source, which is Python, is executed only
 from the very bytes that matched). A failure raises an ``ArtifactError`` subclass naming the
-file. The manifest is the root of trust: it detects damage and edits of the other files, so
-load artifacts whose manifest comes from a trusted export.
+file. The manifest is the root of trust: it detects damage and edits of the other files.
+Kernel sources are generated again from the verified group graphs and must match the shipped
+bytes, so no shipped code runs unproven. Against a consistent rewrite of the manifest too,
+sign at export (``sign_key``) and load with ``trusted_keys`` (``sign.py``).
 """
 
 from fusegen.artifact.export import check_destination, export
 from fusegen.artifact.format import FORMAT, FORMAT_VERSION, HASH_CHUNK, MANIFEST, chunk_digests
 from fusegen.artifact.load import load
+from fusegen.artifact.sign import SIGNATURE, generate_keys, sign
 from fusegen.artifact.verify import read_manifest, verify_files
 
-__all__ = ["export", "check_destination", "load", "read_manifest", "verify_files", "chunk_digests",
+__all__ = ["export", "check_destination", "load", "sign", "generate_keys", "SIGNATURE", "read_manifest", "verify_files", "chunk_digests",
            "FORMAT", "FORMAT_VERSION", "HASH_CHUNK", "MANIFEST"]

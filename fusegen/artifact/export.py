@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import fusegen
+from fusegen.artifact.sign import read_key, sign
 from fusegen.artifact.format import (FORMAT, FORMAT_VERSION, GRAPH, MANIFEST, SHARD_BYTES, TOKENIZER,
                                      chunk_count, hash_chunk)
 from fusegen.codegen.pointwise import source_key
@@ -24,10 +25,13 @@ from fusegen.progress import Bar
 
 
 def export(compiled: CompiledModel, directory, *, tokenizer=None, onnx: bool = False,
-           progress: bool = False) -> Path:
+           sign_key=None, progress: bool = False) -> Path:
     """Write ``compiled`` to ``directory`` (created; an older artifact there is replaced, any
-    other non-empty directory is refused). ``tokenizer``: a HF tokenizer to ship along."""
+    other non-empty directory is refused). ``tokenizer``: a HF tokenizer to ship along.
+    ``sign_key``: an Ed25519 private key (PEM path or bytes) that signs the manifest."""
     directory = check_destination(directory)
+    if sign_key is not None:
+        sign_key = read_key(sign_key, private=True)   # a bad key fails before the slow part
     gm = compiled.graph_module
     if onnx and any("val" not in n.meta for n in gm.graph.nodes if n.op == "placeholder"):
         raise ValueError("the ONNX view needs the graph's shapes, which a model loaded from an "
@@ -48,6 +52,8 @@ def export(compiled: CompiledModel, directory, *, tokenizer=None, onnx: bool = F
         manifest = _manifest(compiled, weights, kernels, tokenizer is not None)
         manifest["files"] = _hash_tree(staging, progress)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        if sign_key is not None:
+            sign(staging, sign_key)
         _replace(directory, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

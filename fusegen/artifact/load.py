@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 from fusegen.artifact.format import GRAPH, MANIFEST, inside
+from fusegen.artifact.sign import check_signature
 from fusegen.artifact.verify import read_json, read_manifest, read_verified, verify_files
 from fusegen.codegen import cache
 from fusegen.codegen.pointwise import generate_source, source_key
@@ -24,15 +25,24 @@ from fusegen.passes.dump import PassRecord
 from fusegen.progress import Bar
 
 
-def load(directory, device: str | torch.device | None = None, *, progress: bool = False) -> CompiledModel:
+def load(directory, device: str | torch.device | None = None, *, trusted_keys=None,
+         progress: bool = False) -> CompiledModel:
     """Load an artifact written by ``export``. ``device`` defaults to the one it was compiled
     for; another one (e.g. ``"cpu"``) moves weights and the graph's device arguments there.
-    Steps and their seconds are kept as ``load_seconds`` on the result."""
+    ``trusted_keys`` (Ed25519 public keys: PEM paths or bytes) makes a valid signature by one
+    of them a condition (see ``sign.py``). Steps and their seconds are kept as
+    ``load_seconds`` on the result."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ArtifactMissingError(directory, "no such artifact directory")
     clock = _Clock()
-    manifest = read_manifest(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ArtifactMissingError(MANIFEST, "missing (not a fusegen artifact?)")
+    data = path.read_bytes()
+    if trusted_keys is not None:
+        check_signature(directory, data, trusted_keys)   # on the very bytes parsed next
+    manifest = read_manifest(directory, data)
     target = _target_device(manifest, device)
     files, weights = manifest["files"], manifest["weights"]
     read_now = set(weights["tensors"].values())

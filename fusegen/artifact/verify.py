@@ -40,10 +40,10 @@ def read_json(directory: Path, rel: str, data: bytes | None = None) -> dict:
     return value
 
 
-def read_manifest(directory: Path) -> dict:
-    """The manifest, its format and versions checked against this fusegen and torch, and
-    every field loading uses checked for type."""
-    manifest = read_json(directory, MANIFEST)
+def read_manifest(directory: Path, data: bytes | None = None) -> dict:
+    """The manifest (from ``data``, its bytes, when given), its format and versions checked
+    against this fusegen and torch, and every field loading uses checked for type."""
+    manifest = read_json(directory, MANIFEST, data)
     if manifest.get("format") != FORMAT:
         raise ArtifactFormatError(MANIFEST, f"format {manifest.get('format')!r}, expected {FORMAT!r}")
     if manifest.get("format_version") != FORMAT_VERSION:

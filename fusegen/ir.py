@@ -19,6 +19,7 @@ else is refused when the graph is written, not discovered when it is read.
 
 from __future__ import annotations
 
+import keyword
 import math
 import operator
 from typing import Any, Callable
@@ -196,9 +197,13 @@ def ir_to_graph_module(ir: dict, tensors: dict[str, torch.Tensor], device: torch
         kwargs = _value_from_ir(entry.get("kwargs", {}), env, device, where, name)
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             raise ArtifactFormatError(where, f"node {name!r}: malformed args or kwargs")
+        # fx turns names into Python source it executes: only plain identifiers get there.
+        if not all(_identifier(k) for k in kwargs):
+            raise ArtifactFormatError(where, f"node {name!r}: keyword names {sorted(map(str, kwargs))!r} "
+                                      f"are not all identifiers")
         target = entry.get("target")
         if op in ("placeholder", "get_attr", "output"):
-            if not isinstance(target, str):
+            if not _identifier(target, dotted=op == "get_attr"):
                 raise ArtifactFormatError(where, f"node {name!r}: malformed target {target!r}")
             if op == "get_attr":
                 if prefix + target not in tensors:
@@ -210,6 +215,8 @@ def ir_to_graph_module(ir: dict, tensors: dict[str, torch.Tensor], device: torch
             target = _resolve_function(target, where, name)
         elif op == "call_module":
             key = _field(target, "module", str, where)
+            if not _identifier(key):
+                raise ArtifactFormatError(where, f"node {name!r}: module name {key!r} is not an identifier")
             spec = _field(ir.get("modules", {}), key, dict, where)
             if spec.get("kind") != "FusedGroup":
                 raise ArtifactFormatError(where, f"module {key!r} of kind {spec.get('kind')!r} is unknown")
@@ -233,6 +240,12 @@ def ir_to_graph_module(ir: dict, tensors: dict[str, torch.Tensor], device: torch
     except Exception as e:  # a dangling or reordered reference: the IR was edited
         raise ArtifactFormatError(where, f"the graph does not verify: {e}") from None
     return fx.GraphModule(root, graph)
+
+
+def _identifier(name, dotted: bool = False) -> bool:
+    """A Python identifier (or, ``dotted``, a path of them: an attribute target)."""
+    parts = name.split(".") if isinstance(name, str) and dotted else [name]
+    return all(isinstance(p, str) and p.isidentifier() and not keyword.iskeyword(p) for p in parts)
 
 
 def _check_tensor(tensor: torch.Tensor, shape, name: str, where: str) -> None:
@@ -305,6 +318,13 @@ def _value_from_ir(value, env: dict, device, where: str, node: str):
         return [_value_from_ir(v, env, device, where, node) for v in value]
     if isinstance(value, dict) and len(value) == 1:
         (tag, body), = value.items()
+        if tag in ("node", "float", "dtype", "device", "memory_format", "layout") and not isinstance(body, str):
+            raise ArtifactFormatError(where, f"node {node!r}: malformed argument {value!r}")
+        if tag == "device" and device is None:
+            try:
+                return torch.device(body)
+            except RuntimeError:
+                raise ArtifactFormatError(where, f"node {node!r}: {body!r} is not a device") from None
         if tag == "node":
             if body not in env:
                 raise ArtifactFormatError(where, f"node {node!r} uses {body!r} before it is defined")

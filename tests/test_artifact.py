@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fusegen
 from fusegen import artifact
-from fusegen.errors import (ArtifactFormatError, ArtifactMissingError, ArtifactTamperedError, ArtifactUntrustedError,
+from fusegen.errors import (ArtifactError, ArtifactFormatError, ArtifactMissingError, ArtifactTamperedError, ArtifactUntrustedError,
                             ArtifactTruncatedError, ArtifactVersionError)
 from fusegen.fused_group import FusedGroup
 from families import left_padded, mini_model
@@ -549,3 +551,82 @@ def tiny_llama_dir_for_artifacts(tmp_path):
     mini_model("llama").save_pretrained(path)
     _tiny_tokenizer().save_pretrained(path)
     return path
+
+
+# --- fuzzing the manifest and graph.json ---------------------------------------------------
+
+def _paths(value, prefix=()):
+    """Every (container path, key) in a JSON document."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in items:
+        yield prefix + (key,)
+        yield from _paths(child, prefix + (key,))
+
+
+json_values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-3, 300), st.floats(allow_nan=False),
+                                     st.text(max_size=8), st.sampled_from(["aten::add.Tensor", "graph.json", "../x"])),
+                           lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                   st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+                           max_leaves=6)
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    return fusegen.compile(mini_model("llama")).save(tmp_path_factory.mktemp("fuzz") / "artifact")
+
+
+@settings(max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", 50)), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), which=st.sampled_from(["manifest.json", "graph.json"]))
+def test_fuzz_edits_of_the_manifest_and_graph_give_a_typed_error_or_a_model(pristine, tmp_path_factory, data, which):
+    import shutil
+    import signal
+
+    directory = tmp_path_factory.mktemp("case") / "artifact"
+    shutil.copytree(pristine, directory)
+    doc = json.loads((directory / which).read_text())
+    paths = list(_paths(doc))
+    path = data.draw(st.sampled_from(paths))
+    parent = doc
+    for key in path[:-1]:
+        parent = parent[key]
+    if data.draw(st.booleans()) and isinstance(parent, dict):
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = data.draw(json_values)
+    (directory / which).write_text(json.dumps(doc))
+    if which == "graph.json":
+        _rehash(directory, "graph.json")                  # so that the edit reaches the parser
+
+    def hang(*_):
+        raise TimeoutError(f"load hung after editing {which} at {path}")
+
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(30)
+    try:
+        loaded = fusegen.load(directory)
+    except ArtifactError:
+        return
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert loaded.graph_module is not None
+
+
+@pytest.mark.parametrize("edit", ["kwarg", "placeholder", "get_attr"])
+def test_names_fx_would_write_into_python_source_must_be_identifiers(saved, tmp_path, edit):
+    """fx generates the graph's forward as Python source: a crafted name must never reach it."""
+    marker = tmp_path / "ran"
+    payload = f"x=open({str(marker)!r}, 'w')"
+    graph = json.loads((saved / "graph.json").read_text())
+    if edit == "kwarg":
+        node = next(n for n in graph["nodes"] if n["op"] == "call_function")
+        node["kwargs"] = {"dict": {payload: 1}}
+    else:
+        node = next(n for n in graph["nodes"] if n["op"] == edit)
+        node["target"] = payload
+    (saved / "graph.json").write_text(json.dumps(graph))
+    _rehash(saved, "graph.json")
+    with pytest.raises(ArtifactFormatError, match=f"graph.json: node {node['name']!r}"):
+        fusegen.load(saved)
+    assert not marker.exists()

@@ -245,7 +245,8 @@ def ir_to_graph_module(ir: dict, tensors: dict[str, torch.Tensor], device: torch
 def _identifier(name, dotted: bool = False) -> bool:
     """A Python identifier (or, ``dotted``, a path of them: an attribute target)."""
     parts = name.split(".") if isinstance(name, str) and dotted else [name]
-    return all(isinstance(p, str) and p.isidentifier() and not keyword.iskeyword(p) for p in parts)
+    return all(isinstance(p, str) and ((p.isidentifier() and not keyword.iskeyword(p))
+                                       or (dotted and p.isdigit())) for p in parts)
 
 
 def _check_tensor(tensor: torch.Tensor, shape, name: str, where: str) -> None:

@@ -83,6 +83,7 @@ class Engine:
         self.step_log: list[StepRecord] = []
         self._lock = threading.RLock()
         self._outputs: dict[int, RequestOutput] = {}
+        self._unclaimed: list[TokenEvent] = []
         self.failures: deque[tuple[int, BaseException]] = deque(maxlen=1000)   # unsubscribed ones
 
     @property
@@ -146,15 +147,23 @@ class Engine:
             self._release_row(request_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or self._inflight is not None
+        """Requests to run, a step in flight, or tokens a ``step()`` caller has not had yet."""
+        return self.scheduler.has_unfinished() or self._inflight is not None or bool(self._unclaimed)
 
     # --- one step -----------------------------------------------------------------------
 
-    @torch.no_grad()
     def step(self) -> list[TokenEvent]:
         """Launch the next step and return the tokens of the one before it (overlapped), or
-        of this one (``overlap=False``), as (request id, token, finished) events. Requests
-        of a step that raises are aborted and reported (see ``failures``), not returned."""
+        of this one (``overlap=False``), as (request id, token, finished) events; also the
+        tokens of ``add_request`` requests that steps driven by ``stream``/``generate_batch``
+        consumers produced since the last call. Requests of a step that raises are aborted
+        and reported (see ``failures``), not returned."""
+        with self._lock:
+            events, self._unclaimed = self._unclaimed + self._step(), []
+            return events
+
+    @torch.no_grad()
+    def _step(self) -> list[TokenEvent]:
         with self._lock:
             begin = time.perf_counter()
             plan = self.scheduler.schedule()
@@ -341,9 +350,10 @@ class Engine:
         tokens the other thread's steps put in its queue."""
         with self._lock:
             while not out.ready:
-                if not self.has_unfinished():
+                if not (self.scheduler.has_unfinished() or self._inflight is not None):
                     raise RuntimeError(f"request {out.request_id} is unfinished but the engine has no work")
-                self.step()
+                # Tokens of requests nobody subscribed to wait for the next step() caller.
+                self._unclaimed += [e for e in self._step() if e.request_id not in self._outputs]
 
 
 def _kind(plan: StepPlan) -> str:

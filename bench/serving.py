@@ -40,8 +40,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
-import fusegen
-from e2e import CONFIGS, ENGINE_CONFIG, build, copy_bandwidth, reset_prefix_cache, step_summary  # same as e2e
+from e2e import CONFIGS, ENGINE_CONFIG, build, compile_engine, copy_bandwidth, reset_prefix_cache, step_summary  # same as e2e
 
 PROMPT_LEN = (32, 2048)
 OUTPUT_LEN = (16, 512)
@@ -158,12 +157,7 @@ def run_rate(engine, requests: list[Request], rate: float, seed) -> dict:
 
 
 def fusegen_serving(model, requests: list[Request], rates: list[float], seed, hf_requests: int) -> dict:
-    start = time.perf_counter()
-    compiled = fusegen.compile(model, ENGINE_CONFIG)
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    engine = compiled.engine()  # KV pool + CUDA graphs for every step shape
-    engine_s = time.perf_counter() - start
+    _, engine, compile_s, engine_s = compile_engine(model)
     # Warm-up: prefill, mixed and decode steps at every batch size down from 64 (outputs differ).
     warm = make_requests(64, model.config.vocab_size, f"warm-up-{seed}", output_len=(4, 64))
     start = time.perf_counter()

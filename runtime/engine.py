@@ -265,7 +265,6 @@ class Engine:
         return event
 
     def _finish(self, flight: _InFlight) -> list[TokenEvent]:
-        begin = time.perf_counter()
         if flight.done is not None:
             flight.done.synchronize()
             flight.record.gpu_ms = flight.start.elapsed_time(flight.done)

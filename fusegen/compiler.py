@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -161,9 +162,10 @@ class CompiledModel:
 
     @property
     def _engine(self) -> Engine:
-        if getattr(self, "_shared_engine", None) is None:
-            self._shared_engine = self.engine()
-        return self._shared_engine
+        with _ENGINE_LOCK:   # one shared engine, even when threads ask for it at once
+            if getattr(self, "_shared_engine", None) is None:
+                self._shared_engine = self.engine()
+            return self._shared_engine
 
     def generate_batch(self, prompts: list[list[int]], max_new_tokens: int = 20, **sampling) -> list[list[int]]:
         """New tokens for many requests (token lists), continuously batched. ``sampling``:
@@ -229,6 +231,9 @@ class CompiledModel:
 
     def __repr__(self) -> str:
         return f"CompiledModel({self.report.model_class}, config={self.config})"
+
+
+_ENGINE_LOCK = threading.Lock()
 
 
 def _sampling(do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -337,6 +342,10 @@ def _check_kernels_serve(model: nn.Module, facts: dict) -> None:
             attention.check_head_dim(facts["kv"].head_dim)
         except ValueError as exc:
             raise UnsupportedModelError(model_class_name(model), "attention", str(exc)) from None
+        if facts["kv"].dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise UnsupportedModelError(model_class_name(model), "attention",
+                                        f"the CUDA attention kernels take float16, bfloat16 or float32, "
+                                        f"the model is {facts['kv'].dtype}; cast it first")
     attention.register()
 
 

@@ -86,3 +86,11 @@ class RequestFailedError(FusegenError, RuntimeError):
         self.cause = cause
         super().__init__(f"request {request_id} failed in an engine step: "
                          f"{type(cause).__name__}: {cause}")
+
+
+class RequestAbortedError(FusegenError, RuntimeError):
+    """The request was aborted (``Engine.abort``) while a consumer was waiting for its tokens."""
+
+    def __init__(self, request_id: int):
+        self.request_id = request_id
+        super().__init__(f"request {request_id} was aborted")

@@ -92,15 +92,15 @@ class StepGraphs:
         max_seqs = max(decode_sizes)
         shapes = [(b, b) for b in sorted(set(decode_sizes))]
         shapes += [(t, max_seqs) for t in sorted(set(token_sizes)) if t > max_seqs]
-        self.graphs = [StepGraph(runner, t, n) for t, n in shapes]
-        torch.cuda.synchronize(runner.device)
-        before = torch.cuda.memory_reserved(runner.device)
-        start = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
-        with torch.no_grad():
+        with torch.cuda.device(runner.device), torch.no_grad():
+            self.graphs = [StepGraph(runner, t, n) for t, n in shapes]
+            torch.cuda.synchronize(runner.device)
+            before = torch.cuda.memory_reserved(runner.device)
+            start = time.perf_counter()
+            pool = torch.cuda.graph_pool_handle()
             for graph in reversed(self.graphs):   # largest first: smaller ones reuse its memory
                 graph.capture(pool)
-        torch.cuda.synchronize(runner.device)
+            torch.cuda.synchronize(runner.device)
         self.capture_s = time.perf_counter() - start
         self.memory_bytes = torch.cuda.memory_reserved(runner.device) - before
 

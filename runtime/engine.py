@@ -22,6 +22,7 @@ later. With ``overlap=False`` each step waits for its own tokens.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fusegen.errors import RequestFailedError
+from fusegen.errors import RequestAbortedError, RequestFailedError
 from fusegen.runtime.kv_manager import KVCacheManager
 from fusegen.runtime.outputs import RequestOutput
 from fusegen.runtime.paged import PagedRunner
@@ -145,6 +146,9 @@ class Engine:
         with self._lock:
             self.scheduler.abort(request_id)
             self._release_row(request_id)
+            out = self._outputs.get(request_id)
+            if out is not None and not out.finished:
+                out.fail(RequestAbortedError(request_id))
 
     def has_unfinished(self) -> bool:
         """Requests to run, a step in flight, or tokens a ``step()`` caller has not had yet."""
@@ -172,8 +176,9 @@ class Engine:
             launched, failure = None, None
             if plan.requests:
                 try:
-                    launched = self._launch(plan, begin)
-                except Exception as exc:  # noqa: BLE001 - isolated to this step's requests
+                    with self._on_device():
+                        launched = self._launch(plan, begin)
+                except BaseException as exc:  # noqa: BLE001 - isolated to this step's requests
                     failure = exc
             elif self._inflight is None and self.scheduler.has_unfinished():
                 raise RuntimeError(f"scheduler planned nothing for {len(self.scheduler.requests)} "
@@ -185,13 +190,24 @@ class Engine:
             events = self._deliver(previous) if previous is not None else []
             if failure is not None:   # after the previous step's tokens are handed over
                 self._fail(plan, failure)
+                if not isinstance(failure, Exception):
+                    raise failure     # KeyboardInterrupt and the like: the engine stays consistent
             return events
+
+    def _on_device(self):
+        """The runner's CUDA device current while a step is launched or read back, so events,
+        streams and copies land on the model's device whatever the caller's current one is."""
+        device = self.runner.device
+        return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
     def _deliver(self, flight: _InFlight) -> list[TokenEvent]:
         try:
-            events = self._finish(flight)
-        except Exception as exc:  # noqa: BLE001
+            with self._on_device():
+                events = self._finish(flight)
+        except BaseException as exc:  # noqa: BLE001
             self._fail(flight.plan, exc)
+            if not isinstance(exc, Exception):
+                raise
             return []
         for event in events:
             out = self._outputs.get(event.request_id)
@@ -199,7 +215,7 @@ class Engine:
                 out.push(event.token, event.finished)
         return events
 
-    def _fail(self, plan: StepPlan, exc: Exception) -> None:
+    def _fail(self, plan: StepPlan, exc: BaseException) -> None:
         """Abort every unfinished request of a step that raised, and tell its consumer."""
         log.warning("engine step of %d requests failed: %s: %s", len(plan.requests), type(exc).__name__, exc)
         self.stats["failed_steps"] += 1
@@ -299,11 +315,9 @@ class Engine:
             for out in outs:
                 tokens = []
                 while True:
-                    self._wait(out)
-                    tokens += out.take()
-                    if out.error is not None:
-                        raise out.error
-                    if out.finished:
+                    new, done = self._take(out)
+                    tokens += new
+                    if done:
                         break
                 results.append(tokens)
             return results
@@ -316,21 +330,17 @@ class Engine:
         with self._lock:
             rid = self.add_request(prompt, max_new_tokens, **sampling)
             out = self._subscribe(rid)
-        return self._drain(rid, out)
+        return TokenStream(self, rid, out)
 
-    def _drain(self, rid: int, out: RequestOutput) -> Iterator[int]:
-        try:
-            while True:
-                self._wait(out)
-                with self._lock:
-                    tokens = out.take()
-                yield from tokens
-                if out.error is not None:
-                    raise out.error
-                if out.finished and not out.tokens:
-                    return
-        finally:
-            self._unsubscribe([rid])
+    def _take(self, out: RequestOutput) -> tuple[list[int], bool]:
+        """Wait for ``out``, then (its new tokens, whether it is done), read under the lock;
+        its error is raised once its tokens are taken."""
+        self._wait(out)
+        with self._lock:
+            tokens, done, error = out.take(), out.finished, out.error
+        if error is not None and not tokens:
+            raise error
+        return tokens, done and error is None
 
     def _subscribe(self, request_id: int) -> RequestOutput:
         out = self._outputs[request_id] = RequestOutput(request_id)
@@ -353,6 +363,38 @@ class Engine:
                     raise RuntimeError(f"request {out.request_id} is unfinished but the engine has no work")
                 # Tokens of requests nobody subscribed to wait for the next step() caller.
                 self._unclaimed += [e for e in self._step() if e.request_id not in self._outputs]
+
+
+class TokenStream:
+    """The new tokens of one request as an iterator. ``close()`` (also before the first
+    ``next()``) aborts the request and drops its queue."""
+
+    def __init__(self, engine: Engine, request_id: int, out: RequestOutput):
+        self.engine, self.request_id, self._out = engine, request_id, out
+        self._buffer: deque[int] = deque()
+        self._done = False
+
+    def __iter__(self) -> "TokenStream":
+        return self
+
+    def __next__(self) -> int:
+        while not self._buffer:
+            if self._done:
+                raise StopIteration
+            try:
+                tokens, self._done = self.engine._take(self._out)
+            except BaseException:
+                self.close()
+                raise
+            self._buffer.extend(tokens)
+            if self._done:
+                self.engine._unsubscribe([self.request_id])
+        return self._buffer.popleft()
+
+    def close(self) -> None:
+        self._done = True
+        self._buffer.clear()
+        self.engine._unsubscribe([self.request_id])
 
 
 def _kind(plan: StepPlan) -> str:

@@ -630,3 +630,35 @@ def test_names_fx_would_write_into_python_source_must_be_identifiers(saved, tmp_
     with pytest.raises(ArtifactFormatError, match=f"graph.json: node {node['name']!r}"):
         fusegen.load(saved)
     assert not marker.exists()
+
+
+def test_load_through_a_relative_path_or_a_link_with_a_tokenizer(with_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.chdir(with_tokenizer.parent)
+    assert fusegen.load(with_tokenizer.name).tokenizer is not None
+    (tmp_path / "link").symlink_to(with_tokenizer)
+    assert fusegen.load(tmp_path / "link").tokenizer is not None
+
+
+def test_the_tokenizer_is_read_at_load_not_at_first_use(with_tokenizer):
+    loaded = fusegen.load(with_tokenizer)
+    (with_tokenizer / "tokenizer" / "tokenizer.json").write_text("{}")   # after the checks
+    assert loaded.tokenizer("w1 w7").input_ids == [1, 7]
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda m: m.update(kind="dense"), "kind 'dense', but the graph is paged"),
+    (lambda m: m["facts"]["dict"].pop("kv"), "facts.kv.block_size None differs"),
+    (lambda m: m["facts"]["dict"]["kv"]["dict"].update(layers=1), "does not match the graph's kv_pool"),
+    (lambda m: m["facts"]["dict"]["kv"]["dict"].update(dtype={"dtype": "bfloat16"}),
+     "does not match the graph's kv_pool"),
+])
+def test_the_manifest_must_agree_with_the_graph(saved, edit, problem):
+    _edit_manifest(saved, edit)
+    with pytest.raises(ArtifactFormatError, match=problem):
+        fusegen.load(saved)
+
+
+def test_one_trusted_key_may_be_given_on_its_own(llama, keys, tmp_path):
+    signed = llama.save(tmp_path / "signed", sign_key=keys / "key.pem")
+    for key in (str(keys / "key.pub.pem"), keys / "key.pub.pem", (keys / "key.pub.pem").read_bytes()):
+        assert fusegen.load(signed, trusted_keys=key) is not None

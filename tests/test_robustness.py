@@ -325,3 +325,49 @@ def test_fuzz_generate_tensors(compiled, shape, dtype, mask_kind, high):
         and (mask_kind in ("none", "left") or (mask_kind == "right" and S == 1))   # all ones
     assert valid, f"accepted {dtype} ids of shape {shape}, max {int(ids.max()) if ids.numel() else None}, mask {mask_kind}"
     assert out.shape == (B, S + 2) and out.dtype == ids.dtype and torch.equal(out[:, :S], ids)
+
+
+def test_a_stream_closed_before_its_first_token_aborts_its_request(compiled):
+    engine = fresh(compiled)
+    stream = engine.stream([5, 9, 33], NEW, eos_token_ids=[])
+    stream.close()
+    assert list(stream) == [] and not engine.scheduler.requests
+    while engine.has_unfinished():
+        engine.step()
+    assert leak_free(engine)
+
+
+def test_aborting_a_request_ends_its_consumer_with_an_error(compiled):
+    from fusegen.errors import RequestAbortedError
+
+    engine = fresh(compiled)
+    stream = engine.stream([5, 9, 33], NEW, eos_token_ids=[])
+    first = next(stream)
+    engine.abort(stream.request_id)
+    with pytest.raises(RequestAbortedError, match="request 0 was aborted"):
+        next(stream)
+    assert [first] == solo(compiled, [5, 9, 33])[:1]
+    while engine.has_unfinished():
+        engine.step()
+    assert leak_free(engine)
+
+
+def test_an_interrupt_inside_a_step_leaves_the_engine_consistent(compiled):
+    engine = fresh(compiled)
+    Faults(engine.runner, "forward", fail_on=lambda n: n == 3)
+    inner = engine.runner.forward      # the fault raises RuntimeError: make it an interrupt
+
+    def interrupt(*args, **kwargs):
+        try:
+            return inner(*args, **kwargs)
+        except RuntimeError:
+            raise KeyboardInterrupt from None
+
+    engine.runner.forward = interrupt
+    other = engine.add_request([7, 3, 64], NEW, eos_token_ids=[])
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate_batch([[5, 9, 33]], NEW, eos_token_ids=[])
+    assert engine.stats["failed_steps"] == 1 and other in {rid for rid, _ in engine.failures}
+    assert engine.generate_batch([[12, 13]], NEW, eos_token_ids=[]) == [solo(compiled, [12, 13])]
+    assert [rid for rid, _, _ in engine.step()] == [other]    # its token from before, unclaimed till now
+    assert leak_free(engine)

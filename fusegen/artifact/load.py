@@ -58,12 +58,16 @@ def load(directory, device: str | torch.device | None = None, *, trusted_keys=No
     graph_ir = read_json(directory, GRAPH, read_verified(directory, GRAPH, files))
     moved = target if target != torch.device(manifest["device"]) else None
     gm = ir_to_graph_module(graph_ir, tensors, moved)
+    if manifest.get("kind") != _graph_kind(gm):
+        raise ArtifactFormatError(MANIFEST, f"kind {manifest.get('kind')!r}, but the graph is {_graph_kind(gm)}")
     clock.lap("graph")
     kernels = _load_kernels(directory, gm, manifest["kernels"], files, _kernels_launch(target))
     clock.lap("kernels")
     compiled = _compiled_model(manifest, gm, target, kernels)
     if manifest.get("tokenizer"):
+        # Read now, right after its files were verified, not at first use.
         compiled.tokenizer_path = inside(directory, manifest["tokenizer"])
+        _ = compiled.tokenizer
     clock.lap("model")
     compiled.load_seconds = clock.laps
     return compiled
@@ -94,6 +98,28 @@ FACT_CHECKS = {
 }
 
 
+def _graph_kind(gm) -> str:
+    names = {n.target for n in gm.graph.nodes if n.op == "placeholder"}
+    return "paged" if "kv_pool" in names else "dense" if "kv_cache" in names else "stateless"
+
+
+def _check_kv_against_graph(gm, kv) -> None:
+    """The KV geometry in the facts must be the one the graph's cache input was traced with."""
+    cache = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.target in ("kv_pool", "kv_cache")), None)
+    if cache is None:
+        return
+    if not isinstance(kv, KVGeometry):
+        raise ArtifactFormatError(MANIFEST, f"facts.kv is missing, but the graph reads {cache.target}")
+    record = cache.meta.get("fusegen_shape") or {}
+    want = kv.pool_shape("?") if cache.target == "kv_pool" else kv.dense_shape("?", "?")
+    dims = record.get("shape")
+    same = isinstance(dims, list) and len(dims) == len(want) and all(
+        w == "?" or d == w for d, w in zip(dims, want) if isinstance(d, int) or w != "?")
+    if not same or record.get("dtype") != str(kv.dtype).removeprefix("torch."):
+        raise ArtifactFormatError(MANIFEST, f"facts.kv {kv} does not match the graph's {cache.target} "
+                                  f"({record.get('dtype')} {dims})")
+
+
 def _check_facts(facts: dict, config: CompileConfig, kind) -> None:
     for key, ok in FACT_CHECKS.items():
         if key in facts and not ok(facts[key]):
@@ -107,8 +133,8 @@ def _check_facts(facts: dict, config: CompileConfig, kind) -> None:
 def _check_tokenizer_folder(directory: Path, folder: str, files: dict) -> None:
     """Every file under the tokenizer folder must be listed (and so verified): an unlisted
     file, or a link, is refused rather than read."""
-    root = inside(directory, folder)
-    for path in sorted(root.rglob("*")):
+    inside(directory, folder)              # the folder itself stays inside the artifact
+    for path in sorted((directory / folder).rglob("*")):
         rel = path.relative_to(directory).as_posix()
         if path.is_symlink():
             raise ArtifactTamperedError(rel, "is a symbolic link; a tokenizer folder holds plain files only")
@@ -123,6 +149,7 @@ def _compiled_model(manifest: dict, gm, target: torch.device, kernels: list[dict
     facts.update(device=target, kernels=kernels, hf_config=manifest["model"]["config"])
     config = CompileConfig.from_string(manifest["compile_config"])
     _check_facts(facts, config, manifest.get("kind"))
+    _check_kv_against_graph(gm, facts.get("kv"))
     records = [PassRecord(p["name"], p["changed"], p["seconds"], p["counters"],
                           Counter(p.get("node_counts", {})), p["nodes_made"]) for p in manifest["passes"]]
     report = CompileReport(manifest["model"]["class"], config, records)

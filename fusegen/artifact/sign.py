@@ -14,6 +14,7 @@ manifest and its files no longer passes. Keys are PEM files, e.g. made with
 from __future__ import annotations
 
 import base64
+import os
 from pathlib import Path
 
 from fusegen.artifact.format import MANIFEST
@@ -69,7 +70,9 @@ def sign(directory: Path, private_key) -> None:
 
 def check_signature(directory: Path, manifest: bytes, trusted_keys) -> None:
     """Raise ``ArtifactUntrustedError`` unless one of ``trusted_keys`` signed ``manifest``."""
-    _, _, invalid = _crypto()
+    _, ed25519, invalid = _crypto()
+    if isinstance(trusted_keys, (str, bytes, os.PathLike, ed25519.Ed25519PublicKey)):
+        trusted_keys = [trusted_keys]     # one key given on its own
     keys = [read_key(k, private=False) for k in trusted_keys]
     if not keys:
         raise ValueError("trusted_keys is empty: give at least one public key")

@@ -110,6 +110,39 @@ def example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> tuple[torc
     return ids, mask, pos
 
 
+def mask_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over the real tokens of left-padded rows (0 on padding), as HF's
+    generate and mask-deriving families (OPT) compute them."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def position_convention(model: nn.Module) -> str:
+    """How the model's own forward numbers positions when it is given none: ``"arange"``
+    (0..S-1 in every row, padding included: Llama, GPT-2, ...) or ``"mask"`` (counted over
+    the real tokens, from the attention mask: OPT). Found by running a left-padded batch
+    both ways against the model's own default; UnsupportedModelError when neither matches."""
+    wrapper = _LogitsOnly(model)
+    if "position_ids" not in wrapper._takes or "attention_mask" not in wrapper._takes:
+        return "arange"   # positions are not an input the model lets us set
+    ids, mask, pos = example_inputs(model, batch=2, seq=8)
+    mask[0, :3] = 0
+    real = mask.bool()
+    kwargs = {"use_cache": False} if wrapper._hf else {}
+    own = _logits(model(ids, attention_mask=mask, **kwargs))[real]
+    for name, candidate in (("arange", pos), ("mask", mask_positions(mask))):
+        got = wrapper(ids, mask, candidate)[real]
+        if torch.allclose(got.float(), own.float(), atol=1e-3, rtol=1e-3):
+            return name
+    raise UnsupportedModelError(model_class_name(model), "position_ids",
+                                "its forward numbers positions of a left-padded batch neither 0..S-1 "
+                                "nor from the attention mask, so fusegen cannot reproduce them")
+
+
+def _logits(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
 def capture(model: nn.Module, *, attn_implementation: str | None = None,
             verify: bool = True) -> torch.fx.GraphModule:
     """Trace ``model`` into an fx GraphModule ``(input_ids, attention_mask, position_ids) -> logits``.

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from fusegen.capture import capture, model_class_name
+from fusegen.capture import capture, mask_positions, model_class_name, position_convention
 from fusegen.codegen.lower import lower
 from fusegen.config import CompileConfig
 from fusegen.errors import UnsupportedModelError
@@ -97,10 +97,12 @@ class CompiledModel:
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, S, V] for ``input_ids`` [B, S]; ``attention_mask`` [B, S] marks real tokens
-        (left padding). ``position_ids`` default to 0..S-1 for every row, as HF's forward does.
+        (left padding). ``position_ids`` default to what the model's own forward uses:
+        0..S-1 in every row (Llama, GPT-2, ...) or counted over the real tokens (OPT).
         Padding positions of a stateful graph get zero logits (they are never computed)."""
         input_ids, attention_mask, position_ids = _full_inputs(input_ids, attention_mask, position_ids,
-                                                               self.facts.get("vocab_size"), self.device)
+                                                               self.facts.get("vocab_size"), self.device,
+                                                               self.facts.get("positions", "arange"))
         self._check_length(input_ids.shape[1])
         if self.kind == "stateless":
             return self.graph_module(input_ids, attention_mask, position_ids)
@@ -253,7 +255,7 @@ def _eos_set(eos) -> set[int]:
 
 
 def _full_inputs(input_ids, attention_mask, position_ids, vocab_size: int | None = None,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, positions: str = "arange"):
     """Checked inputs: integer ids [B, S] within the vocabulary, on the model's device; a 0/1
     mask of the same shape whose rows are left-padded (zeros, then ones; at least one one)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -270,7 +272,9 @@ def _full_inputs(input_ids, attention_mask, position_ids, vocab_size: int | None
         raise ValueError(f"attention_mask shape {shape} != input_ids shape {(B, S)}")
     else:
         _check_left_padded(attention_mask)
-    if position_ids is None:
+    if position_ids is None and positions == "mask":
+        position_ids = mask_positions(attention_mask)
+    elif position_ids is None:
         position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
     else:
         _check_ids_tensor(position_ids, "position_ids", None, device)
@@ -364,4 +368,5 @@ def _model_facts(model: nn.Module) -> dict:
         facts["eos_token_id"] = generation.eos_token_id
     param = next(model.parameters())
     facts["dtype"], facts["device"] = param.dtype, param.device
+    facts["positions"] = position_convention(model)
     return facts

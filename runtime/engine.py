@@ -68,7 +68,7 @@ class Engine:
                  max_num_seqs: int = 64, enable_prefix_caching: bool = True,
                  max_model_len: int | None = None, overlap: bool = True, vocab_size: int | None = None):
         self.runner = runner
-        self.vocab_size = vocab_size
+        self.vocab_size = vocab_size if vocab_size is not None else runner.vocab_size
         self.max_model_len = max_model_len
         self.overlap = overlap
         self.eos_token_ids = frozenset(token_ids(eos_token_ids, vocab_size, "eos_token_ids"))

@@ -39,6 +39,19 @@ class PagedRunner:
     def block_size(self) -> int:
         return self.geometry.block_size
 
+    @property
+    def vocab_size(self) -> int | None:
+        """The logits' last dimension as the graph records it (None when it is not static)."""
+        output = next(n for n in self.gm.graph.nodes if n.op == "output")
+        logits = output.args[0]
+        logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+        meta = getattr(logits, "meta", {})
+        if "val" in meta:
+            last = meta["val"].shape[-1]
+        else:
+            last = (meta.get("fusegen_shape") or {}).get("shape", [None])[-1]
+        return last if isinstance(last, int) else None
+
     def allocate_batch(self, max_rows: int, max_model_len: int) -> BatchState:
         self.batch = BatchState(max_rows, max_model_len, self.block_size, self.device)
         return self.batch

@@ -1,0 +1,46 @@
+"""Positions as the model's own forward numbers them, on left-padded batches: Llama-like
+families count 0..S-1 in every row, OPT counts over the real tokens (CPU, fp32)."""
+
+import pytest
+import torch
+from transformers import OPTConfig, OPTForCausalLM
+
+import fusegen
+from families import left_padded, mini_model
+from helpers import assert_close_report
+
+
+def mini_opt():
+    torch.manual_seed(0)
+    return OPTForCausalLM(OPTConfig(vocab_size=128,
+                                    hidden_size=64,          # 768 (OPT-125m)
+                                    num_hidden_layers=2,     # 12
+                                    ffn_dim=128,             # 3072
+                                    num_attention_heads=4,   # 12
+                                    max_position_embeddings=256,  # 2048
+                                    word_embed_proj_dim=64)).eval()
+
+
+@pytest.mark.parametrize("family, convention", [("opt", "mask"), ("llama", "arange"), ("gpt2", "arange")])
+def test_left_padded_logits_match_the_models_own_forward(family, convention):
+    model = mini_opt() if family == "opt" else mini_model(family)
+    compiled = fusegen.compile(model)
+    assert compiled.facts["positions"] == convention
+    ids, mask = left_padded([9, 4, 7], 9, seed=3)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert_close_report(compiled(ids, mask)[real], want[real], atol=1e-4, rtol=1e-4)
+
+
+def test_opt_generate_and_artifact_keep_the_convention(tmp_path):
+    model = mini_opt()
+    compiled = fusegen.compile(model)
+    ids, mask = left_padded([7, 3], 7, seed=5)
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                              eos_token_id=None, pad_token_id=1)
+    assert torch.equal(compiled.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[]), want)
+    loaded = fusegen.load(compiled.save(tmp_path / "opt"))
+    assert loaded.facts["positions"] == "mask"
+    torch.testing.assert_close(loaded(ids, mask), compiled(ids, mask), rtol=0, atol=0)

@@ -161,7 +161,7 @@ def export_command(args: argparse.Namespace) -> int:
     config = _parse_config(args.config)
     check_destination(args.output)  # before the slow part
     sign_key = read_key(args.sign, private=True) if args.sign else None
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = _optional_tokenizer(args.model)
     model = load_model(args.model)
     compiled = fusegen.compile(model, config=config, progress=True)
     directory = export(compiled, args.output, tokenizer=tokenizer, onnx=args.onnx, sign_key=sign_key,
@@ -179,13 +179,35 @@ def export_command(args: argparse.Namespace) -> int:
          arg("--trusted-key", metavar="PUB", action="append", default=None,
              help="an Ed25519 public key (PEM) the artifact must be signed with (repeatable)"))
 def run_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fusegen.artifact import read_manifest
+
     _check_generation_args(args)
     _check_device(args.device)
+    if Path(args.artifact).is_dir() and read_manifest(Path(args.artifact)).get("tokenizer") is None:
+        raise ValueError(f"{args.artifact} was exported without a tokenizer; use fusegen.load() "
+                         f"with token ids instead")
     compiled = fusegen.load(args.artifact, device=args.device, trusted_keys=args.trusted_key, progress=True)
     if compiled.tokenizer is None:
         raise ValueError(f"{args.artifact} was exported without a tokenizer; use fusegen.load() "
                          f"with token ids instead")
     return _stream_completion(compiled, compiled.tokenizer, args)
+
+
+def _optional_tokenizer(model: str):
+    """The model's tokenizer, or None (with a note) when its directory has none: an artifact
+    then works with token ids through the Python API."""
+    from fusegen.errors import ModelNotFoundError
+
+    try:
+        return load_tokenizer(model)
+    except ModelNotFoundError as exc:
+        if "no tokenizer files" not in str(exc):
+            raise
+        print(f"{PROG}: note: {model} has no tokenizer files; the artifact will have none "
+              f"(use token ids with fusegen.load)", file=sys.stderr)
+        return None
 
 
 def _check_generation_args(args: argparse.Namespace) -> None:

@@ -194,3 +194,13 @@ def test_analyze_prints_both_phases_and_writes_plot_and_json(tiny_llama_dir, tmp
 def test_analyze_bad_arguments_fail_before_compiling(argv, problem, capsys):
     assert main(["analyze", "/nonexistent/model", *argv]) == 2
     assert problem in _one_error_line(capsys.readouterr().err)
+
+
+def test_export_without_a_tokenizer_works_and_run_says_it_has_none(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "art"
+    assert main(["export", str(tiny_llama_dir), "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "has no tokenizer files" in captured.err and "wrote" in captured.out
+    assert fusegen.load(out).generate_batch([[5, 6, 7]], 3)     # token ids work
+    assert main(["run", str(out), "--prompt", "hi"]) == 2
+    assert "was exported without a tokenizer" in _one_error_line(capsys.readouterr().err)

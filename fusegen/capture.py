@@ -132,7 +132,7 @@ def position_convention(model: nn.Module) -> str:
     own = _logits(model(ids, attention_mask=mask, **kwargs))[real]
     for name, candidate in (("arange", pos), ("mask", mask_positions(mask))):
         got = wrapper(ids, mask, candidate)[real]
-        if torch.allclose(got.float(), own.float(), atol=1e-3, rtol=1e-3):
+        if torch.allclose(got.float(), own.float(), atol=1e-3, rtol=1e-3, equal_nan=True):
             return name
     raise UnsupportedModelError(model_class_name(model), "position_ids",
                                 "its forward numbers positions of a left-padded batch neither 0..S-1 "

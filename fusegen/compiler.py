@@ -179,28 +179,32 @@ class CompiledModel:
         return self._engine.stream(prompt, max_new_tokens, **_sampling(**sampling))
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20,
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int | None = None,
                  attention_mask: torch.Tensor | None = None, eos_token_id=None,
-                 pad_token_id: int | None = None, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                 seed: int | None = None) -> torch.Tensor:
+                 pad_token_id: int | None = None, do_sample: bool | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 repetition_penalty: float | None = None, seed: int | None = None) -> torch.Tensor:
         """HF-style ``generate``: returns [B, S + n], the (left-padded) prompts followed by the
-        new tokens, rows that stopped early (eos) filled with ``pad_token_id``. Greedy unless
-        ``do_sample``; ``seed`` makes sampling reproducible."""
+        new tokens, rows that stopped early (eos) filled with the pad id. Arguments left None
+        come from the model's ``generation_config``, as in HF (eos ids, pad id, max_new_tokens
+        or max_length, do_sample and the sampling values); ``seed`` makes sampling
+        reproducible."""
         if self.kind == "stateless":
             raise ValueError("generate needs a stateful graph; compile with insert_kv_cache=1")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         input_ids, attention_mask, _ = _full_inputs(input_ids, attention_mask, None,
                                                     self.facts.get("vocab_size"), self.device)
+        g = _GenerationDefaults(self.facts.get("generation") or {})
+        max_new_tokens = g.max_new_tokens(max_new_tokens, input_ids.shape[1])
+        do_sample = g.pick(do_sample, "do_sample", False)
+        temperature, top_k = g.pick(temperature, "temperature", 1.0), g.pick(top_k, "top_k", 50)
+        top_p, repetition_penalty = g.pick(top_p, "top_p", 1.0), g.pick(repetition_penalty, "repetition_penalty", 1.0)
         if do_sample and not temperature > 0:
             raise ValueError(f"temperature must be > 0 when do_sample=True, got {temperature} "
                              f"(use do_sample=False for greedy decoding)")
-        eos = _eos_set(self.facts.get("eos_token_id") if eos_token_id is None else eos_token_id)
+        eos_list = _eos_list(g.pick(eos_token_id, "eos_token_id", self.facts.get("eos_token_id")))
+        eos = set(eos_list)
         real = attention_mask.bool()
         prompts = [input_ids[b, real[b]].tolist() for b in range(input_ids.shape[0])]
-        if min(len(p) for p in prompts) == 0:
-            raise ValueError("every row of attention_mask needs at least one real token")
         self._check_length(max(len(p) for p in prompts) + max_new_tokens)
         sampling = _sampling(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                              repetition_penalty=repetition_penalty, seed=seed)
@@ -216,7 +220,7 @@ class CompiledModel:
             runner = DenseRunner(self.graph_module, self.facts["kv"], input_ids.shape[0],
                                  input_ids.shape[1] + max_new_tokens, input_ids.device)
             new = greedy_dense(runner, input_ids, attention_mask, max_new_tokens, eos)
-        pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
+        pad = g.pick(pad_token_id, "pad_token_id", eos_list[0] if eos_list else 0)   # HF: the first eos
         width = max(len(n) for n in new)
         rows = [n + [pad] * (width - len(n)) for n in new]
         return torch.cat([input_ids, torch.tensor(rows, dtype=input_ids.dtype, device=input_ids.device)], 1)
@@ -246,6 +250,44 @@ def _sampling(do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
     if eos_token_id is not None:
         params["eos_token_ids"] = sorted(_eos_set(eos_token_id))
     return params
+
+
+class _GenerationDefaults:
+    """The model's ``generation_config`` values (kept in the facts), filling in arguments a
+    ``generate`` call leaves None, with HF's own defaults behind them."""
+
+    def __init__(self, values: dict):
+        self.values = values
+
+    def pick(self, given, key: str, fallback):
+        if given is not None:
+            return given
+        value = self.values.get(key)
+        return value if value is not None else fallback
+
+    def max_new_tokens(self, given, prompt_width: int) -> int:
+        if given is None and self.values.get("max_new_tokens") is not None:
+            given = self.values["max_new_tokens"]
+        if given is None:   # HF: max_length counts the prompt (20 by default)
+            given = self.values.get("max_length", 20) - prompt_width
+            if given < 1:
+                raise ValueError(f"the prompt's {prompt_width} tokens reach the generation config's "
+                                 f"max_length={self.values.get('max_length', 20)}; pass max_new_tokens")
+        if isinstance(given, bool) or not isinstance(given, int) or given < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {given}")
+        return given
+
+
+GENERATION_FIELDS = ("max_new_tokens", "max_length", "eos_token_id", "pad_token_id", "do_sample",
+                     "temperature", "top_k", "top_p", "repetition_penalty")
+
+
+def _eos_list(eos) -> list[int]:
+    """eos ids in their given order (HF pads with the first)."""
+    if eos is None:
+        return []
+    items = eos if isinstance(eos, (list, tuple)) else sorted(eos) if isinstance(eos, set) else [eos]
+    return list(dict.fromkeys(int(e) for e in items))
 
 
 def _eos_set(eos) -> set[int]:
@@ -366,6 +408,9 @@ def _model_facts(model: nn.Module) -> dict:
     generation = getattr(model, "generation_config", None)
     if generation is not None and generation.eos_token_id is not None:
         facts["eos_token_id"] = generation.eos_token_id
+    if generation is not None:
+        facts["generation"] = {key: getattr(generation, key) for key in GENERATION_FIELDS
+                               if isinstance(getattr(generation, key, None), (bool, int, float, list))}
     param = next(model.parameters())
     facts["dtype"], facts["device"] = param.dtype, param.device
     facts["positions"] = position_convention(model)

@@ -44,3 +44,28 @@ def test_opt_generate_and_artifact_keep_the_convention(tmp_path):
     loaded = fusegen.load(compiled.save(tmp_path / "opt"))
     assert loaded.facts["positions"] == "mask"
     torch.testing.assert_close(loaded(ids, mask), compiled(ids, mask), rtol=0, atol=0)
+
+
+def test_generate_takes_its_defaults_from_the_generation_config_as_hf_does(tmp_path):
+    model = mini_model("llama")
+    ids, mask = left_padded([6, 4], 6, seed=9)
+    with torch.no_grad():
+        free = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+    stop = int(free[0, 6 + 2])                   # row 0 stops at its third new token
+    model.generation_config.eos_token_id = [stop, 127]
+    model.generation_config.pad_token_id = 5
+    model.generation_config.max_new_tokens = 8
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=mask)          # everything from the config
+    compiled = fusegen.compile(model)
+    got = compiled.generate(ids, attention_mask=mask)
+    assert torch.equal(got, want) and (got[0, 6 + 3:] == 5).all()
+    loaded = fusegen.load(compiled.save(tmp_path / "art"))
+    assert torch.equal(loaded.generate(ids, attention_mask=mask), want)
+    # Explicit arguments win over the config, as in HF.
+    assert torch.equal(compiled.generate(ids, attention_mask=mask, max_new_tokens=3, eos_token_id=[]),
+                       free[:, :6 + 3])
+    model.generation_config.max_new_tokens = None                 # then max_length (20) counts the prompt
+    assert fusegen.compile(model).generate(ids, attention_mask=mask).shape[1] == \
+        model.generate(ids, attention_mask=mask).shape[1]

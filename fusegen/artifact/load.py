@@ -95,6 +95,7 @@ FACT_CHECKS = {
     "num_key_value_heads": _positive, "hidden_size": _positive, "max_position_embeddings": _positive,
     "n_positions": _positive, "eos_token_id": _ids, "model_class": lambda v: isinstance(v, str),
     "dtype": lambda v: isinstance(v, torch.dtype), "positions": lambda v: v in ("arange", "mask"),
+    "generation": lambda v: isinstance(v, dict),
 }
 
 

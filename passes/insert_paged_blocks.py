@@ -27,18 +27,40 @@ from torch import fx
 from fusegen.errors import PassError
 from fusegen.kv import PAGED_INPUTS, KVGeometry
 from fusegen.passes.infra import (PassContext, PassResult, add_input, call_nodes, erase_unused,
-                                  fresh_val, graph_pass, placeholders, val)
+                                  fresh_val, graph_pass, placeholders, refresh_vals, val)
 
 ops = torch.ops.fusegen
 aten = torch.ops.aten
 
 
-def _select_logit_rows(gm: fx.GraphModule) -> fx.Node:
-    """Insert index_select(hidden, 1, logits_indices) before the LM head (the output's linear)."""
+# Elementwise ops a model may apply to the LM head's logits (Gemma2's final-logit
+# softcapping: tanh(logits / cap) * cap); they stay, computed on the selected rows only.
+_LOGIT_TAIL = {aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.tanh.default,
+               aten.mul.Scalar, aten.div.Scalar, aten._to_copy.default, aten.softmax.int}
+
+
+def _logit_tail(gm: fx.GraphModule) -> tuple[fx.Node, list[fx.Node]]:
+    """The LM-head linear the output is computed from, and the elementwise nodes between."""
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    head = output.args[0]
-    if not (isinstance(head, fx.Node) and head.target is aten.linear.default):
-        raise PassError("insert_paged_blocks", f"graph output {head} is not an LM-head linear")
+    node, tail = output.args[0], []
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _LOGIT_TAIL:
+        inputs = [a for a in node.args if isinstance(a, fx.Node)]
+        chained = [a for a in inputs if a.op != "get_attr"]
+        if len(chained) != 1 or len(node.users) != 1:
+            break
+        tail.append(node)
+        node = chained[0]
+    if not (isinstance(node, fx.Node) and node.target is aten.linear.default and len(node.users) == 1):
+        raise PassError("insert_paged_blocks", f"graph output {output.args[0]} is not computed from an "
+                        f"LM-head linear by elementwise ops (found {node}); compile with preset=dense_kv "
+                        f"for this model")
+    return node, tail[::-1]
+
+
+def _select_logit_rows(gm: fx.GraphModule) -> fx.Node:
+    """Insert index_select(hidden, 1, logits_indices) before the LM head; the LM head and
+    any elementwise tail after it then work on the selected rows."""
+    head, tail = _logit_tail(gm)
     hidden = head.args[0]
     indices = add_input(gm, "logits_indices", (None,), torch.int32)
     with gm.graph.inserting_before(head):
@@ -48,6 +70,8 @@ def _select_logit_rows(gm: fx.GraphModule) -> fx.Node:
     head.args = (picked,) + tuple(head.args[1:])
     head.meta["val"] = fresh_val(gm, (h.shape[0], val(indices).shape[0], val(head).shape[2]),
                                  val(head).dtype)
+    if tail:
+        refresh_vals(gm, tail)
     return picked
 
 

@@ -1,9 +1,11 @@
-"""Positions as the model's own forward numbers them, on left-padded batches: Llama-like
-families count 0..S-1 in every row, OPT counts over the real tokens (CPU, fp32)."""
+"""HF semantics kept exactly (CPU, fp32): positions as the model's own forward numbers them
+on left-padded batches (Llama-like families 0..S-1 in every row, OPT over the real tokens),
+generate's defaults from the generation config, and Gemma2's final-logit softcapping on the
+default paged graph."""
 
 import pytest
 import torch
-from transformers import OPTConfig, OPTForCausalLM
+from transformers import Gemma2Config, Gemma2ForCausalLM, OPTConfig, OPTForCausalLM
 
 import fusegen
 from families import left_padded, mini_model
@@ -69,3 +71,29 @@ def test_generate_takes_its_defaults_from_the_generation_config_as_hf_does(tmp_p
     model.generation_config.max_new_tokens = None                 # then max_length (20) counts the prompt
     assert fusegen.compile(model).generate(ids, attention_mask=mask).shape[1] == \
         model.generate(ids, attention_mask=mask).shape[1]
+
+
+def test_gemma2_softcapped_logits_run_on_the_default_paged_graph():
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=128,
+                                           hidden_size=64,            # 2304 (gemma-2-2b)
+                                           intermediate_size=128,     # 9216
+                                           num_hidden_layers=2,       # 26
+                                           num_attention_heads=4,     # 8
+                                           num_key_value_heads=2,     # 4
+                                           head_dim=16,               # 256
+                                           max_position_embeddings=256,  # 8192
+                                           sliding_window=5,          # 4096
+                                           final_logit_softcapping=30.0,
+                                           attn_logit_softcapping=50.0)).eval()
+    compiled = fusegen.compile(model)
+    assert compiled.kind == "paged" and compiled.report.counters["insert_paged_blocks.paged_attention"] == 2
+    ids, mask = left_padded([9, 4, 7], 9, seed=3)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        hf = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)
+    real = mask.bool()
+    assert_close_report(compiled(ids, mask)[real], want[real], atol=1e-4, rtol=1e-4)
+    assert torch.equal(compiled.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[],
+                                         pad_token_id=0), hf)

@@ -239,7 +239,10 @@ def ir_to_graph_module(ir: dict, tensors: dict[str, torch.Tensor], device: torch
         graph.lint()
     except Exception as e:  # a dangling or reordered reference: the IR was edited
         raise ArtifactFormatError(where, f"the graph does not verify: {e}") from None
-    return fx.GraphModule(root, graph)
+    try:
+        return fx.GraphModule(root, graph)
+    except Exception as e:  # fx cannot write its code: e.g. an operator node lost its operands
+        raise ArtifactFormatError(where, f"the graph does not build ({type(e).__name__}: {e})") from None
 
 
 def _identifier(name, dotted: bool = False) -> bool:

@@ -147,7 +147,7 @@ def _compiled_model(manifest: dict, gm, target: torch.device, kernels: list[dict
     facts = value_from_json(manifest["facts"], MANIFEST)
     if "kv" in facts:
         facts["kv"] = _kv_geometry(facts["kv"])
-    facts.update(device=target, kernels=kernels, hf_config=manifest["model"]["config"])
+    facts.update(device=target, kernels=kernels, hf_config=manifest["model"].get("config"))
     config = CompileConfig.from_string(manifest["compile_config"])
     _check_facts(facts, config, manifest.get("kind"))
     _check_kv_against_graph(gm, facts.get("kv"))

@@ -93,6 +93,8 @@ def test_loaded_graph_has_the_kernels_and_the_report(llama, saved):
         [str(n.target) for n in llama.graph_module.graph.nodes]
 
 
+@pytest.mark.skipif(torch.cuda.is_available() and not __import__("os").environ.get("TRITON_INTERPRET"),
+                    reason="runs generated kernels on CPU tensors: needs TRITON_INTERPRET=1")
 def test_loaded_kernels_run_like_the_references(saved, monkeypatch):
     monkeypatch.setenv("FUSEGEN_KERNELS", "1")  # the generated Triton kernels, interpreted on CPU
     loaded = fusegen.load(saved)

@@ -1,5 +1,7 @@
 """Generated fused kernels (run in Triton's interpreter on CPU) against eager PyTorch."""
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -72,9 +74,14 @@ CASES = {
 }
 
 
+KERNELS_ON_CPU = pytest.mark.skipif(torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"),
+                                    reason="runs generated kernels on CPU tensors: needs TRITON_INTERPRET=1")
+
+
+@KERNELS_ON_CPU
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("case", list(CASES))
-def test_generated_kernel_matches_eager(case, dtype):
+def test_generated_kernel_matches_eager(case, dtype, monkeypatch):
     make_module, make_args, schedule = CASES[case]
     torch.manual_seed(0)
     module, args = make_module(dtype), make_args(dtype)
@@ -83,16 +90,21 @@ def test_generated_kernel_matches_eager(case, dtype):
     assert records[0]["schedule"] == schedule
     group = next(m for m in gm.modules() if isinstance(m, FusedGroup))
     assert group.kernel is not None and "@triton.jit" in group.source
+    launches = []
+    kernel = group.kernel
+    group.kernel = lambda *inputs: launches.append(1) or kernel(*inputs)
     with torch.no_grad():
         want = module(*args)
+        monkeypatch.setenv("FUSEGEN_KERNELS", "1")     # the generated kernel (interpreted on CPU)
         got = gm(*args)
-        ref = group.reference  # the group's own nodes, run eagerly, must agree too
-    want = want if isinstance(want, tuple) else (want,)
-    got = got if isinstance(got, tuple) else (got,)
+        monkeypatch.setenv("FUSEGEN_KERNELS", "0")     # the group's own nodes, run eagerly
+        ref = gm(*args)
+    assert launches == [1]                             # the kernel ran, once
+    want, got, ref = ((t if isinstance(t, tuple) else (t,)) for t in (want, got, ref))
     atol, rtol = TOL[dtype]
-    for g, w in zip(got, want):
-        assert_close_report(g, w, atol=atol, rtol=rtol, msg=case)
-    assert ref is not None
+    for g, r, w in zip(got, ref, want):
+        assert_close_report(g, w, atol=atol, rtol=rtol, msg=f"{case}: kernel")
+        assert_close_report(r, w, atol=atol, rtol=rtol, msg=f"{case}: group reference")
 
 
 def test_kernel_cache_reuses_source_files(tmp_path, monkeypatch):
@@ -133,7 +145,9 @@ class SplitSwiGLU(nn.Module):
         return nn.functional.silu(gate) * up
 
 
-def test_strided_row_inputs_are_read_in_place():
+@KERNELS_ON_CPU
+def test_strided_row_inputs_are_read_in_place(monkeypatch):
+    monkeypatch.setenv("FUSEGEN_KERNELS", "1")   # the kernel, not the group's reference
     fused = torch.randn(3, 5, 74)
     module = SplitSwiGLU()
     gm, stats, _ = lowered(module, fused)
@@ -158,7 +172,9 @@ class Rotary(nn.Module):
         return q * c + rotated * s
 
 
-def test_rotary_is_one_kernel_reading_the_transposed_input_in_place():
+@KERNELS_ON_CPU
+def test_rotary_is_one_kernel_reading_the_transposed_input_in_place(monkeypatch):
+    monkeypatch.setenv("FUSEGEN_KERNELS", "1")   # the kernel, not the group's reference
     from fusegen.passes.normalize_graph import normalize_graph
 
     args = (torch.randn(2, 7, 48), torch.randn(2, 7, 16), torch.randn(2, 7, 16))

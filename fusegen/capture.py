@@ -193,15 +193,34 @@ def _export(model, attn_implementation, verify: bool, name: str) -> torch.fx.Gra
         else:
             raise UnsupportedModelError(name, _where(error, model), _reason(error)) from error
         gm = ep.module()
+        _check_dynamic(gm, name)
         if verify:
             for example in (args, example_inputs(model, batch=1, seq=1)):
                 _verify(gm, model, wrapper, example, name)
     return gm
 
 
+def _check_dynamic(gm, name: str) -> None:
+    """The graph must take any batch and sequence size: a dimension the capture fixed
+    (the model's code branches on it) is refused here, not when the first other size comes."""
+    ids = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.target == "input_ids")
+    shape = ids.meta["val"].shape
+    for dim, label in zip(shape, ("batch size", "sequence length")):
+        if isinstance(dim, int):
+            raise UnsupportedModelError(name, "<captured graph>",
+                                        f"the capture fixed the {label} to {dim} (the model's code "
+                                        f"depends on it), so the graph would serve no other")
+
+
 def _verify(gm, model, wrapper, args, name) -> None:
     expected = wrapper(*args)
-    got = gm(*args)
+    try:
+        got = gm(*args)
+    except Exception as exc:  # a guard of the captured graph: it does not take these sizes
+        raise UnsupportedModelError(name, "<captured graph>",
+                                    f"the captured graph does not run at batch {args[0].shape[0]}, "
+                                    f"sequence {args[0].shape[1]} ({type(exc).__name__}: "
+                                    f"{str(exc).splitlines()[0][:200]})") from None
     tol = 1e-4 if expected.dtype == torch.float32 else 2e-2
     err = (got.float() - expected.float()).abs().max().item()
     if not err <= tol * max(1.0, expected.float().abs().max().item()):

@@ -116,3 +116,26 @@ def test_bad_inputs_raise_value_errors(family_pair):
         compiled(torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="attention_mask shape"):
         compiled(torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 4, dtype=torch.long))
+
+
+class LengthSpecific(torch.nn.Module):
+    """Runs at any length eagerly, but its code branches on the length, so a capture fixes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 16)
+        self.head = torch.nn.Linear(16, 50)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        if input_ids.shape[1] == 8:
+            h = h * 2
+        return self.head(h)
+
+
+def test_a_model_the_capture_specialises_is_refused_with_its_class():
+    from fusegen.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match=r"LengthSpecific is not supported: the captured graph does "
+                                                    r"not run at batch 1, sequence 1 .*Guard failed"):
+        fusegen.compile(LengthSpecific().eval())

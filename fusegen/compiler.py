@@ -330,8 +330,9 @@ def _check_ids_tensor(t: torch.Tensor, name: str, vocab_size: int | None, device
         raise ValueError(f"{name} must hold integers, got {t.dtype}")
     if device is not None and t.device.type != torch.device(device).type:
         raise ValueError(f"{name} is on {t.device}, the model on {device}")
-    if t.numel() and (int(t.min()) < 0 or (vocab_size is not None and int(t.max()) >= vocab_size)):
-        bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
+    low, high = (int(t.min()), int(t.max())) if t.numel() else (0, 0)
+    if low < 0 or (vocab_size is not None and high >= vocab_size):
+        bad = low if low < 0 else high
         raise ValueError(f"{name} holds {bad}, not a token id of this model (vocabulary of {vocab_size})"
                          if name == "input_ids" else f"{name} holds {bad}, which is negative")
 

@@ -27,7 +27,6 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -75,8 +74,7 @@ class Engine:
         self.kv = KVCacheManager(runner.num_blocks, runner.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_batched_tokens, max_num_seqs)
         longest = max_model_len or runner.num_blocks * runner.block_size
-        self.batch = runner.batch if runner.batch is not None and runner.batch.max_rows >= max_num_seqs \
-            and runner.batch.max_model_len >= longest else runner.allocate_batch(max_num_seqs, longest)
+        self.batch = runner.allocate_batch(max_num_seqs, longest)
         self._free_rows = list(range(self.batch.max_rows))[::-1]
         self._rows: dict[int, int] = {}
         self._inflight: _InFlight | None = None
@@ -324,7 +322,7 @@ class Engine:
         finally:
             self._unsubscribe(ids)
 
-    def stream(self, prompt: list[int], max_new_tokens: int = 16, **sampling) -> Iterator[int]:
+    def stream(self, prompt: list[int], max_new_tokens: int = 16, **sampling) -> "TokenStream":
         """Yield the new tokens of one request as they are produced. The request is checked
         and queued now; closing the iterator early aborts it."""
         with self._lock:

@@ -106,9 +106,6 @@ class StepPlan:
     def num_tokens(self) -> int:
         return sum(self.counts)
 
-    def samples(self, i: int) -> bool:
-        return self.sampling[i]
-
     def _add(self, req: Request, count: int) -> None:
         self.requests.append(req)
         self.counts.append(count)
@@ -177,9 +174,6 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
-
-    def blocks(self, req: Request) -> list[int]:
-        return self.kv.blocks(req.request_id)
 
     # --- one step -----------------------------------------------------------------------
 

@@ -24,6 +24,19 @@ import fusegen
 from e2e import build
 
 
+def top_kernels(prof, per: int, count: int = 15) -> list[dict]:
+    """The kernels with the most GPU time in a profile, in ms and launches per ``per`` steps."""
+    totals: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            entry = totals.setdefault(e.name[:90], [0.0, 0])
+            entry[0] += (e.time_range.end - e.time_range.start) / 1e3
+            entry[1] += 1
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:count]
+    return [{"kernel": name, "ms_per_step": round(ms / per, 4), "launches_per_step": n / per}
+            for name, (ms, n) in ranked]
+
+
 def busy_ms(prof) -> tuple[float, int]:
     """Union of the GPU kernel intervals (ms) and the kernel count in a profile."""
     spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
@@ -63,7 +76,8 @@ def decode_steps(engine, prompts, steps: int) -> dict:
            "kernels_per_step": kernels / 20,
            "engine_host_ms": statistics.median(r.host_ms for r in log),
            "engine_gpu_ms": statistics.median(r.gpu_ms for r in log),
-           "graph_steps": sum(r.graph for r in log), "steps": len(log)}
+           "graph_steps": sum(r.graph for r in log), "steps": len(log),
+           "top_kernels": top_kernels(prof, 20)}
     out["wall_over_busy"] = out["wall_ms_per_step"] / out["gpu_busy_ms_per_step"]
     for rid in list(engine.scheduler.requests):
         engine.abort(rid)
@@ -90,7 +104,8 @@ def prefill(engine, vocab: int, length: int) -> dict:
     busy, kernels = busy_ms(prof)
     record = engine.step_log[-1]
     return {"tokens": length, "ttft_ms": statistics.median(times), "gpu_busy_ms": busy, "kernels": kernels,
-            "engine_host_ms": record.host_ms, "engine_gpu_ms": record.gpu_ms, "graph": record.graph}
+            "engine_host_ms": record.host_ms, "engine_gpu_ms": record.gpu_ms, "graph": record.graph,
+            "top_kernels": top_kernels(prof, 1)}
 
 
 def main() -> None:

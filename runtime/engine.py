@@ -37,9 +37,11 @@ from fusegen.runtime.outputs import RequestOutput
 from fusegen.runtime.paged import PagedRunner
 from fusegen.runtime.requests import count, token_ids, token_list
 from fusegen.runtime.sampling import SamplingParams, SamplingRows, sample
-from fusegen.runtime.scheduler import Scheduler, StepPlan, TokenEvent
+from fusegen.runtime.scheduler import Scheduler, StepPlan, TokenEvent, TokenLogprob
 
 log = logging.getLogger("fusegen.engine")
+
+MAX_LOGPROBS = 20   # most likely tokens a request may ask to see per position
 
 
 @dataclass
@@ -60,6 +62,7 @@ class _InFlight:
     done: object                # CUDA event, or None on CPU
     start: object
     record: StepRecord
+    logprobs: torch.Tensor | None = None   # [entries, 1 + 2k]: chosen, then k (id, log-prob) pairs
 
 
 class Engine:
@@ -99,14 +102,17 @@ class Engine:
                 "graphs": len(g.graphs), "buckets": g.buckets}
 
     def add_request(self, prompt: list[int], max_new_tokens: int = 16, *, eos_token_ids=None,
-                    **sampling) -> int:
+                    logprobs: int = 0, **sampling) -> int:
         """Queue a request; ``sampling`` are ``SamplingParams`` fields (temperature, top_k,
-        top_p, repetition_penalty, seed). Returns its request id. Bad input raises
-        ``ValueError`` naming the argument, and nothing is queued."""
-        return self.add_requests([prompt], max_new_tokens, eos_token_ids=eos_token_ids, **sampling)[0]
+        top_p, repetition_penalty, seed). ``logprobs=k`` (1..20) puts the model's log-prob of
+        each chosen token and its k most likely tokens into the request's events. Returns
+        its request id. Bad input raises ``ValueError`` naming the argument, and nothing is
+        queued."""
+        return self.add_requests([prompt], max_new_tokens, eos_token_ids=eos_token_ids, logprobs=logprobs,
+                                 **sampling)[0]
 
     def add_requests(self, prompts: list, max_new_tokens: int = 16, *, eos_token_ids=None,
-                     **sampling) -> list[int]:
+                     logprobs: int = 0, **sampling) -> list[int]:
         """Queue several requests with the same settings, all or none: every prompt is
         checked before the first is queued."""
         if isinstance(prompts, torch.Tensor) or not isinstance(prompts, (list, tuple)) or not prompts:
@@ -117,12 +123,18 @@ class Engine:
         eos = self.eos_token_ids if eos_token_ids is None else \
             frozenset(token_ids(eos_token_ids, self.vocab_size, "eos_token_ids"))
         params = SamplingParams(**sampling)
+        if logprobs:
+            count(logprobs, "logprobs")
+            if logprobs > MAX_LOGPROBS:
+                raise ValueError(f"logprobs must be <= {MAX_LOGPROBS}, got {logprobs}")
         with self._lock:
             ids = []
             for tokens in checked:
                 seeded = params if params.seed is not None else SamplingParams(   # reproducible under
                     **dict(sampling, seed=int(torch.randint(1 << 62, ()).item())))  # torch.manual_seed
-                ids.append(self.scheduler.add(tokens, new, eos, seeded).request_id)
+                req = self.scheduler.add(tokens, new, eos, seeded)
+                req.logprobs = logprobs
+                ids.append(req.request_id)
             return ids
 
     def _check(self, prompt, max_new_tokens, name: str) -> list[int]:
@@ -244,11 +256,13 @@ class Engine:
         logits, device_entries, graphed = self.runner.forward(entries)
         sampled = self._sample(plan, logits, device_entries)
         batch.record_sampled(device_entries, sampled)
-        tokens, done = self._to_host(sampled)
+        top = max(r.logprobs for r in plan.requests)
+        logprobs = _logprobs(logits[:len(plan.requests)], sampled[:len(plan.requests)], top) if top else None
+        tokens, done = self._to_host(sampled, logprobs)
         record = StepRecord(_kind(plan), plan.num_tokens, len(plan.requests), graphed,
                             host_ms=(time.perf_counter() - begin) * 1e3)
         self.step_log.append(record)
-        return _InFlight(plan, tokens, done, start, record)
+        return _InFlight(plan, tokens[0], done, start, record, tokens[1])
 
     def _sample(self, plan: StepPlan, logits: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
         params = [r.sampling for r in plan.requests]
@@ -265,12 +279,17 @@ class Engine:
         history = batch.history(rows) if any_penalty else None
         return sample(logits, sampling, history, lengths)
 
-    def _to_host(self, sampled: torch.Tensor):
-        if sampled.device.type != "cuda":
-            return sampled, None
-        host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
-        host.copy_(sampled, non_blocking=True)
-        return host, self._event()
+    def _to_host(self, *tensors: torch.Tensor | None):
+        """Pinned host copies of ``tensors`` behind one event (the tensors themselves on CPU)."""
+        if tensors[0].device.type != "cuda":
+            return tensors, None
+        hosts = []
+        for t in tensors:
+            host = None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            if host is not None:
+                host.copy_(t, non_blocking=True)
+            hosts.append(host)
+        return hosts, self._event()
 
     @staticmethod
     def _event():
@@ -287,6 +306,8 @@ class Engine:
         plan = flight.plan
         sampled = [values[i] if s else None for i, s in enumerate(plan.sampling)]
         events = self.scheduler.update(plan, sampled)
+        if flight.logprobs is not None:
+            events = _with_logprobs(events, plan, flight.logprobs)
         for event in events:
             if event.finished:
                 self._release_row(event.request_id)
@@ -393,6 +414,31 @@ class TokenStream:
         self._done = True
         self._buffer.clear()
         self.engine._unsubscribe([self.request_id])
+
+
+def _logprobs(logits: torch.Tensor, sampled: torch.Tensor, top: int) -> torch.Tensor:
+    """[entries, 1 + 2*top] float32: the chosen token's log-prob under the model's own
+    distribution (before temperature and filters), then ``top`` (id, log-prob) pairs.
+    Ids up to 2**24 are exact in float32."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, sampled.long().view(-1, 1))
+    values, ids = logp.topk(min(top, logp.shape[-1]), dim=-1)
+    pairs = torch.stack([ids.float(), values], dim=-1).flatten(1)
+    return torch.cat([chosen, pairs], dim=-1)
+
+
+def _with_logprobs(events: list[TokenEvent], plan: StepPlan, table: torch.Tensor) -> list[TokenEvent]:
+    rows = table.tolist()
+    entry = {r.request_id: i for i, r in enumerate(plan.requests)}
+    out = []
+    for event in events:
+        req = plan.requests[entry[event.request_id]]
+        if req.logprobs:
+            row = rows[entry[event.request_id]]
+            top = tuple((int(row[1 + 2 * j]), row[2 + 2 * j]) for j in range(req.logprobs))
+            event = event._replace(logprob=TokenLogprob(row[0], top))
+        out.append(event)
+    return out
 
 
 def _kind(plan: StepPlan) -> str:

@@ -68,6 +68,7 @@ class Request:
     status: Status = Status.WAITING
     finish_reason: str | None = None        # "eos", "length" or "abort"
     num_preemptions: int = 0
+    logprobs: int = 0                       # > 0: report the chosen token's log-prob and this many top ones
 
     @property
     def remaining(self) -> int:
@@ -117,10 +118,18 @@ class StepPlan:
                 return
 
 
+class TokenLogprob(NamedTuple):
+    """The model's log-probability of the chosen token, and the most likely tokens as
+    (token id, log-prob) pairs, best first."""
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
 class TokenEvent(NamedTuple):
     request_id: int
     token: int
     finished: bool
+    logprob: TokenLogprob | None = None   # for requests that asked for log-probs
 
 
 class Scheduler:

@@ -79,11 +79,11 @@ def test_requests_added_between_steps_and_stream(llama, prompts, hf_outputs):
     first = eng.add_request(prompts[0], NEW)
     got = {first: []}
     for i in range(1, 4):
-        for rid, token, _ in eng.step():
+        for rid, token, *_ in eng.step():
             got[rid].append(token)
         got[eng.add_request(prompts[i], NEW)] = []
     while eng.has_unfinished():
-        for rid, token, _ in eng.step():
+        for rid, token, *_ in eng.step():
             got[rid].append(token)
     assert list(got.values()) == hf_outputs[:4]
     assert list(eng.stream(prompts[4], NEW)) == hf_outputs[4]
@@ -155,8 +155,8 @@ def test_abort_during_an_overlapped_step_leaks_nothing(llama, prompts, hf_output
     got = []
     while eng.has_unfinished():
         events = eng.step()
-        assert all(rid == second for rid, _, _ in events)
-        got += [token for _, token, _ in events]
+        assert all(rid == second for rid, *_ in events)
+        got += [token for _, token, *_ in events]
     assert got == hf_outputs[1][1:] and eng.kv.pool.num_free == 24 and eng._rows == {}
     assert eng.generate_batch([prompts[0]], NEW) == [hf_outputs[0]]   # the engine is intact
 

@@ -75,7 +75,7 @@ def test_mixed_step_graphs_give_the_tokens_of_eager_steps():
         ids = [engine.add_request(p, 10, eos_token_ids=[], **sampling[i % 4]) for i, p in enumerate(prompts)]
         out = {rid: [] for rid in ids}
         while engine.has_unfinished():
-            for rid, token, _ in engine.step():
+            for rid, token, *_ in engine.step():
                 out[rid].append(token)
         return [out[r] for r in ids], engine.step_log
 

@@ -224,10 +224,10 @@ def test_soak_with_invalid_requests_and_injected_faults(compiled):
             rid = engine.add_request(prompt, NEW, eos_token_ids=[])
             wanted[rid], outputs[rid] = alone[tuple(prompt)], []
         if i % 4 == 3:
-            for rid, token, _ in engine.step():
+            for rid, token, *_ in engine.step():
                 outputs.setdefault(rid, []).append(token)
     while engine.has_unfinished():
-        for rid, token, _ in engine.step():
+        for rid, token, *_ in engine.step():
             outputs.setdefault(rid, []).append(token)
     failed = {rid for rid, _ in engine.failures}
     checked = [rid for rid in wanted if rid not in failed]
@@ -368,5 +368,5 @@ def test_an_interrupt_inside_a_step_leaves_the_engine_consistent(compiled):
         engine.generate_batch([[5, 9, 33]], NEW, eos_token_ids=[])
     assert engine.stats["failed_steps"] == 1 and other in {rid for rid, _ in engine.failures}
     assert engine.generate_batch([[12, 13]], NEW, eos_token_ids=[]) == [solo(compiled, [12, 13])]
-    assert [rid for rid, _, _ in engine.step()] == [other]    # its token from before, unclaimed till now
+    assert [event.request_id for event in engine.step()] == [other]    # its token from before, unclaimed till now
     assert leak_free(engine)

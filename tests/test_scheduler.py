@@ -370,7 +370,7 @@ def test_eos_found_late_drops_the_extra_token_and_frees_everything():
     r0 = sched.add(prompt, max_new_tokens=8, eos_token_ids=[first])
     driver.step()
     plan, events = driver.step()                 # computes one token past eos, unseen
-    assert plan.counts == [1] and events == [(r0.request_id, first, True)]
+    assert plan.counts == [1] and events == [(r0.request_id, first, True, None)]
     assert r0.finish_reason == "eos" and pool.num_free == 8
     plan, events = driver.step()                 # the extra token's result is dropped
     assert events == [] and r0.output == [first] and not driver.busy()

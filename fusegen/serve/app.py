@@ -195,7 +195,8 @@ def _sampling(served: ServedModel, body, index: int) -> dict:
     seed = None if body.seed is None else (body.seed + index + (1 << 63)) % _SEED_SPAN - (1 << 63)
     return {"temperature": float(pick(body.temperature, "temperature", 1.0)),
             "top_p": float(pick(body.top_p, "top_p", 1.0)), "top_k": max(int(top_k), 0),
-            "repetition_penalty": float(pick(body.repetition_penalty, "repetition_penalty", 1.0)), "seed": seed}
+            "repetition_penalty": float(pick(body.repetition_penalty, "repetition_penalty", 1.0)), "seed": seed,
+            **({"eos_token_ids": []} if body.ignore_eos else {})}
 
 
 # --- one request --------------------------------------------------------------------------------
@@ -227,7 +228,7 @@ def _top_logprobs(body, chat: bool) -> int:
 
 
 async def _submit(served, loop, body, prompts, budgets, top) -> list[tuple[Choice, object]]:
-    eos = served.engine.eos_token_ids
+    eos = frozenset() if body.ignore_eos else served.engine.eos_token_ids
     submitted = []
     try:
         for p, (prompt, budget) in enumerate(zip(prompts, budgets)):

@@ -55,7 +55,7 @@ class Choice:
         self.token_ids.append(event.token)
         eos = event.finished and event.token in self.eos_token_ids
         piece = "" if eos else self._detok.push(event.token)
-        if event.finished and not eos:
+        if event.finished:
             piece += self._detok.flush()
         out = self._stop.feed(piece)
         if self._stop.stopped or eos:

@@ -2,8 +2,9 @@
 
 Unknown fields are ignored (clients send options this server does not use), but a field it
 cannot honour with the value given (``presence_penalty=0.5``, ``best_of=3``) is refused
-rather than silently dropped. ``top_k``, ``repetition_penalty`` and ``return_token_ids``
-are extensions, as in other OpenAI-compatible servers.
+rather than silently dropped. ``top_k``, ``repetition_penalty``, ``ignore_eos`` (generate
+exactly ``max_tokens``, for benchmarks) and ``return_token_ids`` are extensions, as in
+other OpenAI-compatible servers.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class _Sampling(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     return_token_ids: bool = False
+    ignore_eos: bool = False
     user: str | None = None
 
     @field_validator("stop")

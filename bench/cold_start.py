@@ -105,6 +105,9 @@ def main() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if not torch.cuda.is_available():
+        sys.exit("bench/cold_start.py: error: a CUDA GPU is needed (torch.cuda.is_available() is False)")
+
     work = Path(args.workdir)
     hf_dir, artifact = work / "hf", work / "artifact"
     start = time.perf_counter()

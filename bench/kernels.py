@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 
 import torch
 import triton.testing
@@ -175,6 +176,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="fusegen kernel benchmark (GPU)")
     parser.add_argument("--out", default="bench/results/kernels.json")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/kernels.py: error: a CUDA GPU is needed (torch.cuda.is_available() is False)")
     torch.manual_seed(0)
     attn_kernels.register()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,

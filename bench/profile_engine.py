@@ -15,6 +15,7 @@ import argparse
 import json
 import random
 import statistics
+import sys
 import time
 
 import torch
@@ -114,6 +115,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/profile_engine.py: error: a CUDA GPU is needed (torch.cuda.is_available() is False)")
     model = build(args.model)
     vocab = model.config.vocab_size
     compiled = fusegen.compile(model, "max_seq_len=4096,max_num_seqs=64,max_num_batched_tokens=4096")

@@ -4,7 +4,8 @@ Measured the way inference servers are (vLLM's benchmark_serving), with HF's con
 batching measured in the same run as the baseline.
 
     python bench/serving.py [--model 1b|7b] [--requests 200] [--rates 8 16 32] [--seed 0]
-                            [--hf-requests N] [--out bench/results/serving_<model>.json]
+                            [--hf-requests N] [--http] [--out bench/results/serving_<model>.json]
+    python bench/serving.py --url http://127.0.0.1:8000 --served-model NAME [--model 1b] [...]
 
 A random-weight bf16 Llama config (bench/e2e.py's). One request set drawn from --seed: prompt
 lengths uniform in 32-2048, output lengths uniform in 16-512, random token ids, eos disabled.
@@ -18,7 +19,15 @@ single-threaded driver adds each request once its arrival time has passed, calls
 The engine is warmed up first and its prefix cache cleared before each rate. Baseline: HF
 `generate_batch`'s continuous-batching manager on the same requests all at once, each with
 its own max_new_tokens (`generate_batch` takes one length for all; its manager takes one per
-request). About 3 minutes on an H200 for 1b with the defaults (estimate: engine set-up about
+request).
+
+The HTTP path: ``--http`` then serves the same engine with ``fusegen.serve`` on 127.0.0.1
+(a word-level tokenizer over the model's vocabulary stands in for a real one, so every
+token is detokenized and streamed) and replays every rate through it from a client in
+another process (bench/http_driver.py: streamed /v1/completions, token-id prompts, tokens
+stamped on arrival at the client), reporting HTTP over in-process output tok/s per rate.
+``--url`` drives a server that is already running instead (prompts drawn from --model's
+vocabulary) and reports the same statistics for it alone. About 3 minutes on an H200 for 1b with the defaults (estimate: engine set-up about
 a minute, the rates about 50 s, HF about 80 s at the 650 tok/s bench/e2e.py measured; set
 --requests / --hf-requests to trade length for spread). A short table is printed last.
 """
@@ -156,7 +165,58 @@ def run_rate(engine, requests: list[Request], rate: float, seed) -> dict:
     return out
 
 
-def fusegen_serving(model, requests: list[Request], rates: list[float], seed, hf_requests: int) -> dict:
+def bench_tokenizer(vocab: int):
+    """A word-level tokenizer with one word per id ("t0 t1 ..."), so that the server detokenizes
+    and streams every token as it would with a real tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0")
+
+
+def http_rate(url: str, name: str, requests: list[Request], rate: float, seed) -> dict:
+    from http_driver import run_in_subprocess
+
+    arrivals = poisson_arrivals(len(requests), rate, f"arrivals-{seed}-{rate}")
+    times = run_in_subprocess(url, name, [(r.prompt, r.max_new_tokens) for r in requests], arrivals)
+    trace = checked_trace("http", requests, arrivals, times)
+    return {"rate": rate if math.isfinite(rate) else "inf", **latency_stats(trace)}
+
+
+def http_serving(engine, vocab: int, requests: list[Request], rates: list[float], seed) -> dict:
+    """The same rates through the HTTP server on this engine, started here in a thread."""
+    import socket
+    import threading
+
+    import uvicorn
+    from http_driver import wait_ready
+
+    from fusegen.serve.app import ServedModel, build_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    app = build_app(ServedModel("bench", engine, bench_tokenizer(vocab)))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url)
+        out = []
+        for rate in rates:
+            reset_prefix_cache(engine)
+            out.append(http_rate(url, "bench", requests, rate, seed))
+        return {"rates": out}
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+def fusegen_serving(model, requests: list[Request], rates: list[float], seed, hf_requests: int,
+                    http: bool = False) -> dict:
     _, engine, compile_s, engine_s = compile_engine(model)
     # Warm-up: prefill, mixed and decode steps at every batch size down from 64 (outputs differ).
     warm = make_requests(64, model.config.vocab_size, f"warm-up-{seed}", output_len=(4, 64))
@@ -167,6 +227,10 @@ def fusegen_serving(model, requests: list[Request], rates: list[float], seed, hf
            "rates": [run_rate(engine, requests, rate, seed) for rate in rates]}
     if hf_requests < len(requests):  # the baseline's own subset, all at once, for a like-for-like ratio
         out["subset"] = run_rate(engine, requests[:hf_requests], math.inf, seed)
+    if http:
+        out["http"] = http_serving(engine, model.config.vocab_size, requests, rates, seed)
+        for direct, served in zip(out["rates"], out["http"]["rates"]):
+            served["over_in_process"] = served["output_tok_s"] / direct["output_tok_s"]
     return out
 
 
@@ -253,12 +317,34 @@ def print_table(results: dict) -> None:
             print(f"{str(r['rate']):>7} {kind:8} {s['steps']:6d} {s['tokens_mean']:7.0f} "
                   f"{s['host_ms_median']:8.2f}/{s['host_ms_mean']:<8.2f} "
                   f"{fmt(s['gpu_ms_median'], '.2f'):>7}/{fmt(s['gpu_ms_mean'], '.2f'):<8} {s['graph_share']:6.0%}")
+    for r in results["fusegen"].get("http", {}).get("rates", []):
+        print(f"HTTP {str(r['rate']):>6}: {r['output_tok_s']:.0f} out tok/s = {r['over_in_process']:.1%} of "
+              f"in-process; TTFT p50/p99 {p50_p99(r['ttft_ms'], '.0f')} ms, TPOT p50/p99 "
+              f"{p50_p99(r['tpot_ms'], '.2f')} ms")
     hf = results["hf"]
     if isinstance(hf, dict):
         print(f"all at once, {hf['requests']} requests: fusegen {results['ratio_basis_tok_s']:.0f} out tok/s, "
               f"HF generate_batch {hf['output_tok_s']:.0f} out tok/s: fusegen/HF {results['fusegen_over_hf']:.1f}x")
     else:
         print(f"HF generate_batch did not run: {hf}")
+
+
+def drive_url(args) -> int:
+    """``--url``: the request set (from --model's vocabulary) at each rate against a running server."""
+    from http_driver import wait_ready
+
+    wait_ready(args.url, timeout=10)
+    requests = make_requests(args.requests, CONFIGS[args.model]["vocab_size"], args.seed)
+    rates = sorted(set(args.rates or DEFAULT_RATES[args.model]) | {math.inf})
+    results = {"url": args.url, "model": args.served_model,
+               "rates": [http_rate(args.url, args.served_model, requests, rate, args.seed) for rate in rates]}
+    out_path = args.out or "bench/results/serving_url.json"
+    with open(out_path, "w") as f:
+        json.dump(results, f, indent=2)
+    for r in results["rates"]:
+        print(f"{str(r['rate']):>6}/s: {r['output_tok_s']:.0f} out tok/s, TTFT p50/p99 "
+              f"{p50_p99(r['ttft_ms'], '.0f')} ms, TPOT p50/p99 {p50_p99(r['tpot_ms'], '.2f')} ms")
+    return 0
 
 
 def main() -> None:
@@ -270,8 +356,14 @@ def main() -> None:
                              "(default: 8 16 32 for 1b, 2 4 8 for 7b)")
     parser.add_argument("--seed", type=int, default=0, help="request set and arrivals (default 0)")
     parser.add_argument("--hf-requests", type=int, help="HF baseline on the first N requests (default: all; 0 skips)")
+    parser.add_argument("--http", action="store_true",
+                        help="also replay every rate through fusegen.serve on the same engine, over HTTP")
+    parser.add_argument("--url", help="drive this already-running OpenAI-compatible server instead")
+    parser.add_argument("--served-model", default="smollm2", help="the model name to send with --url")
     parser.add_argument("--out", help="JSON results (default bench/results/serving_<model>.json)")
     args = parser.parse_args()
+    if args.url:
+        sys.exit(drive_url(args))
     if args.requests < 1 or any(not r > 0 for r in args.rates or []):
         parser.error(f"--requests must be >= 1 and --rates > 0 (got {args.requests}, {args.rates})")
     if not torch.cuda.is_available():
@@ -290,7 +382,7 @@ def main() -> None:
                             "output_len": OUTPUT_LEN, "prompt_mean": statistics.fmean(len(r.prompt) for r in requests),
                             "output_mean": statistics.fmean(r.max_new_tokens for r in requests)}}
     with torch.no_grad():
-        results["fusegen"] = fusegen_serving(model, requests, rates, args.seed, hf_requests)
+        results["fusegen"] = fusegen_serving(model, requests, rates, args.seed, hf_requests, args.http)
         gc.collect()
         torch.cuda.empty_cache()  # the engine's pool and graphs go before HF sizes its cache
         results["hf_start_allocated_GB"] = torch.cuda.memory_allocated() / 1e9

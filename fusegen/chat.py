@@ -1,9 +1,9 @@
 """A multi-turn conversation with a compiled model, through the tokenizer's chat template.
 
 Every turn renders the whole conversation with the template and generates the assistant's
-reply on one engine of the paged graph; its prefix cache keeps the KV blocks of the turns
-before, so a turn computes only its new tokens. When the conversation outgrows the model's
-length, the oldest exchanges are dropped (a system message stays).
+reply on one engine of the paged graph, whose prefix cache reuses the KV blocks of the
+conversation's earlier tokens, so a turn mostly computes its new ones. When the conversation
+outgrows the model's length, the oldest exchanges are dropped (a system message stays).
 """
 
 from __future__ import annotations

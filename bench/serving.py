@@ -225,7 +225,7 @@ def fusegen_serving(model, requests: list[Request], rates: list[float], seed, hf
     warm_s = time.perf_counter() - start
     out = {"compile_s": compile_s, "engine_setup_s": engine_s, "engine_setup": engine.setup, "warmup_s": warm_s,
            "rates": [run_rate(engine, requests, rate, seed) for rate in rates]}
-    if hf_requests < len(requests):  # the baseline's own subset, all at once, for a like-for-like ratio
+    if 0 < hf_requests < len(requests):  # the baseline's own subset, all at once, for a like-for-like ratio
         out["subset"] = run_rate(engine, requests[:hf_requests], math.inf, seed)
     if http:
         out["http"] = http_serving(engine, model.config.vocab_size, requests, rates, seed)

@@ -19,6 +19,7 @@ import traceback
 
 import torch
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from fusegen.errors import UnsupportedModelError
 
@@ -89,6 +90,15 @@ def _temporarily(model: nn.Module, attn_implementation: str | None):
         model.train(was_training)
 
 
+def evaluating(model: nn.Module):
+    """Eval mode (no dropout) while the block runs, the training flag restored after."""
+    return _temporarily(model, None)
+
+
+def takes_attention_mask(model: nn.Module) -> bool:
+    return "attention_mask" in _LogitsOnly(model)._takes
+
+
 def _vocab_size(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "vocab_size", None):
@@ -128,8 +138,7 @@ def position_convention(model: nn.Module) -> str:
     ids, mask, pos = example_inputs(model, batch=2, seq=8)
     mask[0, :3] = 0
     real = mask.bool()
-    kwargs = {"use_cache": False} if wrapper._hf else {}
-    own = _logits(model(ids, attention_mask=mask, **kwargs))[real]
+    own = own_logits(model, ids, mask)[real]
     for name, candidate in (("arange", pos), ("mask", mask_positions(mask))):
         got = wrapper(ids, mask, candidate)[real]
         if torch.allclose(got.float(), own.float(), atol=1e-3, rtol=1e-3, equal_nan=True):
@@ -139,7 +148,14 @@ def position_convention(model: nn.Module) -> str:
                                 "nor from the attention mask, so fusegen cannot reproduce them")
 
 
-def _logits(out) -> torch.Tensor:
+def own_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The model's forward as a user calls it, positions left to the model; the mask only if
+    it takes one (a model that takes none gets no padded batches from fusegen's checks)."""
+    wrapper = _LogitsOnly(model)
+    kwargs = {"use_cache": False} if wrapper._hf else {}
+    if attention_mask is not None and "attention_mask" in wrapper._takes:
+        kwargs["attention_mask"] = attention_mask
+    out = model(input_ids, **kwargs)
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
@@ -148,9 +164,10 @@ def capture(model: nn.Module, *, attn_implementation: str | None = None,
     """Trace ``model`` into an fx GraphModule ``(input_ids, attention_mask, position_ids) -> logits``.
 
     ``attn_implementation`` selects the HF attention code path traced ("sdpa" or "eager";
-    None keeps the model's own). With ``verify`` the graph is run once on example inputs and
-    compared with the model. Raises UnsupportedModelError naming the class and the module/op
-    that failed."""
+    None keeps the model's own). With ``verify`` the graph is run at several batch sizes and
+    lengths, dense and left-padded (CHECK_ROWS), and compared with the model. Raises
+    UnsupportedModelError naming the class and the module/op that failed: export errors, a
+    dimension the capture fixed, a guard that fails at another size, a difference."""
     name = model_class_name(model)
     _check_decoder(model)
     if attn_implementation is not None and attn_implementation not in ATTN_IMPLEMENTATIONS:
@@ -195,37 +212,79 @@ def _export(model, attn_implementation, verify: bool, name: str) -> torch.fx.Gra
         gm = ep.module()
         _check_dynamic(gm, name)
         if verify:
-            for example in (args, example_inputs(model, batch=1, seq=1)):
-                _verify(gm, model, wrapper, example, name)
+            for example in [args] + check_inputs(model, wrapper):
+                _verify(gm, wrapper, example, name)
     return gm
+
+
+# Row lengths of the batches a captured graph runs at before it is trusted, each row left-padded
+# to the longest: other batch sizes and lengths than the traced example (2 x 8), the decode
+# shape 1 x 1, and padded rows. Tiny, so that checking costs milliseconds.
+CHECK_ROWS = ((1,), (5, 5, 5), (6, 2, 4), (1, 9))
+
+
+def check_inputs(model: nn.Module, wrapper: "_LogitsOnly") -> list[tuple[torch.Tensor, ...]]:
+    """(input_ids, attention_mask, position_ids) for every CHECK_ROWS batch; padded rows count
+    positions over their real tokens, as generate does. A model that takes no attention mask
+    gets the same sizes unpadded."""
+    batches = []
+    for rows in CHECK_ROWS:
+        ids, mask, pos = example_inputs(model, batch=len(rows), seq=max(rows))
+        if "attention_mask" in wrapper._takes:
+            for b, n in enumerate(rows):
+                mask[b, :max(rows) - n] = 0
+            pos = mask_positions(mask)
+        batches.append((ids, mask, pos))
+    return batches
+
+
+def _size(args) -> str:
+    ids, mask = args[0], args[1]
+    padded = ", left-padded" if not bool(mask.all()) else ""
+    return f"batch {ids.shape[0]}, sequence {ids.shape[1]}{padded}"
 
 
 def _check_dynamic(gm, name: str) -> None:
     """The graph must take any batch and sequence size: a dimension the capture fixed
     (the model's code branches on it) is refused here, not when the first other size comes."""
-    ids = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.target == "input_ids")
-    shape = ids.meta["val"].shape
-    for dim, label in zip(shape, ("batch size", "sequence length")):
-        if isinstance(dim, int):
-            raise UnsupportedModelError(name, "<captured graph>",
-                                        f"the capture fixed the {label} to {dim} (the model's code "
-                                        f"depends on it), so the graph would serve no other")
+    for node in gm.graph.nodes:
+        if node.op != "placeholder" or node.target not in GRAPH_INPUTS or "val" not in node.meta:
+            continue
+        for dim, label in zip(node.meta["val"].shape, ("batch size", "sequence length")):
+            if is_concrete_int(dim):
+                raise UnsupportedModelError(name, "<captured graph>",
+                                            f"the capture fixed the {label} of {node.target} to {int(dim)} "
+                                            f"(the model's code depends on it), so the graph would serve no other")
 
 
-def _verify(gm, model, wrapper, args, name) -> None:
+def _verify(gm, wrapper, args, name) -> None:
+    """The graph against the model's forward on the same inputs, on the real (unpadded) tokens;
+    a guard that fails (the graph does not take these sizes) or a difference is refused."""
     expected = wrapper(*args)
     try:
         got = gm(*args)
     except Exception as exc:  # a guard of the captured graph: it does not take these sizes
         raise UnsupportedModelError(name, "<captured graph>",
-                                    f"the captured graph does not run at batch {args[0].shape[0]}, "
-                                    f"sequence {args[0].shape[1]} ({type(exc).__name__}: "
-                                    f"{str(exc).splitlines()[0][:200]})") from None
+                                    f"the captured graph does not run at {_size(args)} ({type(exc).__name__}: "
+                                    f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
     tol = 1e-4 if expected.dtype == torch.float32 else 2e-2
-    err = (got.float() - expected.float()).abs().max().item()
-    if not err <= tol * max(1.0, expected.float().abs().max().item()):
+    real = args[1].bool()
+    err = max_error(got[real], expected[real], tol)
+    if err is not None:
         raise UnsupportedModelError(name, "<captured graph>",
-                                    f"captured graph disagrees with eager forward (max abs error {err:.3g})")
+                                    f"captured graph disagrees with eager forward at {_size(args)} "
+                                    f"(max abs error {err:.3g})")
+
+
+def max_error(got: torch.Tensor, want: torch.Tensor, tol: float) -> float | None:
+    """The largest absolute difference when it exceeds ``tol`` times the larger of 1 and the
+    largest ``|want|`` (or NaNs disagree), else None. NaN where both are NaN counts as equal."""
+    got, want = got.float(), want.float()
+    if not torch.equal(got.isnan(), want.isnan()):
+        return float("nan")
+    err = (got - want).nan_to_num(0.0).abs().max().item() if got.numel() else 0.0
+    scale = want.nan_to_num(0.0).abs().max().item() if want.numel() else 0.0
+    return err if err > tol * max(1.0, scale) else None
 
 
 def _reason(exc: BaseException) -> str:

@@ -136,6 +136,34 @@ class LengthSpecific(torch.nn.Module):
 def test_a_model_the_capture_specialises_is_refused_with_its_class():
     from fusegen.errors import UnsupportedModelError
 
-    with pytest.raises(UnsupportedModelError, match=r"LengthSpecific is not supported: the captured graph does "
-                                                    r"not run at batch 1, sequence 1 .*Guard failed"):
+    with pytest.raises(UnsupportedModelError, match=r"LengthSpecific is not supported: the capture fixed the "
+                                                    r"sequence length of input_ids to 8 "):
         fusegen.compile(LengthSpecific().eval())
+
+
+class PaddingLostInExport(nn.Module):
+    """Masks out padding in eager mode only: a code path taken while exporting drops the mask
+    (as tracing-only branches in model code can), so only a left-padded batch shows it."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.head = nn.Linear(16, 50)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        if attention_mask is not None and not torch.compiler.is_exporting():
+            h = h * attention_mask[..., None]
+        return self.head(h.cumsum(1))   # every token sees the ones before it, padding included
+
+
+def test_capture_checks_left_padded_batches_not_only_dense_ones():
+    model = PaddingLostInExport().eval()
+    ids = torch.randint(0, 50, (2, 6))
+    gm = fusegen.capture(model, verify=False)
+    dense = gm(ids, torch.ones_like(ids), torch.arange(6).expand(2, 6))
+    torch.testing.assert_close(dense, model(ids, torch.ones_like(ids)))   # dense batches agree
+    with pytest.raises(fusegen.UnsupportedModelError,
+                       match=r"^PaddingLostInExport is not supported: captured graph disagrees with eager "
+                             r"forward at batch 3, sequence 6, left-padded \(max abs error"):
+        fusegen.capture(model)

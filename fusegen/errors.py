@@ -35,6 +35,21 @@ class PassError(FusegenError):
         super().__init__(f"[{pass_name}] {message}")
 
 
+class GraphRefusedError(PassError, UnsupportedModelError):
+    """A pass cannot rewrite this model's graph as the config asks. Names the model class,
+    the module path of the node it refused, and a compile config that works for the model.
+    It is both a PassError (which pass) and an UnsupportedModelError (which model)."""
+
+    def __init__(self, pass_name: str, model_class: str, where: str, reason: str, works: str):
+        self.pass_name = pass_name
+        self.model_class = model_class
+        self.where = where
+        self.reason = reason
+        self.works = works
+        FusegenError.__init__(self, f"[{pass_name}] {model_class}: {reason} (at {where}); "
+                                    f"compile with {works} instead")
+
+
 class VerificationError(PassError):
     """A graph broke an invariant after a pass (lint, or a pass-declared property)."""
 

@@ -25,11 +25,12 @@ from torch import fx, nn
 from fusegen.errors import PassError
 from fusegen.passes import gqa_merge
 from fusegen.passes.infra import (PassContext, PassResult, call_nodes, erase_unused, getattr_path,
-                                  graph_pass, refresh_vals, val)
+                                  graph_pass, refresh_vals, refusal, val)
 
 aten = torch.ops.aten
 attention_op = torch.ops.fusegen.attention.default
 NAME = "convert_mha_to_gqa"
+KEEP_HEADS = "gqa_kv_heads=0"   # the model's own KV heads: the conversion is opt-in
 
 
 def _back_to_linear(start: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
@@ -49,8 +50,8 @@ def _back_to_linear(start: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
         stack.extend(node.all_input_nodes)
     weight = linears[0].args[2 if linears[0].target is aten.addmm.default else 1] if linears else None
     if len(linears) != 1 or weight.op != "get_attr":
-        raise PassError(NAME, f"{start.name}: expected one linear projection with a weight "
-                              f"attribute, found {[n.name for n in linears]}")
+        raise refusal(NAME, f"{start.name}: expected one linear projection with a weight "
+                            f"attribute, found {[n.name for n in linears]}", start, KEEP_HEADS)
     return linears[0], [n for n in seen if n is not linears[0]]
 
 
@@ -69,14 +70,15 @@ def _forward_to_linear(start: fx.Node) -> fx.Node:
             if node.target in (aten.linear.default, aten.addmm.default):
                 return node
         frontier = [u for n in frontier for u in n.users]
-    raise PassError(NAME, f"{start.name}: no output projection found after attention")
+    raise refusal(NAME, f"{start.name}: no output projection found after attention", start, KEEP_HEADS)
 
 
 def _is_rotary(path: list[fx.Node], head_dim: int) -> bool:
     if any(n.target is torch.ops.fusegen.rotate_half.default for n in path):
         return True  # normalize_graph recognised the rotate_half layout
     if any(n.target is aten.cat.default for n in path):
-        raise PassError(NAME, "rotary embedding found but not in rotate_half layout; use gqa_method=mean")
+        cat = next(n for n in path if n.target is aten.cat.default)
+        raise refusal(NAME, "rotary embedding found but not in rotate_half layout", cat, "gqa_method=mean")
     return False
 
 
@@ -177,12 +179,14 @@ def convert_mha_to_gqa(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     target, method = ctx.config.gqa_kv_heads, ctx.config.gqa_method
     sites = call_nodes(gm, attention_op)
     if not sites:
-        raise PassError(NAME, "no fused attention to convert")
+        raise refusal(NAME, "no fused attention to convert", gm, KEEP_HEADS)
     Hq, Hkv, D = val(sites[0].args[0]).shape[1], val(sites[0].args[1]).shape[1], val(sites[0].args[1]).shape[3]
     if target >= Hkv:
         return PassResult(gm, False, {"kv_heads_before": Hkv, "kv_heads_after": Hkv})
     if Hkv % target:
-        raise PassError(NAME, f"cannot merge {Hkv} KV heads into {target}: {target} does not divide {Hkv}")
+        divisors = [str(d) for d in range(1, Hkv) if Hkv % d == 0]
+        raise refusal(NAME, f"cannot merge {Hkv} KV heads into {target}: {target} does not divide {Hkv}",
+                      sites[0], f"gqa_kv_heads={' or '.join(divisors)}" if divisors else KEEP_HEADS)
     if ctx.calibration_ids is None:
         raise PassError(NAME, "needs calibration_ids (token ids of real text) to fit and to measure "
                               "the conversion; fusegen.data.calibration_text() is English text to tokenize")
@@ -197,7 +201,8 @@ def convert_mha_to_gqa(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         Bk, Bv = _merges(method, moments[layer], _output_weight(gm, site), rotary, Hq, Hkv, D, group)
         if k_lin.target is aten.addmm.default:
             if v_lin is not k_lin:
-                raise PassError(NAME, f"{k_lin.name}: keys from a fused projection, values from another")
+                raise refusal(NAME, f"{k_lin.name}: keys from a fused projection, values from another",
+                              k_lin, KEEP_HEADS)
             touched += _rewrite_fused_qkv(gm, k_lin, Bk, Bv, group, layer, Hkv * D)
         else:
             _rewrite_projection(gm, k_lin, Bk, group, f"k{layer}", Hkv, target)

@@ -28,9 +28,9 @@ import torch
 from torch import fx
 from torch.fx.operator_schemas import normalize_function
 
-from fusegen.errors import PassError
 from fusegen.passes.attention_mask import MaskNotRecognised, MaskSemantics, analyze_mask
-from fusegen.passes.infra import PassContext, PassResult, call_nodes, erase_unused, graph_pass, val
+from fusegen.passes.infra import (PassContext, PassResult, call_nodes, erase_unused, graph_pass, module_path,
+                                  refusal, val)
 
 aten = torch.ops.aten
 fusegen_attention = torch.ops.fusegen.attention.default
@@ -57,6 +57,7 @@ class Site:
     masks: tuple = ()
     causal_flag: bool = False
     softcap: float = 0.0
+    enable_gqa: bool = False  # SDPA maps each group of query heads to one K/V head
     notes: list = field(default_factory=list)
 
 
@@ -111,7 +112,7 @@ def match_sdpa(node: fx.Node) -> Site:
     mask = kw.get("attn_mask")
     masks = () if mask is None else ((mask, "bool" if val(mask).dtype == torch.bool else "additive"),)
     return Site("sdpa", node, q, kw["key"], kw["value"], float(scale), masks,
-                bool(kw.get("is_causal", False)))
+                bool(kw.get("is_causal", False)), enable_gqa=bool(kw.get("enable_gqa", False)))
 
 
 def match_eager(softmax: fx.Node) -> Site:
@@ -194,6 +195,20 @@ def _depends_on_matmul(node: fx.Node, limit: int = 12) -> bool:
 
 # --- semantics and rewrite ------------------------------------------------------------------
 
+def _head_group(site: Site, k: fx.Node, group: int) -> int:
+    """Query heads per K/V head. Besides repeat_kv (undone by unexpand_kv), K/V with one head
+    broadcast over all query heads (multi-query attention as Falcon-7B writes it: SDPA and
+    matmul both broadcast the head dim), and SDPA's ``enable_gqa`` maps each group of query
+    heads to one K/V head."""
+    qv, kv = val(site.q), val(k)
+    if group != 1 or qv is None or kv is None or qv.dim() != 4 or kv.dim() != 4:
+        return group
+    hq, hk = qv.shape[1], kv.shape[1]
+    if isinstance(hq, int) and isinstance(hk, int) and hk != hq and (hk == 1 or site.enable_gqa and hq % hk == 0):
+        return hq // hk
+    return group
+
+
 def _check_shapes(site: Site, k: fx.Node, v: fx.Node, group: int) -> None:
     qv, kv, vv = val(site.q), val(k), val(v)
     if any(t is None or t.dim() != 4 for t in (qv, kv, vv)):
@@ -256,7 +271,7 @@ def find_sites(gm: fx.GraphModule) -> list[tuple[fx.Node, object]]:
 def fuse_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     stats: Counter = Counter()
     cache: dict = {}
-    unfused = []
+    unfused, unfused_nodes = [], []
     for node, matcher in find_sites(gm):
         try:
             site = matcher(node)
@@ -264,10 +279,12 @@ def fuse_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             v, group_v = unexpand_kv(site.v)
             if group_k != group_v:
                 raise NotAttention(f"k and v repeated differently ({group_k} vs {group_v})")
+            group_k = _head_group(site, k, group_k)
             _check_shapes(site, k, v, group_k)
             sem = _semantics(gm, site, ctx.config.max_seq_len, cache)
         except NotAttention as exc:
-            unfused.append(f"{node.name}: {exc}")
+            unfused.append(f"{node.name} in {module_path(node)}: {exc}")
+            unfused_nodes.append(node)
             stats["unfused"] += 1
             continue
         _rewrite(gm, site, k, v, sem)
@@ -280,7 +297,8 @@ def fuse_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats["softcap"] += site.softcap > 0
     ctx.facts["fuse_attention.unfused"] = unfused
     if unfused and ctx.config.strict:
-        raise PassError("fuse_attention", f"{len(unfused)} attention site(s) left unfused: " + "; ".join(unfused))
+        raise refusal("fuse_attention", f"{len(unfused)} attention site(s) left unfused: " + "; ".join(unfused),
+                      unfused_nodes[0], works="preset=stateless (unfused sites then run as captured)")
     if stats["fused"]:
         erase_unused(gm)
     return PassResult(gm, stats["fused"] > 0, dict(+stats))

@@ -19,7 +19,7 @@ from torch import fx
 from torch._guards import detect_fake_mode
 
 from fusegen.config import CompileConfig
-from fusegen.errors import VerificationError
+from fusegen.errors import GraphRefusedError, VerificationError
 
 PROVENANCE = "fusegen_pass"  # node.meta key: which pass (or "capture") made the node
 
@@ -69,6 +69,31 @@ def mark_provenance(gm: fx.GraphModule, name: str, before: set[fx.Node] | None =
             node.meta[PROVENANCE] = name
             made += 1
     return made
+
+
+# --- refusals -------------------------------------------------------------------------------
+
+def module_path(node: fx.Node | None) -> str:
+    """The innermost module of the user's model that made ``node``: "module 'model.layers.0.self_attn'
+    (LlamaAttention)"; the capture wrapper's own prefix is dropped."""
+    stack = node.meta.get("nn_module_stack") if isinstance(node, fx.Node) else None
+    if not stack:
+        return f"node {node.name}" if isinstance(node, fx.Node) else "the graph"
+    path, cls = list(stack.values())[-1]
+    path = path[2:] if path.startswith("m.") else "<root>" if path in ("", "m") else path
+    name = cls.rsplit(".", 1)[-1] if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+    return f"module '{path}' ({name})"
+
+
+def refusal(pass_name: str, reason: str, at: fx.Node | fx.GraphModule,
+            works: str = "preset=stateless") -> GraphRefusedError:
+    """The error a pass raises when it cannot rewrite the model's graph: it names the model
+    class (recorded by capture), where in the model the refused node ``at`` comes from, and a
+    config that works for this model."""
+    gm = at.graph.owning_module if isinstance(at, fx.Node) else at
+    model_class = (gm.meta.get("fusegen_model_class") if gm is not None else None) or "the model"
+    return GraphRefusedError(pass_name, model_class, module_path(at if isinstance(at, fx.Node) else None),
+                             reason, works)
 
 
 # --- shapes ---------------------------------------------------------------------------------

@@ -19,10 +19,13 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from fusegen.errors import PassError
 from fusegen.kv import KVGeometry
 from fusegen.passes.infra import (PassContext, PassResult, add_input, call_nodes, fresh_val,
-                                  graph_pass, placeholders, val)
+                                  graph_pass, placeholders, refusal, val)
+
+# What still works when the graph cannot hold a KV cache: attention as captured, the whole
+# sequence recomputed each step.
+STATELESS = "preset=stateless"
 
 aten = torch.ops.aten
 ops = torch.ops.fusegen
@@ -34,8 +37,8 @@ def _free_attention_mask(gm: fx.GraphModule, mask: fx.Node, ids: fx.Node) -> Non
         if user.target is aten.sym_size.int:
             user.args = (ids, user.args[1])
         elif user.target is not ops.attention.default:
-            raise PassError("insert_kv_cache", f"attention_mask is used by {user.name} "
-                            f"({user.target}), not only by attention; cannot give it the cache length")
+            raise refusal("insert_kv_cache", f"attention_mask is used by {user.name} ({user.target}), "
+                          f"not only by attention; cannot give it the cache length", user, STATELESS)
 
 
 def kv_geometry(sites: list[fx.Node]) -> KVGeometry:
@@ -43,7 +46,9 @@ def kv_geometry(sites: list[fx.Node]) -> KVGeometry:
     heads = {val(s.args[1]).shape[1] for s in sites}
     dims = {val(s.args[1]).shape[3] for s in sites}
     if len(heads) != 1 or len(dims) != 1:
-        raise PassError("insert_kv_cache", f"layers differ in KV heads {heads} or head dim {dims}")
+        odd = next(s for s in sites if tuple(val(s.args[1]).shape[1::2]) != tuple(k.shape[1::2]))
+        raise refusal("insert_kv_cache", f"layers differ in KV heads {sorted(heads)} or head dim "
+                      f"{sorted(dims)}; one cache holds one geometry", odd, STATELESS)
     return KVGeometry(layers=len(sites), kv_heads=int(k.shape[1]), head_dim=int(k.shape[3]),
                       dtype=k.dtype, query_heads=int(val(sites[0].args[0]).shape[1]))
 
@@ -52,11 +57,14 @@ def kv_geometry(sites: list[fx.Node]) -> KVGeometry:
 def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     unfused = ctx.facts.get("fuse_attention.unfused") or []
     if unfused:
-        raise PassError("insert_kv_cache", f"{len(unfused)} attention site(s) were not fused, so their "
-                        f"keys/values cannot be cached: " + "; ".join(unfused))
+        first = unfused[0].split(" ", 1)[0]
+        at = next((n for n in gm.graph.nodes if n.name == first), gm)
+        raise refusal("insert_kv_cache", f"{len(unfused)} attention site(s) were not fused, so their "
+                      f"keys/values cannot be cached: " + "; ".join(unfused), at, STATELESS)
     sites = call_nodes(gm, ops.attention.default)
     if not sites:
-        raise PassError("insert_kv_cache", "no fused attention in the graph (fuse_attention found no site)")
+        raise refusal("insert_kv_cache", "no attention in the graph that fuse_attention recognised, so there "
+                      "are no keys/values to cache", gm, STATELESS)
     inputs = placeholders(gm)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     geometry = kv_geometry(sites)

@@ -27,10 +27,11 @@ from torch import fx
 from fusegen.errors import PassError
 from fusegen.kv import PAGED_INPUTS, KVGeometry
 from fusegen.passes.infra import (PassContext, PassResult, add_input, call_nodes, erase_unused,
-                                  fresh_val, graph_pass, placeholders, refresh_vals, val)
+                                  fresh_val, graph_pass, placeholders, refresh_vals, refusal, val)
 
 ops = torch.ops.fusegen
 aten = torch.ops.aten
+DENSE = "preset=dense_kv"   # one cache slab per sequence: works where paging cannot
 
 
 # Elementwise ops a model may apply to the LM head's logits (Gemma2's final-logit
@@ -51,9 +52,9 @@ def _logit_tail(gm: fx.GraphModule) -> tuple[fx.Node, list[fx.Node]]:
         tail.append(node)
         node = chained[0]
     if not (isinstance(node, fx.Node) and node.target is aten.linear.default and len(node.users) == 1):
-        raise PassError("insert_paged_blocks", f"graph output {output.args[0]} is not computed from an "
-                        f"LM-head linear by elementwise ops (found {node}); compile with preset=dense_kv "
-                        f"for this model")
+        raise refusal("insert_paged_blocks", f"graph output {output.args[0]} is not computed from an LM-head "
+                      f"linear by elementwise ops (found {node}), so the logits of the sampled rows cannot "
+                      f"be picked before it", node if isinstance(node, fx.Node) else gm, DENSE)
     return node, tail[::-1]
 
 
@@ -113,8 +114,9 @@ def insert_paged_blocks(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     inputs = placeholders(gm)
     for stale in ("attention_mask", "kv_cache"):
         if inputs[stale].users:
-            raise PassError("insert_paged_blocks", f"{stale} is still used by "
-                            f"{[u.name for u in inputs[stale].users]}")
+            user = next(iter(inputs[stale].users))
+            raise refusal("insert_paged_blocks", f"{stale} is still used by "
+                          f"{[u.name for u in inputs[stale].users]}; packed sequences have none", user, DENSE)
         gm.graph.erase_node(inputs[stale])
     _select_logit_rows(gm)
     erase_unused(gm)

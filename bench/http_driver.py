@@ -3,9 +3,8 @@ client receives it (bench/serving.py's HTTP path).
 
 Each request is one streamed ``/v1/completions`` call with its token ids as the prompt,
 ``max_tokens`` its output length, ``ignore_eos`` and greedy decoding; it is sent at its
-arrival offset. One SSE chunk carries one token (the server sends a chunk per token that
-adds text, and the benchmark's tokenizer gives every token text); the last chunk's
-``token_ids`` confirm the count.
+arrival offset. Each SSE chunk's ``token_ids`` say how many tokens it brings (one per step
+while the client keeps up); each is stamped when its chunk arrives.
 
 ``run_in_subprocess`` runs the client in a fresh interpreter so that its event loop does not
 share a GIL with a server in the benchmark's own process.
@@ -37,14 +36,10 @@ async def _one(http: httpx.AsyncClient, model: str, prompt: list[int], max_token
             if "error" in chunk:
                 raise RuntimeError(chunk["error"]["message"])
             choice = chunk["choices"][0]
-            if choice["text"]:
-                stamps.append(time.perf_counter() - start)
-            if choice.get("finish_reason"):
-                got = len(choice.get("token_ids") or [])
-                if got != max_tokens:
-                    raise RuntimeError(f"asked for {max_tokens} tokens, the server generated {got}")
-                while len(stamps) < got:   # a token whose text came with a later one's
-                    stamps.append(time.perf_counter() - start)
+            now = time.perf_counter() - start
+            stamps += [now] * len(choice.get("token_ids") or [])
+    if len(stamps) != max_tokens:
+        raise RuntimeError(f"asked for {max_tokens} tokens, the server streamed {len(stamps)}")
     return stamps
 
 

@@ -127,8 +127,10 @@ def test_streamed_completion_concatenates_to_the_same_text(client, compiled, tok
     ids = tokenizer(PROMPT).input_ids
     tokens, text = _reference(compiled, tokenizer, ids, 20, temperature=0.0)
     chunks = list(client.completions.create(model=NAME, prompt=PROMPT, max_tokens=20, temperature=0,
-                                            stream=True, stream_options={"include_usage": True}))
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"return_token_ids": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    assert [t for c in chunks if c.choices for t in c.choices[0].model_extra["token_ids"]] == tokens
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(tokens)
 
@@ -408,3 +410,25 @@ def test_an_open_address_without_a_key_warns(capsys):
     check_bind("0.0.0.0", port, api_key="k")
     check_bind("127.0.0.1", port, api_key=None)
     assert capsys.readouterr().err == ""
+
+
+def test_a_client_that_falls_behind_gets_merged_chunks():
+    from types import SimpleNamespace
+
+    from fusegen.serve.app import _drain
+    from fusegen.serve.choices import Delta
+    from fusegen.serve.protocol import OpenAIError
+
+    a, b = SimpleNamespace(index=0), SimpleNamespace(index=1)
+    failed = OpenAIError(500, "boom")
+
+    async def main():
+        q: asyncio.Queue = asyncio.Queue()
+        for item in [(a, Delta("x", [], None, [1])), (b, Delta("p", [], None, [7])),
+                     (a, Delta("y", [], "length", [2])), (b, failed)]:
+            q.put_nowait(item)
+        return await _drain(q), q.empty()
+
+    batch, empty = asyncio.run(main())
+    assert empty and [(c.index, d if isinstance(d, OpenAIError) else (d.text, d.finish_reason, d.token_ids))
+                      for c, d in batch] == [(0, ("xy", "length", [1, 2])), (1, ("p", None, [7])), (1, failed)]

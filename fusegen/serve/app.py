@@ -310,18 +310,20 @@ class _Run:
         try:
             if self.chat:
                 for choice, _ in self.choices:
-                    yield _sse(self._chunk(choice, {"role": "assistant", "content": ""}, None, []))
+                    yield _sse(self._chunk(choice, {"role": "assistant", "content": ""}))
             open_ = len(self.choices)
             while open_:
-                choice, delta = await merged.get()
-                if isinstance(delta, OpenAIError):
-                    yield _sse(delta.body())
-                    open_ -= 1
-                    continue
-                if delta.text or delta.logprobs or delta.finish_reason:
-                    content = {"content": delta.text} if self.chat else delta.text
-                    yield _sse(self._chunk(choice, content, delta.finish_reason, delta.logprobs))
-                open_ -= bool(delta.finish_reason)
+                batch = await _drain(merged)
+                out = []
+                for choice, delta in batch:
+                    if isinstance(delta, OpenAIError):
+                        out.append(_sse(delta.body()))
+                        open_ -= 1
+                    elif delta.text or delta.logprobs or delta.finish_reason or self.body.return_token_ids:
+                        content = {"content": delta.text} if self.chat else delta.text
+                        out.append(_sse(self._chunk(choice, content, delta)))
+                        open_ -= bool(delta.finish_reason)
+                yield "".join(out)
             if self.body.stream_options and self.body.stream_options.include_usage:
                 yield _sse(self._envelope([], usage=self._usage()))
             yield "data: [DONE]\n\n"
@@ -339,7 +341,8 @@ class _Run:
             out["usage"] = usage
         return out
 
-    def _chunk(self, choice: Choice, content, finish_reason, infos) -> dict:
+    def _chunk(self, choice: Choice, content, delta=None) -> dict:
+        finish_reason, infos = (delta.finish_reason, delta.logprobs) if delta is not None else (None, [])
         if self.chat:
             entry = {"index": choice.index, "delta": content if finish_reason is None or content.get("content")
                      else {}, "logprobs": chat_logprobs(infos, self.top), "finish_reason": finish_reason}
@@ -348,8 +351,8 @@ class _Run:
             entry = {"index": choice.index, "text": content,
                      "logprobs": completion_logprobs(infos, start, self.body.logprobs or 0),
                      "finish_reason": finish_reason}
-        if finish_reason and self.body.return_token_ids:
-            entry["token_ids"] = choice.token_ids
+        if delta is not None and self.body.return_token_ids:
+            entry["token_ids"] = delta.token_ids   # the tokens this chunk adds
         return self._envelope([entry])
 
     def response(self) -> dict:
@@ -371,6 +374,25 @@ class _Run:
         prompt = sum(len(p) for p in self.prompts)
         completion = sum(len(c.token_ids) for c, _ in self.choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _drain(merged: asyncio.Queue) -> list:
+    """The next (choice, delta) items: one awaited, then all that are already queued, with the
+    deltas of one choice merged. A client that keeps up gets a chunk per token; one that
+    falls behind gets fewer, larger chunks instead of a growing backlog."""
+    items = [await merged.get()]
+    while not merged.empty():
+        items.append(merged.get_nowait())
+    out: list = []
+    at: dict[int, int] = {}
+    for choice, delta in items:
+        i = at.get(choice.index)
+        if i is not None and not isinstance(delta, OpenAIError) and not isinstance(out[i][1], OpenAIError):
+            out[i] = (choice, out[i][1].merge(delta))
+        else:
+            at[choice.index] = len(out)
+            out.append((choice, delta))
+    return out
 
 
 def _sse(payload: dict) -> str:

@@ -26,9 +26,15 @@ class TokenInfo:
 
 @dataclass
 class Delta:
+    """What one or more new tokens of a choice add."""
     text: str
     logprobs: list[TokenInfo]
     finish_reason: str | None
+    token_ids: list[int]
+
+    def merge(self, later: "Delta") -> "Delta":
+        return Delta(self.text + later.text, self.logprobs + later.logprobs, later.finish_reason or self.finish_reason,
+                     self.token_ids + later.token_ids)
 
 
 @dataclass
@@ -67,7 +73,7 @@ class Choice:
         infos = [self._info(event)] if event.logprob is not None else []
         self.text += out
         self.logprobs += infos
-        return Delta(out, infos, self.finish_reason)
+        return Delta(out, infos, self.finish_reason, [event.token])
 
     def _info(self, event: TokenEvent) -> TokenInfo:
         decode = lambda t: self.tokenizer.decode([t])

@@ -15,6 +15,7 @@ from fusegen.capture import capture, mask_positions, model_class_name, position_
 from fusegen.codegen.lower import lower
 from fusegen.config import CompileConfig
 from fusegen.errors import UnsupportedModelError
+from fusegen.fidelity import check_compiled
 from fusegen.passes.dump import DumpWriter, PassRecord, op_table, resolve_dump_dir, summary_table
 from fusegen.passes.infra import PassContext
 from fusegen.passes.pipeline import build_pipeline, run_pipeline
@@ -382,7 +383,10 @@ def compile(model: nn.Module, config: CompileConfig | str | None = None, *, dump
     if ctx.facts["device"].type == "cuda":
         _check_kernels_serve(model, ctx.facts)
     report = CompileReport(model_class_name(model), config, records, str(directory) if directory else None)
-    return CompiledModel(gm, report, ctx.facts)
+    compiled = CompiledModel(gm, report, ctx.facts)
+    if not config.gqa_kv_heads:   # the lossy conversion measures and reports its own change
+        check_compiled(compiled, model)
+    return compiled
 
 
 def _check_kernels_serve(model: nn.Module, facts: dict) -> None:

@@ -97,3 +97,34 @@ def test_gemma2_softcapped_logits_run_on_the_default_paged_graph():
     assert_close_report(compiled(ids, mask)[real], want[real], atol=1e-4, rtol=1e-4)
     assert torch.equal(compiled.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[],
                                          pad_token_id=0), hf)
+
+
+class _DecodeOffByOne(torch.nn.Module):
+    """The paged graph, but decode steps (one token per sequence) get positions one too far:
+    the prefill is right, only cached steps go wrong."""
+
+    def __init__(self, gm):
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, **inputs):
+        if inputs["input_ids"].shape[1] == inputs["seq_lens"].shape[0]:
+            inputs["position_ids"] = inputs["position_ids"] + 1
+        return self.gm(**inputs)
+
+
+def test_the_compile_time_check_runs_decode_steps_not_only_the_prefill():
+    from fusegen.fidelity import check_compiled
+
+    model = mini_model("llama")
+    compiled = fusegen.compile(model)        # passes the check as compiled
+    check_compiled(compiled, model)
+    compiled.graph_module = _DecodeOffByOne(compiled.graph_module)
+    ids, mask = left_padded([9, 4], 9)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+    assert_close_report(compiled(ids, mask)[mask.bool()], want[mask.bool()], atol=1e-4, rtol=0)  # prefill fine
+    with pytest.raises(fusegen.UnsupportedModelError,
+                       match=r"^LlamaForCausalLM is not supported: its logits differ from the model's own forward "
+                             r"in the 2 decode steps after a 7-token prompt \(row 0\)"):
+        check_compiled(compiled, model)

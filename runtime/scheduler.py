@@ -180,6 +180,7 @@ class Scheduler:
         else:
             self.waiting.remove(req)
         req.status, req.finish_reason = Status.FINISHED, "abort"
+        self.stats["aborted"] += 1
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)

@@ -255,21 +255,23 @@ def test_a_client_that_disconnects_mid_stream_frees_its_blocks(live):
     server, engine = live
     body = {"model": NAME, "prompt": PROMPT, "max_tokens": 400, "temperature": 0, "stream": True,
             "ignore_eos": True}
+    aborted = engine.stats["aborted"]
     with httpx.Client(base_url=server.url, timeout=60) as http:
         with http.stream("POST", "/v1/completions", json=body) as response:
             lines = response.iter_lines()
             got = [next(lines) for _ in range(6)]
             assert any(line.startswith("data: {") for line in got)
             assert engine.scheduler.requests   # still running when the client leaves
-    assert _pool_full(engine)
+    assert _pool_full(engine) and engine.stats["aborted"] == aborted + 1   # aborted, not run to its end
 
 
 def test_a_non_streaming_client_that_disconnects_frees_its_blocks(live):
     server, engine = live
     body = {"model": NAME, "prompt": PROMPT, "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+    aborted = engine.stats["aborted"]
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json=body, timeout=0.3)
-    assert _pool_full(engine)
+    assert _pool_full(engine) and engine.stats["aborted"] == aborted + 1
 
 
 # --- bad requests --------------------------------------------------------------------------------

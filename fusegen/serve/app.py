@@ -21,7 +21,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -67,15 +67,16 @@ def build_app(served: ServedModel, api_key: str | None = None, max_waiting: int 
     app.state.served, app.state.loop, app.state.metrics = served, loop, metrics
     _install_errors(app, metrics)
 
-    @app.middleware("http")
-    async def authorize(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1/"):
+    async def authorize(request: Request) -> None:
+        """The /v1/ routes' key check (a dependency, not a middleware: Starlette's HTTP
+        middleware would hide a client's disconnect from the handler)."""
+        if api_key is not None:
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                error = OpenAIError(401, "Incorrect API key provided (send 'Authorization: Bearer KEY')",
-                                    type="authentication_error", code="invalid_api_key")
-                return _error_response(error, metrics, request)
-        return await call_next(request)
+                raise OpenAIError(401, "Incorrect API key provided (send 'Authorization: Bearer KEY')",
+                                  type="authentication_error", code="invalid_api_key")
+
+    keyed = [Depends(authorize)]
 
     @app.get("/health")
     async def health():
@@ -86,17 +87,17 @@ def build_app(served: ServedModel, api_key: str | None = None, max_waiting: int 
     async def prometheus():
         return Response(metrics.render(), media_type=metrics.content_type)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=keyed)
     async def models():
         return {"object": "list", "data": [{"id": served.name, "object": "model", "created": 0,
                                             "owned_by": "fusegen", "max_model_len": served.max_model_len}]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=keyed)
     async def completions(body: CompletionRequest, request: Request):
         prompts = [_prompt_ids(served, p) for p in body.prompts()]
         return await _serve(request, served, loop, metrics, body, prompts, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=keyed)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await _serve(request, served, loop, metrics, body, [_chat_ids(served, body)], chat=True)
 

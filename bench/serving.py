@@ -194,11 +194,13 @@ def http_serving(engine, vocab: int, requests: list[Request], rates: list[float]
     from http_driver import wait_ready
 
     from fusegen.serve.app import ServedModel, build_app
+    from fusegen.serve.main import SWITCH_INTERVAL_S
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     app = build_app(ServedModel("bench", engine, bench_tokenizer(vocab)))
+    sys.setswitchinterval(SWITCH_INTERVAL_S)   # as `fusegen-cli serve` does
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

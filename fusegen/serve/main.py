@@ -10,6 +10,11 @@ from pathlib import Path
 
 from fusegen.serve.app import ServedModel, build_app
 
+# The engine thread and the event loop share the GIL. When the engine thread wakes (its step's
+# tokens are ready) it waits for the running thread to give the GIL up, up to the switch
+# interval: Python's 5 ms default is longer than a decode step, so the server lowers it.
+SWITCH_INTERVAL_S = 0.0005
+
 
 def load_served(model: str, config=None, name: str | None = None, progress: bool = True) -> ServedModel:
     """An artifact directory (``fusegen-cli export``) or a model name/directory, compiled now."""
@@ -73,6 +78,7 @@ def serve(model: str, host: str, port: int, api_key: str | None, config=None, na
     check_bind(host, port, api_key)
     served = load_served(model, config, name)
     app = build_app(served, api_key=api_key, max_waiting=max_waiting)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     print(f"fusegen-cli: serving {served.name} on http://{host}:{port}/v1 "
           f"({served.engine.kv.num_blocks} KV blocks of {served.engine.kv.block_size} tokens)", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -11,7 +11,7 @@ from fusegen import ops  # noqa: F401  (registers the fusegen:: ops)
 from fusegen.capture import capture
 from fusegen.compiler import CompiledModel, CompileReport, compile
 from fusegen.config import CompileConfig
-from fusegen.errors import (ConfigError, FusegenError, ModelNotFoundError, PassError,
+from fusegen.errors import (ConfigError, FusegenError, GraphRefusedError, ModelNotFoundError, PassError,
                             UnsupportedModelError, VerificationError)
 
 
@@ -34,5 +34,5 @@ def load_model(name_or_path, **kwargs):
 __all__ = [
     "__version__", "capture", "compile", "load", "load_model", "CompiledModel", "CompileReport",
     "CompileConfig", "FusegenError", "UnsupportedModelError", "ModelNotFoundError",
-    "ConfigError", "PassError", "VerificationError",
+    "ConfigError", "PassError", "GraphRefusedError", "VerificationError",
 ]

@@ -197,7 +197,7 @@ def test_an_architecture_a_pass_cannot_rewrite_is_refused_with_the_config_that_w
     with pytest.raises(fusegen.UnsupportedModelError) as info:
         fusegen.compile(model)
     err = info.value
-    assert isinstance(err, fusegen.PassError) and err.pass_name == "insert_kv_cache"
+    assert isinstance(err, fusegen.GraphRefusedError) and err.pass_name == "insert_kv_cache"
     assert err.model_class == "FalconForCausalLM"
     assert err.where == "module 'transformer.h.0.self_attention' (FalconAttention)"
     assert "attention bias" in err.reason and err.works == "preset=stateless"

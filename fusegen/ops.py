@@ -17,7 +17,8 @@ Rows with no key left produce zeros.
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -25,17 +26,54 @@ from torch import Tensor
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, scale: float, softcap: float) -> Tensor:
     """q [B,Hq,S,D], k/v [B,Hkv,L,D], keep broadcastable to [B,Hq,S,L] (bool)."""
-    group = q.shape[1] // k.shape[1]
-    acc = torch.promote_types(q.dtype, torch.float32)
-    k = k.repeat_interleave(group, dim=1).to(acc)
-    v = v.repeat_interleave(group, dim=1).to(acc)
-    scores = torch.matmul(q.to(acc), k.transpose(-1, -2)) * scale
+    dtype, acc = q.dtype, torch.promote_types(q.dtype, torch.float32)
+    q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    # One query per row on the CPU (decode): product-sums and a written-out softmax, which
+    # stay on the calling thread at these sizes. torch.matmul hands a few thousand
+    # multiply-adds to the BLAS thread pool and torch.softmax always splits its rows over
+    # ATen's; on a busy 2-core machine waking a second thread costs milliseconds.
+    single = q.shape[2] == 1 and q.device.type == "cpu"
+    scores = _single_query_scores(q, k) if single else torch.matmul(q, _expand_heads(k, q).transpose(-1, -2))
+    scores = scores * scale
     if softcap > 0.0:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~keep, float("-inf"))
     any_key = keep.any(-1, keepdim=True)
-    probs = torch.softmax(scores.masked_fill(~any_key, 0.0), dim=-1) * any_key  # empty rows -> 0
-    return torch.matmul(probs, v).to(q.dtype)
+    scores = scores.masked_fill(~any_key, 0.0)
+    probs = (_softmax_on_thread(scores) if single else torch.softmax(scores, dim=-1)) * any_key  # empty rows -> 0
+    out = _single_query_mix(probs, v) if single else torch.matmul(probs, _expand_heads(v, q))
+    return out.to(dtype)
+
+
+def _expand_heads(kv: Tensor, q: Tensor) -> Tensor:
+    """k or v [B,Hkv,L,D] repeated to the query heads (head h reads KV head h // group)."""
+    return kv.repeat_interleave(q.shape[1] // kv.shape[1], dim=1)
+
+
+def _single_query_scores(q: Tensor, k: Tensor) -> Tensor:
+    """q [B,Hq,1,D] . k [B,Hkv,L,D] -> [B,Hq,1,L], without copying k per query head."""
+    B, Hq, _, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    grouped = q.view(B, Hkv, Hq // Hkv, 1, D)
+    return (grouped * k[:, :, None]).sum(-1).view(B, Hq, 1, L)
+
+
+def _single_query_mix(probs: Tensor, v: Tensor) -> Tensor:
+    """probs [B,Hq,1,L] . v [B,Hkv,L,D] -> [B,Hq,1,D]."""
+    B, Hq, _, L = probs.shape
+    Hkv, D = v.shape[1], v.shape[3]
+    grouped = probs.reshape(B, Hkv, Hq // Hkv, L, 1)
+    return (grouped * v[:, :, None]).sum(-2).view(B, Hq, 1, D)
+
+
+def _softmax_on_thread(x: Tensor) -> Tensor:
+    """softmax over the last dim from elementwise ops and reductions (within 1e-6 of
+    torch.softmax). exp2, not exp: exp goes through MKL's vector library and its threads."""
+    e = ((x - x.amax(-1, keepdim=True)) * _LOG2_E).exp2()
+    return e / e.sum(-1, keepdim=True)
+
+
+_LOG2_E = 1.4426950408889634
 
 
 def causal_keep(S: int, L: int, causal: bool, window: int, device) -> Tensor:
@@ -133,7 +171,6 @@ def _(q, kv_cache, layer, key_mask, scale, causal, window, softcap):
 @torch.library.custom_op("fusegen::paged_kv_write", mutates_args=("kv_pool",))
 def paged_kv_write(kv_pool: Tensor, layer: int, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
     """Scatter k, v [1,Hkv,T,D] (packed tokens) into their slots of ``layer``."""
-    block_size = kv_pool.shape[3]
     k_tok = k.transpose(1, 2).reshape(-1, k.shape[1], k.shape[3])  # [T, Hkv, D]
     v_tok = v.transpose(1, 2).reshape(-1, v.shape[1], v.shape[3])
     if slot_mapping.numel() != k_tok.shape[0]:
@@ -141,9 +178,17 @@ def paged_kv_write(kv_pool: Tensor, layer: int, k: Tensor, v: Tensor, slot_mappi
                          f"{slot_mapping.numel()} entries")
     slots = slot_mapping.long()
     valid = slots >= 0
-    slots, k_tok, v_tok = slots[valid], k_tok[valid], v_tok[valid]
-    kv_pool[layer, 0, slots // block_size, slots % block_size] = k_tok.to(kv_pool.dtype)
-    kv_pool[layer, 1, slots // block_size, slots % block_size] = v_tok.to(kv_pool.dtype)
+    if not bool(valid.all()):
+        slots, k_tok, v_tok = slots[valid], k_tok[valid], v_tok[valid]
+    # index_copy_ into the layer's [slots, Hkv, D] rows where the pool allows that view:
+    # advanced-index assignment costs time in proportion to the whole pool on the CPU.
+    block_size = kv_pool.shape[3]
+    for kv, tokens in ((0, k_tok), (1, v_tok)):
+        rows = kv_pool[layer, kv]
+        if rows.is_contiguous():
+            rows.view(-1, *kv_pool.shape[4:]).index_copy_(0, slots, tokens.to(kv_pool.dtype))
+        else:
+            rows[slots // block_size, slots % block_size] = tokens.to(kv_pool.dtype)
 
 
 @paged_kv_write.register_fake
@@ -151,14 +196,79 @@ def _(kv_pool, layer, k, v, slot_mapping):
     return None
 
 
-def gather_paged(kv_pool: Tensor, layer: int, block_table: Tensor, length: int) -> tuple[Tensor, Tensor]:
-    """Dense k, v [Hkv, length, D] of one sequence, read through its block table."""
-    block_size = kv_pool.shape[3]
-    n_blocks = (length + block_size - 1) // block_size
-    blocks = block_table[:n_blocks].long()
-    k = kv_pool[layer, 0, blocks].reshape(-1, *kv_pool.shape[4:])[:length]
-    v = kv_pool[layer, 1, blocks].reshape(-1, *kv_pool.shape[4:])[:length]
-    return k.transpose(0, 1), v.transpose(0, 1)
+def gather_paged(kv_pool: Tensor, layer: int, blocks: Tensor, num_seqs: int, length: int) -> tuple[Tensor, Tensor]:
+    """Dense k, v [N, Hkv, length, D] of N sequences whose first blocks are ``blocks``
+    ([N * nb] long, sequence-major). Positions past a sequence's own length hold whatever
+    its blocks hold there."""
+    shape = (num_seqs, -1, *kv_pool.shape[4:])
+    # index_select, not pool[layer, 0, blocks]: advanced indexing reads the whole pool on CPU.
+    k = kv_pool[layer, 0].index_select(0, blocks).view(shape)[:, :length]
+    v = kv_pool[layer, 1].index_select(0, blocks).view(shape)[:, :length]
+    return k.transpose(1, 2), v.transpose(1, 2)
+
+
+@dataclass
+class PagedGroup:
+    """The sequences of a step that have the same number of queries, attended as one padded
+    batch: G sequences, S queries each, contexts of at most ``longest`` tokens."""
+    tokens: Tensor      # [G * S] long: their rows of the packed queries, sequence-major
+    blocks: Tensor      # [G * nb] long: the blocks holding their first ``longest`` positions
+    lens: Tensor        # [G, 1, 1] long: their context lengths
+    size: int
+    queries: int
+    longest: int
+    whole: bool         # tokens are 0..T-1 in order: the group is the whole step
+    masks: dict = field(default_factory=dict)
+
+    def mask(self, causal: bool, window: int) -> tuple[Tensor, Tensor]:
+        """(keep [G,1,S,L], inside [G,1,L,1]): which keys each query sees (the module
+        docstring's rule), and which key rows lie inside their sequence."""
+        if (causal, window) not in self.masks:
+            S, device = self.queries, self.lens.device
+            j = torch.arange(self.longest, device=device)[None, None, :]         # key positions
+            p = self.lens - S + torch.arange(S, device=device)[None, :, None]   # query positions
+            inside = j < self.lens                                              # [G, 1, L]
+            keep = inside & (j <= p) if causal else inside.expand(-1, S, -1)
+            if window > 0:
+                keep = keep & ((p - j) < window)
+            self.masks[causal, window] = keep[:, None], inside[..., None]
+        return self.masks[causal, window]
+
+
+@dataclass
+class PagedPlan:
+    """What the paged attention of every layer in one step shares, worked out once from the
+    step's metadata: its sequences grouped by query count (a decode step is one group)."""
+    groups: list[PagedGroup]
+    starts: list[int]     # query_start_loc on the host
+
+
+def paged_plan(kv_pool: Tensor, block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor) -> PagedPlan:
+    """The plan of one step (see ``paged_attention`` for the inputs)."""
+    if query_start_loc.numel() != seq_lens.numel() + 1:
+        raise ValueError(f"fusegen.paged_attention: query_start_loc {query_start_loc.tolist()} must "
+                         f"have N+1 = {seq_lens.numel() + 1} entries")
+    starts, lens = query_start_loc.tolist(), seq_lens.tolist()
+    by_count: dict[int, list[int]] = {}
+    for n, L in enumerate(lens):
+        count = starts[n + 1] - starts[n]
+        if count > L:
+            raise ValueError(f"fusegen.paged_attention: sequence {n} has {count} queries but "
+                             f"only {L} tokens of context")
+        if count > 0:
+            by_count.setdefault(count, []).append(n)
+    block_size, groups = kv_pool.shape[3], []
+    for count, seqs in by_count.items():
+        tokens = [starts[n] + i for n in seqs for i in range(count)]
+        longest = max(lens[n] for n in seqs)
+        rows = block_tables.index_select(0, torch.tensor(seqs, device=block_tables.device))
+        groups.append(PagedGroup(
+            tokens=torch.tensor(tokens, device=kv_pool.device),
+            blocks=rows[:, :-(-longest // block_size)].reshape(-1).long(),
+            lens=torch.tensor([lens[n] for n in seqs], device=kv_pool.device)[:, None, None],
+            size=len(seqs), queries=count, longest=longest,
+            whole=tokens == list(range(starts[-1]))))
+    return PagedPlan(groups, starts)
 
 
 @torch.library.custom_op("fusegen::paged_attention", mutates_args=())
@@ -167,29 +277,53 @@ def paged_attention(q: Tensor, kv_pool: Tensor, layer: int, block_tables: Tensor
                     softcap: float) -> Tensor:
     """Attention of packed queries q [1,Hq,T,D] of N sequences over their paged context.
     Covers packed varlen prefill (chunked or not) and batched decode (one query each)."""
+    _check_paged_queries(q, kv_pool)
+    plan = paged_plan(kv_pool, block_tables, seq_lens, query_start_loc)
+    return paged_attention_planned(q, kv_pool, layer, plan, scale, causal, window, softcap)
+
+
+def paged_attention_planned(q: Tensor, kv_pool: Tensor, layer: int, plan: PagedPlan, scale: float,
+                            causal: bool, window: int, softcap: float) -> Tensor:
+    """``paged_attention`` with the step's plan made already (the CPU step graph makes it
+    once for all layers).
+
+    Each group of sequences with the same query count runs as one padded batch: keys past
+    a sequence's length are masked and their values zeroed, so padding (or a NaN left in a
+    stale slot) never reaches the output."""
+    _check_paged_queries(q, kv_pool)
+    if plan.starts[-1] > q.shape[2]:
+        raise ValueError(f"fusegen.paged_attention: query_start_loc {plan.starts} must end at "
+                         f"most at T = {q.shape[2]}")
+    Hq, D = q.shape[1], q.shape[3]
+    if len(plan.groups) == 1 and plan.groups[0].whole and plan.starts[-1] == q.shape[2]:
+        group = plan.groups[0]
+        group_q = q[0].view(Hq, group.size, group.queries, D).transpose(0, 1)
+        attended = _attend_group(group_q, kv_pool, layer, group, scale, causal, window, softcap)
+        return attended.transpose(0, 1).reshape(q.shape)
+    out = torch.zeros_like(q)
+    for group in plan.groups:
+        group_q = q[0].index_select(1, group.tokens).view(Hq, group.size, group.queries, D)
+        attended = _attend_group(group_q.transpose(0, 1), kv_pool, layer, group, scale, causal,
+                                 window, softcap)
+        out[0].index_copy_(1, group.tokens, attended.transpose(0, 1).reshape(Hq, -1, D))
+    return out
+
+
+def _check_paged_queries(q: Tensor, kv_pool: Tensor) -> None:
     if q.shape[0] != 1:
         raise ValueError(f"fusegen.paged_attention: queries must be packed as [1,Hq,T,D], got {tuple(q.shape)}")
     if q.shape[1] % kv_pool.shape[4] or q.shape[3] != kv_pool.shape[5]:
         raise ValueError(f"fusegen.paged_attention: q {tuple(q.shape)} does not fit the pool's "
                          f"{kv_pool.shape[4]} KV heads of dim {kv_pool.shape[5]}")
-    if query_start_loc.numel() != seq_lens.numel() + 1 or int(query_start_loc[-1]) > q.shape[2]:
-        raise ValueError(f"fusegen.paged_attention: query_start_loc {query_start_loc.tolist()} must "
-                         f"have N+1 = {seq_lens.numel() + 1} entries ending at most at T = {q.shape[2]}")
-    out = torch.zeros_like(q)
-    starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    for n, L in enumerate(lens):
-        a, b = starts[n], starts[n + 1]
-        if b == a:
-            continue
-        if b - a > L:
-            raise ValueError(f"fusegen.paged_attention: sequence {n} has {b - a} queries but "
-                             f"only {L} tokens of context")
-        k, v = gather_paged(kv_pool, layer, block_tables[n], L)
-        keep = causal_keep(b - a, L, causal, window, q.device)[None, None]
-        out[:, :, a:b] = _attend(q[:, :, a:b], k[None].to(q.dtype), v[None].to(q.dtype), keep,
-                                 scale, softcap)
-    return out
+
+
+def _attend_group(q: Tensor, kv_pool: Tensor, layer: int, group: PagedGroup, scale: float,
+                  causal: bool, window: int, softcap: float) -> Tensor:
+    """Attention of a group's queries q [G,Hq,S,D] over its paged keys and values."""
+    k, v = gather_paged(kv_pool, layer, group.blocks, group.size, group.longest)
+    keep, inside = group.mask(causal, window)
+    v = v.masked_fill(~inside, 0.0)
+    return _attend(q, k.to(q.dtype), v.to(q.dtype), keep, scale, softcap)
 
 
 @paged_attention.register_fake
@@ -210,6 +344,14 @@ def rotate_half(x: Tensor) -> Tensor:
 @rotate_half.register_fake
 def _(x):
     return torch.empty_like(x)
+
+
+def reference(op) -> Optional[Callable]:
+    """The plain Python function behind a ``torch.ops.fusegen`` overload (calling it skips the
+    dispatcher: what the CPU step graph does), or None for any other op."""
+    if isinstance(op, torch._ops.OpOverload) and op.namespace == "fusegen":
+        return globals()[op._opname]._init_fn
+    return None
 
 
 ATTENTION_OPS = (

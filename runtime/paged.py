@@ -13,13 +13,16 @@ for one-off forwards (``CompiledModel.__call__``) and tests; it is not on the se
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 
+from fusegen.fused_group import KERNELS_ENV
 from fusegen.kv import KVGeometry
 from fusegen.runtime.batch import BatchState, staged
+from fusegen.runtime.cpu_graph import cpu_step_graph
 
 
 class PagedRunner:
@@ -34,6 +37,7 @@ class PagedRunner:
                                    device=self.device)
         self.batch: BatchState | None = None
         self.graphs = None  # StepGraphs once capture_graphs ran
+        self._cpu_graph: fx.GraphModule | None = None  # see cpu_graph.py; made at the first CPU step
 
     @property
     def block_size(self) -> int:
@@ -83,7 +87,16 @@ class PagedRunner:
             return graph.run(entries), graph.entries, True
         device_entries = staged([v for col in entries for v in col], torch.int32, self.device).view(4, n)
         inputs = self.batch.step_inputs(device_entries, num_tokens, self.kv_pool)
-        return self.gm(**inputs)[0], device_entries, False
+        return self.step_graph()(**inputs)[0], device_entries, False
+
+    def step_graph(self) -> fx.GraphModule:
+        """The graph a step runs: on the CPU its flat reference copy (cpu_graph.py), unless
+        $FUSEGEN_KERNELS=1 asks for the fused groups' kernels there; otherwise the graph."""
+        if self.device.type != "cpu" or os.environ.get(KERNELS_ENV) == "1":
+            return self.gm
+        if self._cpu_graph is None:
+            self._cpu_graph, self.cpu_graph_stats = cpu_step_graph(self.gm)
+        return self._cpu_graph
 
 
 @dataclass

@@ -318,6 +318,47 @@ def test_paged_write_skips_negative_slots_and_casts():
     assert torch.equal(pool, before)
 
 
+@pytest.mark.parametrize("variant", list(PAGED_VARIANTS))
+def test_paged_attention_mixed_step_with_stale_nan_slots(variant):
+    """One call holding decodes, a chunk, a full prefill and a sequence with no queries
+    (three query-count groups, one of them padded to its longest context): every sequence
+    matches plain attention, and NaN in slots past a sequence's length never leaks in."""
+    causal, window, softcap = PAGED_VARIANTS[variant]
+    Hq, Hkv, D, bs = 6, 2, 8, 4
+    gen = _gen(21)
+    seq_lens = [9, 3, 14, 6, 11, 5]
+    q_lens = [1, 1, 4, 6, 0, 1]
+    tables, num_blocks = random_block_tables(seq_lens, bs, gen)
+    pool = torch.full((1, 2, num_blocks, bs, Hkv, D), float("nan"))
+    ks = [_randn(Hkv, L, D, gen=gen) for L in seq_lens]
+    vs = [_randn(Hkv, L, D, gen=gen) for L in seq_lens]
+    for n, L in enumerate(seq_lens):
+        for p in range(L):
+            pool[0, :, int(tables[n, p // bs]), p % bs] = torch.stack([ks[n][:, p], vs[n][:, p]])
+    qs = [_randn(Hq, c, D, gen=gen) for c in q_lens]
+    q = torch.cat(qs, dim=1)[None]
+    starts = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+    got = ops.paged_attention(q, pool, 0, tables, torch.tensor(seq_lens, dtype=torch.int32), starts,
+                              0.3, causal, window, softcap)
+    assert not got.isnan().any()
+    for n, (L, c) in enumerate(zip(seq_lens, q_lens)):
+        want = ops.attention(qs[n][None], ks[n][None], vs[n][None], None, 0.3, causal, window, softcap)
+        assert_close_report(got[:, :, int(starts[n]):int(starts[n + 1])], want, atol=1e-6, rtol=1e-5,
+                            msg=f"sequence {n}")
+
+
+@pytest.mark.parametrize("L", [1, 7, 300])
+def test_single_query_attention_matches_float64(L):
+    """Decode-shaped attention (one query per row) takes the CPU's on-thread path; it stays
+    within fp32 rounding of SDPA in float64."""
+    gen = _gen(L)
+    q, k, v = _randn(3, 6, 1, 16, gen=gen), _randn(3, 2, L, 16, gen=gen), _randn(3, 2, L, 16, gen=gen)
+    mask = torch.ones(3, L, dtype=torch.long)
+    mask[1, : L // 2] = 0
+    got = ops.attention(q, k, v, mask, 0.25, True, 0, 0.0)
+    check_against_sdpa(got, q, k, v, keep_mask(1, L, True, 0, mask, B=3), 0.25, atol=1e-6)
+
+
 # --- error paths -----------------------------------------------------------------------------
 
 def test_attention_rejects_mismatched_heads():

@@ -1,0 +1,76 @@
+"""The paged step graph as the CPU runs it: one flat generated forward, computing exactly what
+the graph computes with the ops' reference implementations.
+
+On the CPU every op of a decode step is small, so what a step costs beyond the weight reads
+is per-op overhead. Three rewrites of a copy of the graph remove most of it:
+
+    fused_3 = self.fused_3(x, y, w)          the group's reference nodes, inlined
+    out = fused_3[0]                   ──▶   (no module call, no tuple)
+
+    torch.ops.fusegen.paged_kv_write(...)    ops.paged_kv_write's Python function itself
+                                       ──▶   (no dispatcher, autograd or dynamo wrappers)
+
+    paged_attention(q, pool, 7, bt, sl, qsl, ...)   plan = paged_plan(pool, bt, sl, qsl)   once
+                                       ──▶   paged_attention_planned(q, pool, 7, plan, ...)
+
+The plan (sequences grouped by query count, their blocks and masks) is the same for every
+layer of a step, so it is made once. The graph the caller holds is left as it was; the GPU
+never runs this copy (its FusedGroups and attention ops launch kernels).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+
+import torch
+from torch import fx
+
+from fusegen import ops
+from fusegen.fused_group import FusedGroup
+
+PAGED_ATTENTION = torch.ops.fusegen.paged_attention.default
+
+
+def cpu_step_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, Counter]:
+    """A flat copy of the step graph ``gm`` for the CPU, and counts of what was rewritten:
+    ``groups_inlined``, ``groups_called`` (kept as a call: their graph reads attributes),
+    ``direct_ops``, ``plans``, ``attention_planned``."""
+    graph, env, plans, stats = fx.Graph(), {}, {}, Counter()
+    for node in gm.graph.nodes:
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(module, FusedGroup) and _inlinable(module.reference):
+            inputs = [p for p in module.reference.graph.nodes if p.op == "placeholder"]
+            env[node] = graph.graph_copy(module.reference.graph, {
+                p: _mapped(a, env) for p, a in zip(inputs, node.args)})
+            stats["groups_inlined"] += 1
+        elif isinstance(module, FusedGroup):
+            env[node] = graph.call_module(f"{node.target}.reference", _mapped(node.args, env))
+            stats["groups_called"] += 1
+        elif node.target is operator.getitem and isinstance(env.get(node.args[0]), (tuple, list)):
+            env[node] = env[node.args[0]][node.args[1]]
+        elif node.target is PAGED_ATTENTION:
+            q, pool, layer, tables, lens, starts, *rest = _mapped(node.args, env)
+            if (pool, tables, lens, starts) not in plans:
+                plans[pool, tables, lens, starts] = graph.call_function(ops.paged_plan, (pool, tables, lens, starts))
+                stats["plans"] += 1
+            env[node] = graph.call_function(ops.paged_attention_planned,
+                                            (q, pool, layer, plans[pool, tables, lens, starts], *rest))
+            stats["attention_planned"] += 1
+        else:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    for node in graph.nodes:   # the copied groups' nodes too
+        direct = ops.reference(node.target) if node.op == "call_function" else None
+        if direct is not None:
+            node.target = direct
+            stats["direct_ops"] += 1
+    return fx.GraphModule(gm, graph, class_name="CPUStepGraph"), stats
+
+
+def _inlinable(reference: fx.GraphModule) -> bool:
+    """A group graph of plain calls only (no attributes of the group to carry over)."""
+    return all(n.op in ("placeholder", "call_function", "output") for n in reference.graph.nodes)
+
+
+def _mapped(args, env: dict):
+    return fx.node.map_arg(args, lambda n: env[n])

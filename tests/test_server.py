@@ -34,7 +34,7 @@ text_string_to_metric_families = _need("prometheus_client.parser").text_string_t
 import fusegen
 from fusegen.models import load_model, load_tokenizer
 from fusegen.serve.app import ServedModel, build_app
-from fusegen.serve.loop import EngineLoop, Overloaded
+from fusegen.serve.loop import EngineLoop, Overloaded, Spec
 
 NAME = "tiny"
 KEY = "sk-test-key"
@@ -44,12 +44,12 @@ class LiveServer:
     """uvicorn serving ``app`` in a thread on a free loopback port."""
 
     def __init__(self, app):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))   # held from here on: no other test can take the port
+        port = self.socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
@@ -59,6 +59,7 @@ class LiveServer:
     def close(self):
         self.server.should_exit = True
         self.thread.join(timeout=30)
+        self.socket.close()
 
 
 @pytest.fixture(scope="module")
@@ -251,8 +252,24 @@ def test_100_concurrent_streaming_clients_all_complete(live, compiled, tokenizer
     assert _pool_full(engine)
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_blocks(live):
-    server, engine = live
+@pytest.fixture
+def slow(compiled, tokenizer):
+    """A server whose engine takes at least 5 ms a step, so that a 400-token request is still
+    running when its client leaves, however fast the machine."""
+    server, engine = _serve(compiled, tokenizer)
+    step = engine.step
+
+    def slow_step():
+        time.sleep(0.005)
+        return step()
+
+    engine.step = slow_step
+    yield server, engine
+    server.close()
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_blocks(slow):
+    server, engine = slow
     body = {"model": NAME, "prompt": PROMPT, "max_tokens": 400, "temperature": 0, "stream": True,
             "ignore_eos": True}
     aborted = engine.stats["aborted"]
@@ -265,8 +282,8 @@ def test_a_client_that_disconnects_mid_stream_frees_its_blocks(live):
     assert _pool_full(engine) and engine.stats["aborted"] == aborted + 1   # aborted, not run to its end
 
 
-def test_a_non_streaming_client_that_disconnects_frees_its_blocks(live):
-    server, engine = live
+def test_a_non_streaming_client_that_disconnects_frees_its_blocks(slow):
+    server, engine = slow
     body = {"model": NAME, "prompt": PROMPT, "max_tokens": 400, "temperature": 0, "ignore_eos": True}
     aborted = engine.stats["aborted"]
     with pytest.raises(httpx.ReadTimeout):
@@ -289,11 +306,14 @@ BAD = {
     "temperature": ({"model": NAME, "prompt": "x", "temperature": 5}, None, 400, "temperature"),
     "top_p": ({"model": NAME, "prompt": "x", "top_p": 0}, None, 400, "top_p"),
     "max_tokens": ({"model": NAME, "prompt": "x", "max_tokens": 0}, None, 400, "max_tokens"),
-    "n": ({"model": NAME, "prompt": "x", "n": 1000}, None, 400, "n"),
+    "n": ({"model": NAME, "prompt": "x", "n": 1000}, None, 400, "less than or equal to 16"),
     "missing prompt": ({"model": NAME}, None, 400, "prompt"),
     "empty prompt": ({"model": NAME, "prompt": ""}, None, 400, "prompt must not be empty"),
     "token id": ({"model": NAME, "prompt": [1, 10 ** 6]}, None, 400, "is not a token id"),
     "penalty": ({"model": NAME, "prompt": "x", "presence_penalty": 0.5}, None, 400, "presence_penalty"),
+    "bool token ids": ({"model": NAME, "prompt": [True, False]}, None, 400, "prompt"),
+    "top_k": ({"model": NAME, "prompt": "x", "top_k": 2 ** 63}, None, 400, "top_k"),
+    "stop type": ({"model": NAME, "prompt": "x", "stop": [1, 2]}, None, 400, "stop"),
 }
 
 
@@ -304,6 +324,7 @@ def test_bad_requests_get_openai_errors_naming_the_field(live, case):
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert words in error["message"] or error["param"] == words, error
+    assert error["param"] is None or "str" not in error["param"].split(".")   # a field, not a union member
     assert "Traceback" not in response.text
 
 
@@ -350,16 +371,63 @@ def test_overload_is_a_503_once_the_queue_is_full(compiled, tokenizer):
 
 
 def test_the_loop_refuses_past_its_bound_before_the_engine_sees_it(compiled):
-    loop = EngineLoop(compiled.engine(), max_waiting=1)   # never started: submissions stay pending
+    loop = EngineLoop(compiled.engine(), max_waiting=2)   # not started yet: submissions stay pending
 
     async def main():
-        first = asyncio.ensure_future(loop.submit([1, 2], 2, {}))
+        first = asyncio.ensure_future(loop.submit([Spec([1, 2], 2, {})]))
         await asyncio.sleep(0)
-        with pytest.raises(Overloaded, match="1 requests are waiting"):
-            await loop.submit([1, 2], 2, {})
-        first.cancel()
+        with pytest.raises(Overloaded, match="1 requests are waiting and this one adds 2"):
+            await loop.submit([Spec([1, 2], 2, {}), Spec([3], 2, {})])
+        first.cancel()                        # cancelled while its add is still queued
+        await asyncio.sleep(0)
+        loop.start(asyncio.get_running_loop())
+        try:
+            subs = await asyncio.wait_for(loop.submit([Spec([4, 5], 3, {"temperature": 0.0})]), 10)
+            events = [await asyncio.wait_for(subs[0].events.get(), 10) for _ in range(3)]
+            assert events[-1].finished and loop._thread.is_alive()
+            deadline = time.monotonic() + 10
+            while loop.engine.scheduler.requests and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)     # the cancelled caller's request is aborted, not left
+            assert not loop.engine.scheduler.requests
+        finally:
+            loop.stop()
 
     asyncio.run(main())
+
+
+def test_chat_template_refusals_pool_sized_defaults_and_request_counts(compiled, tokenizer):
+    from jinja2 import TemplateError
+
+    class Picky:
+        """The test tokenizer with a template that refuses two user turns in a row."""
+        chat_template = "x"
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, *args, **kwargs):
+            return tokenizer(*args, **kwargs)
+
+        def apply_chat_template(self, messages, **kwargs):
+            if len(messages) > 1 and messages[-1]["role"] == messages[-2]["role"]:
+                raise TemplateError("Conversation roles must alternate user/assistant/user/assistant/...")
+            return tokenizer.apply_chat_template(messages, **kwargs)
+
+    engine = compiled.engine(num_blocks=4, max_num_seqs=2, max_num_batched_tokens=64)   # 64 tokens of pool
+    server = LiveServer(build_app(ServedModel(NAME, engine, Picky()), max_waiting=4))
+    try:
+        two = {"model": NAME, "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}
+        error = _post((server,), "/v1/chat/completions", two)
+        assert error.status_code == 400 and "roles must alternate" in error.json()["error"]["message"]
+        one = {"model": NAME, "messages": [{"role": "user", "content": "a"}], "ignore_eos": True}
+        done = _post((server,), "/v1/chat/completions", one)      # no max_tokens: what the pool holds
+        assert done.status_code == 200, done.text
+        usage = done.json()["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] == 4 * engine.kv.block_size + 1
+        many = _post((server,), "/v1/completions", {"model": NAME, "prompt": ["a", "b", "c"], "n": 2})
+        assert many.status_code == 400 and "3 prompts x n=2 = 6 requests" in many.json()["error"]["message"]
+    finally:
+        server.close()
 
 
 # --- text and the command line -------------------------------------------------------------------

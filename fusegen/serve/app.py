@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fusegen.runtime.engine import Engine
 from fusegen.serve.choices import Choice, chat_logprobs, completion_logprobs
-from fusegen.serve.loop import EngineLoop, Overloaded
+from fusegen.serve.loop import EngineLoop, Overloaded, Spec
 from fusegen.serve.metrics import ServerMetrics
 from fusegen.serve.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 
@@ -49,6 +49,12 @@ class ServedModel:
     @property
     def max_model_len(self) -> int:
         return min(n for n in (self.engine.max_model_len, self.engine.batch.max_model_len) if n)
+
+    @property
+    def capacity(self) -> int:
+        """The longest request (prompt + new tokens) the model and the KV pool can hold."""
+        kv = self.engine.kv
+        return min(self.max_model_len, kv.num_blocks * kv.block_size + 1)   # the last token is never cached
 
 
 def build_app(served: ServedModel, api_key: str | None = None, max_waiting: int = 1024) -> FastAPI:
@@ -129,13 +135,24 @@ def _install_errors(app: FastAPI, metrics: ServerMetrics) -> None:
 
 
 def _error_response(error: OpenAIError, metrics: ServerMetrics, request: Request) -> JSONResponse:
-    metrics.requests.labels(request.url.path, str(error.status)).inc()
+    metrics.requests.labels(_endpoint(request), str(error.status)).inc()
     return JSONResponse(error.body(), status_code=error.status)
+
+
+def _endpoint(request: Request) -> str:
+    """The route's path, or "unmatched" (a label per random URL would grow without bound)."""
+    route = request.scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
+
+
+# pydantic names the member of a union it tried in an error's location: not a field.
+_UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "function-after", "function-wrap"}
 
 
 def _validation_error(exc: RequestValidationError) -> OpenAIError:
     first = exc.errors()[0]
-    where = [str(p) for p in first.get("loc", ()) if p != "body"]
+    where = [str(p) for p in first.get("loc", ()) if p != "body" and not
+             (isinstance(p, str) and (p in _UNION_TAGS or "[" in p))]
     if first.get("type") == "json_invalid":
         return OpenAIError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
                            code="invalid_json")
@@ -163,8 +180,13 @@ def _chat_ids(served: ServedModel, body: ChatCompletionRequest) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise OpenAIError(400, f"{served.name}'s tokenizer has no chat template; use /v1/completions",
                           "messages")
+    from jinja2 import TemplateError
+
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except TemplateError as exc:   # e.g. a template that wants roles to alternate
+        raise OpenAIError(400, f"the chat template refused these messages: {exc}", "messages") from None
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
@@ -175,7 +197,7 @@ def _check_model(served: ServedModel, body) -> None:
 
 
 def _max_tokens(served: ServedModel, body, prompt: list[int], chat: bool) -> int:
-    limit = served.max_model_len
+    limit = served.capacity
     asked = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
     if len(prompt) >= limit:
         raise OpenAIError(400, f"this model's maximum context length is {limit} tokens, but the prompt has "
@@ -193,6 +215,7 @@ def _sampling(served: ServedModel, body, index: int) -> dict:
     d = served.defaults
     pick = lambda value, name, default: value if value is not None else d.get(name, default)
     top_k = pick(body.top_k, "top_k", 0)
+    top_k = 0 if top_k >= (served.engine.vocab_size or 1 << 62) else top_k   # keeping every token is off
     seed = None if body.seed is None else (body.seed + index + (1 << 63)) % _SEED_SPAN - (1 << 63)
     return {"temperature": float(pick(body.temperature, "temperature", 1.0)),
             "top_p": float(pick(body.top_p, "top_p", 1.0)), "top_k": max(int(top_k), 0),
@@ -216,7 +239,9 @@ async def _serve(request: Request, served: ServedModel, loop: EngineLoop, metric
         metrics.requests.labels(endpoint, "200").inc()
         return StreamingResponse(run.events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    await run.collect(request)
+    if not await run.collect(request):
+        metrics.requests.labels(endpoint, "499").inc()
+        return Response(status_code=499)   # nobody is listening any more
     metrics.requests.labels(endpoint, "200").inc()
     return JSONResponse(run.response())
 
@@ -230,20 +255,20 @@ def _top_logprobs(body, chat: bool) -> int:
 
 async def _submit(served, loop, body, prompts, budgets, top) -> list[tuple[Choice, object]]:
     eos = frozenset() if body.ignore_eos else served.engine.eos_token_ids
-    submitted = []
+    count = len(prompts) * body.n
+    if count > loop.max_waiting:
+        raise OpenAIError(400, f"{len(prompts)} prompts x n={body.n} = {count} requests; the server queues at "
+                               f"most {loop.max_waiting}", "prompt")
+    specs = [Spec(prompt, budget, _sampling(served, body, p * body.n + i), top)
+             for p, (prompt, budget) in enumerate(zip(prompts, budgets)) for i in range(body.n)]
     try:
-        for p, (prompt, budget) in enumerate(zip(prompts, budgets)):
-            for i in range(body.n):
-                index = p * body.n + i
-                sub = await loop.submit(prompt, budget, _sampling(served, body, index), top)
-                submitted.append((Choice(index, sub.request_id, served.tokenizer, body.stops(), eos), sub))
+        subs = await loop.submit(specs)
     except Overloaded as exc:
-        _abort(loop, submitted)
         raise OpenAIError(503, f"the server is overloaded: {exc}; retry later", type="server_overloaded") from None
     except ValueError as exc:
-        _abort(loop, submitted)
         raise OpenAIError(400, str(exc), "prompt") from None
-    return submitted
+    return [(Choice(index, sub.request_id, served.tokenizer, body.stops(), eos), sub)
+            for index, sub in enumerate(subs)]
 
 
 def _abort(loop: EngineLoop, choices) -> None:
@@ -258,6 +283,7 @@ class _Run:
     def __init__(self, served, loop, metrics, body, chat, choices, arrived, top, prompts):
         self.served, self.loop, self.metrics, self.body, self.chat = served, loop, metrics, body, chat
         self.choices, self.arrived, self.top, self.prompts = choices, arrived, top, prompts
+        self.shown_top = (body.top_logprobs or 0) if chat else (body.logprobs or 0)   # alternatives shown
         self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
         self._last: dict[int, float] = {}
@@ -279,8 +305,9 @@ class _Run:
             self.metrics.latency.observe(now - self.arrived)
         return delta
 
-    async def collect(self, request: Request) -> None:
-        """Run every choice to its end; abort them all if the client goes away."""
+    async def collect(self, request: Request) -> bool:
+        """Run every choice to its end; False if the client went away first (then, as on
+        any error, every choice is aborted)."""
         async def one(choice, sub):
             while not choice.finished:
                 await self._next(choice, sub)
@@ -290,10 +317,11 @@ class _Run:
             while not work.done():
                 await asyncio.wait([work], timeout=0.25)
                 if not work.done() and await request.is_disconnected():
-                    work.cancel()
-                    break
+                    return False
             await work
+            return True
         finally:
+            work.cancel()   # the siblings of a choice that failed, or all on a disconnect
             _abort(self.loop, self.choices)
 
     async def events(self):
@@ -306,6 +334,10 @@ class _Run:
                     await merged.put((choice, await self._next(choice, sub)))
             except OpenAIError as exc:
                 await merged.put((choice, exc))
+            except Exception as exc:  # noqa: BLE001 - the stream must end, not hang
+                log.exception("streaming choice %d failed", choice.index)
+                await merged.put((choice, OpenAIError(500, f"internal error ({type(exc).__name__})",
+                                                      type="server_error")))
 
         tasks = [asyncio.ensure_future(pump(c, s)) for c, s in self.choices]
         try:
@@ -325,7 +357,7 @@ class _Run:
                         out.append(_sse(self._chunk(choice, content, delta)))
                         open_ -= bool(delta.finish_reason)
                 yield "".join(out)
-            if self.body.stream_options and self.body.stream_options.include_usage:
+            if self._include_usage:
                 yield _sse(self._envelope([], usage=self._usage()))
             yield "data: [DONE]\n\n"
         finally:
@@ -335,18 +367,22 @@ class _Run:
 
     # --- bodies -------------------------------------------------------------------------------
 
+    @property
+    def _include_usage(self) -> bool:
+        return bool(self.body.stream and self.body.stream_options and self.body.stream_options.include_usage)
+
     def _envelope(self, choices: list, usage=None) -> dict:
         kind = ("chat.completion.chunk" if self.body.stream else "chat.completion") if self.chat else "text_completion"
         out = {"id": self.id, "object": kind, "created": self.created, "model": self.served.name, "choices": choices}
-        if usage is not None or not self.body.stream:
-            out["usage"] = usage
+        if usage is not None or not self.body.stream or self._include_usage:
+            out["usage"] = usage   # null on the chunks before the usage chunk, as OpenAI sends it
         return out
 
     def _chunk(self, choice: Choice, content, delta=None) -> dict:
         finish_reason, infos = (delta.finish_reason, delta.logprobs) if delta is not None else (None, [])
         if self.chat:
             entry = {"index": choice.index, "delta": content if finish_reason is None or content.get("content")
-                     else {}, "logprobs": chat_logprobs(infos, self.top), "finish_reason": finish_reason}
+                     else {}, "logprobs": chat_logprobs(infos, self.shown_top), "finish_reason": finish_reason}
         else:
             start = len(choice.text) - len(content)
             entry = {"index": choice.index, "text": content,
@@ -361,7 +397,8 @@ class _Run:
         for choice, _ in self.choices:
             if self.chat:
                 entry = {"index": choice.index, "message": {"role": "assistant", "content": choice.text},
-                         "logprobs": chat_logprobs(choice.logprobs, self.top), "finish_reason": choice.finish_reason}
+                         "logprobs": chat_logprobs(choice.logprobs, self.shown_top),
+                         "finish_reason": choice.finish_reason}
             else:
                 entry = {"index": choice.index, "text": choice.text,
                          "logprobs": completion_logprobs(choice.logprobs, 0, self.body.logprobs or 0),

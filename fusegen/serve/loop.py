@@ -39,13 +39,19 @@ class Subscription:
 
 
 @dataclass
-class _Add:
+class Spec:
+    """One request to add: its prompt, budget, ``SamplingParams`` fields and log-probs."""
     prompt: list[int]
     max_new_tokens: int
     sampling: dict
-    logprobs: int
-    events: asyncio.Queue
-    future: Future
+    logprobs: int = 0
+
+
+@dataclass
+class _Add:
+    specs: list[Spec]
+    sinks: list[asyncio.Queue]
+    future: Future          # resolves to the request ids, or the first spec's error
 
 
 class EngineLoop:
@@ -83,19 +89,31 @@ class EngineLoop:
     def num_running(self) -> int:
         return len(self.engine.scheduler.running)
 
-    async def submit(self, prompt: list[int], max_new_tokens: int, sampling: dict,
-                     logprobs: int = 0) -> Subscription:
-        """Queue one request; raises ``Overloaded``, or the engine's ``ValueError``."""
-        if self.num_waiting >= self.max_waiting:
-            raise Overloaded(f"{self.num_waiting} requests are waiting (the limit is {self.max_waiting})")
-        events: asyncio.Queue = asyncio.Queue()
+    async def submit(self, specs: list[Spec]) -> list[Subscription]:
+        """Queue requests together, all or none (they enter the same step); raises
+        ``Overloaded``, or the engine's ``ValueError`` for the first bad one. A caller
+        cancelled while waiting leaves nothing behind: its requests are aborted once added."""
+        waiting = self.num_waiting
+        if waiting + len(specs) > self.max_waiting:
+            raise Overloaded(f"{waiting} requests are waiting and this one adds {len(specs)} "
+                             f"(the limit is {self.max_waiting})")
+        sinks = [asyncio.Queue() for _ in specs]
         future: Future = Future()
         with self._count_lock:
-            self._pending_adds += 1
-        self._commands.put(_Add(prompt, max_new_tokens, sampling, logprobs, events, future))
+            self._pending_adds += len(specs)
+        self._commands.put(_Add(specs, sinks, future))
         self._wake.set()
-        request_id = await asyncio.wrap_future(future)
-        return Subscription(request_id, events)
+        try:
+            ids = await asyncio.shield(asyncio.wrap_future(future))
+        except asyncio.CancelledError:
+            future.add_done_callback(self._abort_added)
+            raise
+        return [Subscription(rid, sink) for rid, sink in zip(ids, sinks)]
+
+    def _abort_added(self, future: Future) -> None:
+        if future.exception() is None:
+            for rid in future.result():
+                self.abort(rid)
 
     def abort(self, request_id: int) -> None:
         """Drop a request (a client went away, or a stop string ended it)."""
@@ -106,18 +124,16 @@ class EngineLoop:
 
     def _run(self) -> None:
         while not self._stopping:
-            self._drain()
-            if not self.engine.has_unfinished():
-                self._wake.wait(0.05)
-                self._wake.clear()
-                continue
             try:
-                events = self.engine.step()
+                self._drain()
+                if not self.engine.has_unfinished():
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
+                self._publish(self.engine.step())
             except Exception as exc:  # noqa: BLE001 - the engine stays consistent; tell everyone
                 log.exception("engine step failed")
                 self._fail_all(exc)
-                continue
-            self._publish(events)
 
     def _drain(self) -> None:
         while True:
@@ -134,24 +150,21 @@ class EngineLoop:
                     self.engine.abort(request_id)
 
     def _add(self, command: _Add) -> None:
+        ids: list[int] = []
         try:
-            rid = self.engine.add_request(command.prompt, command.max_new_tokens, logprobs=command.logprobs,
-                                          **command.sampling)
+            for spec in command.specs:
+                ids.append(self.engine.add_request(spec.prompt, spec.max_new_tokens, logprobs=spec.logprobs,
+                                                   **spec.sampling))
         except Exception as exc:  # noqa: BLE001 - the handler answers it
-            self._resolve(command.future, exc=exc)
+            for rid in ids:
+                self.engine.abort(rid)
+            command.future.set_exception(exc)
         else:
-            self._sinks[rid] = command.events
-            self._resolve(command.future, result=rid)
+            self._sinks.update(zip(ids, command.sinks))
+            command.future.set_result(ids)
         finally:
             with self._count_lock:
-                self._pending_adds -= 1
-
-    @staticmethod
-    def _resolve(future: Future, result=None, exc: BaseException | None = None) -> None:
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
+                self._pending_adds -= len(command.specs)
 
     def _publish(self, events: list[TokenEvent]) -> None:
         deliveries = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 MAX_N = 16
 MAX_STOPS = 16
@@ -40,7 +40,7 @@ class _Sampling(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)          # -1 or 0: off
+    top_k: int | None = Field(default=None, ge=-1, lt=1 << 31)   # -1 or 0: off
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     seed: int | None = Field(default=None, ge=-(1 << 63), lt=1 << 63)
     stop: Union[str, list[str], None] = None
@@ -73,8 +73,8 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    logprobs: int | None = Field(default=None, ge=0, le=5)
+    prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=5)
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None

@@ -51,6 +51,8 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.seed is not None and not -(1 << 63) <= self.seed < (1 << 63):
             raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
+        if self.top_k >= 1 << 63:
+            raise ValueError(f"top_k must fit in 64 bits, got {self.top_k}")
 
     @property
     def greedy(self) -> bool:

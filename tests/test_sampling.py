@@ -114,7 +114,8 @@ def test_bad_params_raise_with_the_value():
                         (dict(top_k=-2), "top_k must be >= 0, got -2"),
                         (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
                         (dict(repetition_penalty=0), "repetition_penalty must be > 0, got 0"),
-                        (dict(seed=1 << 64), "seed must fit in 64 bits")]:
+                        (dict(seed=1 << 64), "seed must fit in 64 bits"),
+                        (dict(top_k=1 << 63), "top_k must fit in 64 bits")]:
         with pytest.raises(ValueError, match=msg):
             SamplingParams(**kwargs)
     with pytest.raises(ValueError, match=r"logits \(2, 50\) must be \[B, V\] with B = 3"):

@@ -29,6 +29,7 @@ from fusegen import __version__
 from fusegen.config import CompileConfig
 from fusegen.errors import FusegenError
 from fusegen.models import DEFAULT_MODEL, load_model, load_tokenizer
+from fusegen.progress import TokenClock, stage
 
 PROG = "fusegen-cli"
 EXIT_USER_ERROR = 2
@@ -87,7 +88,7 @@ def inspect_command(args: argparse.Namespace) -> int:
     if args.html:
         _check_analysis_args(args)
     model = load_model(args.model)
-    compiled = fusegen.compile(model, config=config, dump_dir=args.dump_dir)
+    compiled = fusegen.compile(model, config=config, dump_dir=args.dump_dir, progress=True)
     print(compiled.report.table())
     if compiled.report.dump_dir:
         print(f"dumps written to {compiled.report.dump_dir}")
@@ -95,9 +96,10 @@ def inspect_command(args: argparse.Namespace) -> int:
         from fusegen import analysis
         from fusegen.report import write_html_report
 
-        result = analysis.analyze(compiled, args.batch, args.seq, args.gpu, analysis.parse_dtype(args.dtype))
-        path = write_html_report(compiled, args.html, result.summary_rows(),
-                                 title=f"fusegen report: {args.model}")
+        with stage(f"writing the HTML report {args.html}"):
+            result = analysis.analyze(compiled, args.batch, args.seq, args.gpu, analysis.parse_dtype(args.dtype))
+            path = write_html_report(compiled, args.html, result.summary_rows(),
+                                     title=f"fusegen report: {args.model}")
         print(f"report written to {path}")
     return 0
 
@@ -156,7 +158,7 @@ def generate_command(args: argparse.Namespace) -> int:
     _check_generation_args(args)
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model)
-    compiled = fusegen.compile(model, config=config)
+    compiled = fusegen.compile(model, config=config, progress=True)
     return _stream_completion(compiled, tokenizer, args)
 
 
@@ -322,13 +324,16 @@ def _stream_completion(compiled, tokenizer, args: argparse.Namespace) -> int:
                              max_num_batched_tokens=max(len(ids), 1))
     tokens: list[int] = []
     shown = ""
-    for token in engine.stream(ids, args.max_new_tokens, temperature=args.temperature if args.do_sample else 0.0,
-                               top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+    clock = TokenClock()
+    stream = engine.stream(ids, args.max_new_tokens, temperature=args.temperature if args.do_sample else 0.0,
+                           top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    for token in clock.ticks(stream):
         tokens.append(token)
         text = tokenizer.decode(tokens, skip_special_tokens=True)
         print(text[len(shown):], end="", flush=True)  # decode the whole tail: multi-token characters
         shown = text
     print()
+    print(f"{PROG}: {clock.summary()}", file=sys.stderr)
     return 0
 
 

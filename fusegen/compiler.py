@@ -19,7 +19,7 @@ from fusegen.fidelity import check_compiled
 from fusegen.passes.dump import DumpWriter, PassRecord, op_table, resolve_dump_dir, summary_table
 from fusegen.passes.infra import PassContext
 from fusegen.passes.pipeline import build_pipeline, run_pipeline
-from fusegen.progress import Bar
+from fusegen.progress import Bar, stage
 from fusegen.runtime.dense import DenseRunner
 from fusegen.runtime.cuda_graphs import decode_buckets, token_buckets
 from fusegen.runtime.engine import Engine
@@ -139,14 +139,16 @@ class CompiledModel:
         reports their capture time and memory)."""
         if self.kind != "paged":
             raise ValueError(f"engine needs a paged graph, this one is {self.kind}; compile with paged_kv=1")
-        runner = PagedRunner(self.graph_module, self.facts["kv"], num_blocks or self._auto_blocks(), self.device)
-        kwargs.setdefault("max_num_batched_tokens", self.config.max_num_batched_tokens)
-        kwargs.setdefault("max_num_seqs", self.config.max_num_seqs)
-        engine = Engine(runner, sorted(_eos_set(self.facts.get("eos_token_id"))),
-                        max_model_len=self._max_len(), vocab_size=self.facts.get("vocab_size"), **kwargs)
-        if cuda_graphs and self.config.cuda_graphs and self.device.type == "cuda":
-            seqs, tokens = kwargs["max_num_seqs"], kwargs["max_num_batched_tokens"]
-            runner.capture_graphs(decode_buckets(seqs), token_buckets(seqs, tokens))
+        with stage(f"setting up the engine on {self.device}"):
+            runner = PagedRunner(self.graph_module, self.facts["kv"], num_blocks or self._auto_blocks(), self.device)
+            kwargs.setdefault("max_num_batched_tokens", self.config.max_num_batched_tokens)
+            kwargs.setdefault("max_num_seqs", self.config.max_num_seqs)
+            engine = Engine(runner, sorted(_eos_set(self.facts.get("eos_token_id"))),
+                            max_model_len=self._max_len(), vocab_size=self.facts.get("vocab_size"), **kwargs)
+            if cuda_graphs and self.config.cuda_graphs and self.device.type == "cuda":
+                seqs, tokens = kwargs["max_num_seqs"], kwargs["max_num_batched_tokens"]
+                runner.capture_graphs(decode_buckets(seqs), token_buckets(seqs, tokens))
+            runner.step_graph()   # on the CPU its flat copy is made now, not in the first step
         return engine
 
     def _auto_blocks(self) -> int:
@@ -369,7 +371,8 @@ def compile(model: nn.Module, config: CompileConfig | str | None = None, *, dump
     elif isinstance(config, str):
         config = CompileConfig.from_string(config)
     directory = resolve_dump_dir(dump_dir)
-    with Bar(len(build_pipeline(config)) + 2, "compiling", progress, unit="step") as steps:
+    with stage(f"compiling {model_class_name(model)} ({config})"), \
+            Bar(len(build_pipeline(config)) + 2, "compiling", progress, unit="step") as steps:
         steps.update(0, "capture")
         start = time.perf_counter()
         gm = capture(model)
@@ -385,7 +388,8 @@ def compile(model: nn.Module, config: CompileConfig | str | None = None, *, dump
     report = CompileReport(model_class_name(model), config, records, str(directory) if directory else None)
     compiled = CompiledModel(gm, report, ctx.facts)
     if not config.gqa_kv_heads:   # the lossy conversion measures and reports its own change
-        check_compiled(compiled, model)
+        with stage("checking the compiled graph against the model"):
+            check_compiled(compiled, model)
     return compiled
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from fusegen.errors import ModelNotFoundError, UnsupportedModelError
+from fusegen.progress import stage
 
 logger = logging.getLogger(__name__)
 
@@ -243,9 +244,10 @@ def load_model(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torc
     ``UnsupportedModelError`` when the config is not a decoder-only causal LM."""
     path = resolve_model(name_or_path)
     check_causal_lm_config(path / "config.json")
-    from transformers import AutoModelForCausalLM  # after the checks: importing it takes seconds
+    with stage(f"loading the model from {path}"):
+        from transformers import AutoModelForCausalLM  # after the checks: importing it takes seconds
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     return model.eval()
 
 

@@ -6,6 +6,7 @@ import json
 
 from fusegen.analysis.summary import analyze
 from fusegen.analysis.target import gpu_spec, parse_dtype
+from fusegen.progress import stage
 
 
 def run_cli(model_name: str, batch: int, seq: int, gpu: str, dtype: str | None, plot: str | None,
@@ -17,8 +18,9 @@ def run_cli(model_name: str, batch: int, seq: int, gpu: str, dtype: str | None, 
     from fusegen.models import load_model
 
     spec, override = gpu_spec(gpu), parse_dtype(dtype)  # bad names fail before the slow part
-    compiled = fusegen.compile(load_model(model_name), CompileConfig.from_string(config or ""))
-    result = analyze(compiled, batch, seq, spec, override)
+    compiled = fusegen.compile(load_model(model_name), CompileConfig.from_string(config or ""), progress=True)
+    with stage(f"analysing the optimized graph at batch {batch}, sequence {seq}"):
+        result = analyze(compiled, batch, seq, spec, override)
     print(result.table())
     if plot:
         result.plot(plot)

@@ -93,6 +93,15 @@ MATRIX = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Mini models: one intra-op thread is faster than waking a second on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _build(family: str) -> nn.Module:
     torch.manual_seed(0)
     return MATRIX[family].build().eval()

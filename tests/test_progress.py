@@ -49,3 +49,21 @@ def test_inspect_shows_the_compile_steps(tiny_llama_dir, capsys):
     assert main(["inspect", str(tiny_llama_dir)]) == 0
     err = capsys.readouterr().err
     assert "compiling LlamaForCausalLM" in err and "capture" in err and "fuse_projections" in err, err
+
+
+def test_the_entry_point_speaks_while_torch_loads():
+    import os
+    import subprocess
+    import sys
+
+    def start(after: str):
+        env = dict(os.environ, FUSEGEN_STARTUP_NOTE_S=after)
+        return subprocess.run([sys.executable, "-c", "import sys, fusegen_cli; sys.argv = ['fusegen-cli', "
+                               "'--version']; sys.exit(fusegen_cli.main())"],
+                              capture_output=True, text=True, env=env, timeout=120)
+
+    slow = start("0")
+    assert slow.returncode == 0 and slow.stdout.strip().startswith("fusegen ")
+    assert slow.stderr.splitlines()[0] == "fusegen-cli: loading torch, transformers and fusegen ..."
+    assert slow.stderr.splitlines()[1].startswith("fusegen-cli: loaded in ")
+    assert start("600").stderr == ""   # quiet when loading is quick enough

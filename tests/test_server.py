@@ -502,3 +502,45 @@ def test_a_client_that_falls_behind_gets_merged_chunks():
     batch, empty = asyncio.run(main())
     assert empty and [(c.index, d if isinstance(d, OpenAIError) else (d.text, d.finish_reason, d.token_ids))
                       for c, d in batch] == [(0, ("xy", "length", [1, 2])), (1, ("p", None, [7])), (1, failed)]
+
+
+def test_an_engine_failure_mid_request_is_an_error_the_server_survives(compiled, tokenizer):
+    server, engine = _serve(compiled, tokenizer)
+    forward, calls = engine.runner.forward, []
+
+    def failing(entries):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("device fell over")
+        return forward(entries)
+
+    engine.runner.forward = failing
+    try:
+        body = {"model": NAME, "prompt": PROMPT, "max_tokens": 30, "temperature": 0, "ignore_eos": True}
+        failed = _post((server,), "/v1/completions", body)
+        assert failed.status_code == 500 and "device fell over" in failed.json()["error"]["message"]
+        assert "Traceback" not in failed.text
+        calls.clear()
+        with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert any('"error"' in line and "device fell over" in line for line in lines)
+        assert lines[-1] == "data: [DONE]"
+        ok = _post((server,), "/v1/completions", {**body, "max_tokens": 5})   # and it serves on
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 5
+        assert _pool_full(engine)
+    finally:
+        server.close()
+
+
+def test_streamed_chat_with_n_choices(client, compiled, tokenizer):
+    messages = [{"role": "user", "content": "tell me"}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    chunks = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=1.0,
+                                                 seed=11, n=2, stream=True))
+    for i in range(2):
+        want = _reference(compiled, tokenizer, ids, 8, do_sample=True, temperature=1.0, seed=11 + i)[1]
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+        assert mine[0].delta.role == "assistant"
+        assert "".join(c.delta.content or "" for c in mine) == want
+        assert mine[-1].finish_reason in ("stop", "length")

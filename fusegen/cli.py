@@ -389,11 +389,16 @@ def main(argv: list[str] | None = None) -> int:
 @contextlib.contextmanager
 def _progress_messages_on_stderr():
     """Let fusegen's INFO messages (e.g. the one-time model conversion) reach stderr while a
-    command runs."""
+    command runs; transformers' own weight-loading bars are off meanwhile (fusegen's stage
+    lines say what is being loaded)."""
+    from transformers.utils import logging as hf_logging
+
     logger = logging.getLogger("fusegen")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
     level = logger.level
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
@@ -401,6 +406,8 @@ def _progress_messages_on_stderr():
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 if __name__ == "__main__":

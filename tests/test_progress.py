@@ -43,6 +43,7 @@ def test_generate_shows_every_step_and_its_tok_s(tiny_chat_dir, capsys):
                  "insert_paged_blocks", "fuse_pointwise", "kernels", "setting up the engine on cpu"):
         assert step in err, (step, err)
     assert re.search(r"fusegen-cli: 3 tokens in \d+\.\d\d s \(\d+\.\d tok/s", err), err
+    assert "Loading weights" not in err   # transformers' own bar is off; the stage line says it
 
 
 def test_inspect_shows_the_compile_steps(tiny_llama_dir, capsys):

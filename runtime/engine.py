@@ -137,10 +137,16 @@ class Engine:
                 ids.append(req.request_id)
             return ids
 
+    @property
+    def max_request_len(self) -> int:
+        """The longest prompt + max_new_tokens a request may have (the model's and the batch
+        rows' limit; the KV pool may hold less, see ``_check``)."""
+        return min(n for n in (self.max_model_len, self.batch.max_model_len) if n)
+
     def _check(self, prompt, max_new_tokens, name: str) -> list[int]:
         tokens = token_list(prompt, self.vocab_size, name)
         new = count(max_new_tokens, "max_new_tokens")
-        limit = min(n for n in (self.max_model_len, self.batch.max_model_len) if n)
+        limit = self.max_request_len
         if len(tokens) + new > limit:
             raise ValueError(f"prompt + max_new_tokens = {len(tokens)} + {new} exceeds "
                              f"max_model_len={limit}")

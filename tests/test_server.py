@@ -384,7 +384,7 @@ def test_the_loop_refuses_past_its_bound_before_the_engine_sees_it(compiled):
         try:
             subs = await asyncio.wait_for(loop.submit([Spec([4, 5], 3, {"temperature": 0.0})]), 10)
             events = [await asyncio.wait_for(subs[0].events.get(), 10) for _ in range(3)]
-            assert events[-1].finished and loop._thread.is_alive()
+            assert events[-1].finished and loop.alive
             deadline = time.monotonic() + 10
             while loop.engine.scheduler.requests and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)     # the cancelled caller's request is aborted, not left

@@ -48,7 +48,7 @@ class ServedModel:
 
     @property
     def max_model_len(self) -> int:
-        return min(n for n in (self.engine.max_model_len, self.engine.batch.max_model_len) if n)
+        return self.engine.max_request_len
 
     @property
     def capacity(self) -> int:
@@ -86,7 +86,7 @@ def build_app(served: ServedModel, api_key: str | None = None, max_waiting: int 
 
     @app.get("/health")
     async def health():
-        alive = loop._thread is not None and loop._thread.is_alive()
+        alive = loop.alive
         return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
 
     @app.get("/metrics")
@@ -100,11 +100,13 @@ def build_app(served: ServedModel, api_key: str | None = None, max_waiting: int 
 
     @app.post("/v1/completions", dependencies=keyed)
     async def completions(body: CompletionRequest, request: Request):
+        _check_model(served, body)   # before tokenizing anything
         prompts = [_prompt_ids(served, p) for p in body.prompts()]
         return await _serve(request, served, loop, metrics, body, prompts, chat=False)
 
     @app.post("/v1/chat/completions", dependencies=keyed)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        _check_model(served, body)
         return await _serve(request, served, loop, metrics, body, [_chat_ids(served, body)], chat=True)
 
     return app
@@ -227,7 +229,6 @@ def _sampling(served: ServedModel, body, index: int) -> dict:
 
 async def _serve(request: Request, served: ServedModel, loop: EngineLoop, metrics: ServerMetrics, body,
                  prompts: list[list[int]], chat: bool):
-    _check_model(served, body)
     budgets = [_max_tokens(served, body, p, chat) for p in prompts]
     top = _top_logprobs(body, chat)
     arrived = time.perf_counter()

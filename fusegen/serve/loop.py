@@ -81,6 +81,11 @@ class EngineLoop:
             self._thread.join(timeout=30)
 
     @property
+    def alive(self) -> bool:
+        """The engine thread is running (``/health``)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def num_waiting(self) -> int:
         """Requests queued and not yet running (a racy read: for metrics and admission)."""
         return len(self.engine.scheduler.waiting) + self._pending_adds

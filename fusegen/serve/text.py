@@ -23,12 +23,15 @@ class IncrementalDetokenizer:
         self._prefix = 0   # window start: tokens before it are already in the text
         self._read = 0     # tokens up to here are in the text
 
+    def _window(self) -> tuple[str, str]:
+        """The text of the window's tokens already sent, and of all its tokens."""
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)
+        return decode(self.tokens[self._prefix:self._read]), decode(self.tokens[self._prefix:])
+
     def push(self, token: int) -> str:
         """The text that ``token`` adds (possibly empty until a character completes)."""
         self.tokens.append(token)
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)
-        before = decode(self.tokens[self._prefix:self._read])
-        after = decode(self.tokens[self._prefix:])
+        before, after = self._window()
         if len(after) <= len(before) or after.endswith(_REPLACEMENT):
             return ""
         self._prefix, self._read = self._read, len(self.tokens)
@@ -36,9 +39,7 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """At the end: the text of tokens still held back (an incomplete character included)."""
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)
-        before = decode(self.tokens[self._prefix:self._read])
-        after = decode(self.tokens[self._prefix:])
+        before, after = self._window()
         self._prefix = self._read = len(self.tokens)
         return after[len(before):] if len(after) > len(before) else ""
 

@@ -16,6 +16,12 @@ is per-op overhead. Three rewrites of a copy of the graph remove most of it:
 The plan (sequences grouped by query count, their blocks and masks) is the same for every
 layer of a step, so it is made once. The graph the caller holds is left as it was; the GPU
 never runs this copy (its FusedGroups and attention ops launch kernels).
+
+Weights: a decode step is one row times every weight matrix, and the CPU BLAS reads a
+[out, in] weight stored column-major (``w.t().contiguous().t()``: the same values, strides
+(1, out)) about 1.4x faster in that product than the row-major original (SmolLM2-135M: all
+linears of a step 35 ms -> 25 ms on 2 cores). ``column_major_weights`` gives the step graph's
+linears such copies; it changes strides only, never values.
 """
 
 from __future__ import annotations
@@ -30,6 +36,35 @@ from fusegen import ops
 from fusegen.fused_group import FusedGroup
 
 PAGED_ATTENTION = torch.ops.fusegen.paged_attention.default
+LINEAR = torch.ops.aten.linear.default
+
+
+def column_major_weights(gm: fx.GraphModule) -> int:
+    """Give every 2-D row-major weight that ``gm``'s linears read a column-major copy, in place
+    of the attribute in ``gm`` (a Parameter of the source model is replaced in ``gm`` only,
+    never changed); returns how many attributes were re-laid. Ops that read the same
+    attribute (a tied embedding) read the copy too: same values, other strides."""
+    targets = {n.args[1].target for n in gm.graph.nodes
+               if n.op == "call_function" and n.target is LINEAR and len(n.args) > 1
+               and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr"}
+    relaid = 0
+    for target in sorted(targets):
+        owner_path, _, name = target.rpartition(".")
+        owner = gm.get_submodule(owner_path)
+        weight = getattr(owner, name)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_contiguous() \
+                or weight.shape[1] == 1:
+            continue
+        copy = weight.detach().t().contiguous().t()
+        if isinstance(weight, torch.nn.Parameter):
+            copy = torch.nn.Parameter(copy, requires_grad=False)
+            owner._parameters[name] = copy
+        elif name in owner._buffers:
+            owner._buffers[name] = copy
+        else:
+            setattr(owner, name, copy)
+        relaid += 1
+    return relaid
 
 
 def cpu_step_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, Counter]:

@@ -22,7 +22,7 @@ from torch import fx
 from fusegen.fused_group import KERNELS_ENV
 from fusegen.kv import KVGeometry
 from fusegen.runtime.batch import BatchState, staged
-from fusegen.runtime.cpu_graph import cpu_step_graph
+from fusegen.runtime.cpu_graph import column_major_weights, cpu_step_graph
 
 
 class PagedRunner:
@@ -95,7 +95,9 @@ class PagedRunner:
         if self.device.type != "cpu" or os.environ.get(KERNELS_ENV) == "1":
             return self.gm
         if self._cpu_graph is None:
+            relaid = column_major_weights(self.gm)
             self._cpu_graph, self.cpu_graph_stats = cpu_step_graph(self.gm)
+            self.cpu_graph_stats["weights_column_major"] = relaid
         return self._cpu_graph
 
 

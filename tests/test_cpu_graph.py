@@ -94,3 +94,36 @@ def test_engine_runs_the_cpu_graph_unless_kernels_are_asked_for(paged, monkeypat
     monkeypatch.setenv(KERNELS_ENV, "0")
     want = paged.generate(torch.tensor([prompt]), max_new_tokens=6, eos_token_id=[])[0, 9:].tolist()
     assert greedy == want
+
+
+def test_column_major_weights_keep_values_and_leave_the_source_model_alone():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fusegen.runtime.cpu_graph import LINEAR, column_major_weights
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=96, intermediate_size=128, num_hidden_layers=LAYERS,
+                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(config).eval()
+    compiled = fusegen.compile(model)
+    gm = compiled.graph_module
+    source = {name: p.detach().clone() for name, p in model.named_parameters()}
+    ids = torch.tensor([_prompt(11, 4)])
+    before = compiled(ids).clone()
+    weights = {n.args[1].target for n in gm.graph.nodes if n.op == "call_function" and n.target is LINEAR}
+    attr = lambda t: operator.attrgetter(t)(gm)   # noqa: E731
+    originals = {t: attr(t).detach().clone() for t in weights}
+
+    relaid = column_major_weights(gm)
+
+    # qkv and gate/up fused per layer, o and down per layer, the LM head
+    assert relaid == len(weights) == 4 * LAYERS + 1
+    for t in weights:
+        w = attr(t)
+        assert w.stride() == (1, w.shape[0]) and torch.equal(w, originals[t])
+    for name, p in model.named_parameters():      # the model's own tensors: same values, same layout
+        assert p.is_contiguous() and torch.equal(p, source[name])
+    assert column_major_weights(gm) == 0           # once only
+    torch.testing.assert_close(compiled(ids), before, atol=1e-5, rtol=1e-5)
+    engine = compiled.engine(num_blocks=8)
+    assert engine.runner.cpu_graph_stats["weights_column_major"] == 0   # made already

@@ -1,5 +1,6 @@
 """Where an engine step's time goes: host versus GPU per step kind, and a torch.profiler view
-of decode steps, on a random-weight bf16 Llama config.
+of decode steps, on a random-weight bf16 Llama config, with the kernels of one step in
+launch order.
 
     python bench/profile_engine.py [--model 1b] [--requests 64] [--out bench/results/profile_1b.json]
 
@@ -36,6 +37,15 @@ def top_kernels(prof, per: int, count: int = 15) -> list[dict]:
     ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:count]
     return [{"kernel": name, "ms_per_step": round(ms / per, 4), "launches_per_step": n / per}
             for name, (ms, n) in ranked]
+
+
+def kernel_sequence(prof, per: int) -> list[list]:
+    """The first step's kernels in launch order: [name, microseconds], of a profile over
+    ``per`` equal steps (what a step runs, to find copies and launches to remove)."""
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    first = kernels[:round(len(kernels) / per)]
+    return [[e.name[:70], round(e.time_range.end - e.time_range.start, 1)] for e in first]
 
 
 def busy_ms(prof) -> tuple[float, int]:
@@ -78,7 +88,7 @@ def decode_steps(engine, prompts, steps: int) -> dict:
            "engine_host_ms": statistics.median(r.host_ms for r in log),
            "engine_gpu_ms": statistics.median(r.gpu_ms for r in log),
            "graph_steps": sum(r.graph for r in log), "steps": len(log),
-           "top_kernels": top_kernels(prof, 20)}
+           "top_kernels": top_kernels(prof, 20), "kernel_sequence": kernel_sequence(prof, 20)}
     out["wall_over_busy"] = out["wall_ms_per_step"] / out["gpu_busy_ms_per_step"]
     for rid in list(engine.scheduler.requests):
         engine.abort(rid)
@@ -106,7 +116,7 @@ def prefill(engine, vocab: int, length: int) -> dict:
     record = engine.step_log[-1]
     return {"tokens": length, "ttft_ms": statistics.median(times), "gpu_busy_ms": busy, "kernels": kernels,
             "engine_host_ms": record.host_ms, "engine_gpu_ms": record.gpu_ms, "graph": record.graph,
-            "top_kernels": top_kernels(prof, 1)}
+            "top_kernels": top_kernels(prof, 1), "kernel_sequence": kernel_sequence(prof, 1)}
 
 
 def main() -> None:

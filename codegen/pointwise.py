@@ -8,7 +8,11 @@ Two schedules:
 
 Every input is read in place: its strides broadcast to the frame [*lead, N] (0 along
 broadcast dims) are kernel arguments, and a program decomposes its row index over the lead
-dims. ``fusegen.rotate_half`` of an input is the same load at permuted columns. Every op computes in fp32 and rounds its
+dims. ``fusegen.rotate_half`` of an input is the same load at permuted columns. Full-frame
+outputs are laid out as eager PyTorch lays out a pointwise result: dense, in the dim order
+of the first full-frame input (``output_order``), so a group over a transposed view (rotary
+on [B, H, T, D] heads of a token-major projection) writes token-major memory and a later
+transpose-reshape back to tokens is a view, not a copy. Every op computes in fp32 and rounds its
 result to the dtype the graph gave that node, as eager PyTorch does op by op.
 """
 
@@ -106,8 +110,19 @@ def input_strides(x: torch.Tensor, frame: tuple) -> list[int]:
     return list(x.expand(frame).stride())
 
 
-def _offsets(num_inputs: int, lead_rank: int, row: bool) -> list[str]:
-    """Decompose the row index over the lead dims; each input's offset of its row."""
+def output_order(x: torch.Tensor) -> list[int]:
+    """The physical order (outermost first) of a dense result laid out like ``x``: its dims
+    of size > 1 by decreasing stride (ties in dim order), size-1 dims first; the plain order
+    unless the last dim stays innermost (the kernels' column loop)."""
+    big = sorted((d for d in range(x.dim()) if x.shape[d] > 1), key=lambda d: -x.stride(d))
+    if big and big[-1] != x.dim() - 1:
+        return list(range(x.dim()))
+    return [d for d in range(x.dim()) if x.shape[d] <= 1] + big
+
+
+def _offsets(num_inputs: int, lead_rank: int, row: bool, row_outputs: list[int] = ()) -> list[str]:
+    """Decompose the row index over the lead dims; each input's offset of its row, and each
+    full-frame output's."""
     lines = ["    r = row"]
     for d in range(lead_rank - 1, 0, -1):
         lines.append(f"    i{d} = r % L{d}")
@@ -116,6 +131,9 @@ def _offsets(num_inputs: int, lead_rank: int, row: bool) -> list[str]:
     for i in range(num_inputs):
         terms = " + ".join(f"i{d} * s{i}_{d}" for d in range(lead_rank))
         lines.append(f"    off{i} = {terms}")
+    for i in row_outputs:
+        terms = " + ".join(f"i{d} * o{i}_{d}" for d in range(lead_rank))
+        lines.append(f"    ooff{i} = {terms}")
     return lines
 
 
@@ -127,8 +145,7 @@ def _stores(layouts: list[str], names: list[str], row: bool) -> list[str]:
     lines = []
     for i, (kind, name) in enumerate(zip(layouts, names)):
         if kind == "row":
-            where = "row * N + cols"
-            lines.append(f"    tl.store(out{i} + {where}, {name}, mask=mask)")
+            lines.append(f"    tl.store(out{i} + ooff{i} + cols * oc{i}, {name}, mask=mask)")
         elif kind == "col":
             lines.append(f"    tl.store(out{i} + row, {name})" if row
                          else f"    tl.store(out{i} + row, {name}, mask=mask & (cols == 0))")
@@ -156,6 +173,9 @@ def generate_source(group: FusedGroup, kernel: str) -> str:
     lead_rank = len(group.frame[0])
     strides = "".join(f", s{i}_{d}" for i in range(len(placeholders)) for d in range(lead_rank))
     strides += "".join(f", c{i}" for i in range(len(placeholders)))
+    row_outputs = _row_outputs(group)
+    strides += "".join(f", o{i}_{d}" for i in row_outputs for d in range(lead_rank))
+    strides += "".join(f", oc{i}" for i in row_outputs)
     strides += "".join(f", L{d}" for d in range(1, lead_rank))
     outs = ", ".join(f"out{i}" for i in range(len(outputs)))
     ops = ", ".join(str(n.target).replace("aten.", "") for n in graph.nodes if n.op == "call_function")
@@ -170,11 +190,11 @@ def generate_source(group: FusedGroup, kernel: str) -> str:
     else:
         head += ["    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)", "    mask = offs < M * N",
                  "    row = offs // N", "    cols = offs % N"]
-    body = _offsets(len(placeholders), lead_rank, row) + _loads(len(placeholders), row) + em.lines
+    body = _offsets(len(placeholders), lead_rank, row, row_outputs) + _loads(len(placeholders), row) + em.lines
     body += _stores(group.output_layouts, [em.names[o] for o in outputs], row)
     launcher = _launcher(kernel, group, outputs, row)
     imports = ["import torch", "import triton", "import triton.language as tl", "",
-               "from fusegen.codegen.pointwise import input_strides", "", ""]
+               "from fusegen.codegen.pointwise import input_strides, output_order", "", ""]
     return "\n".join(imports + head
                      + body + ["", ""] + launcher) + "\n"
 
@@ -191,12 +211,19 @@ def _launcher(kernel: str, group: FusedGroup, outputs, row: bool) -> list[str]:
         f"    M = inputs[{first_row}].numel() // N",
         "    strides = [input_strides(x, frame) for x in inputs]",
         "    args = [s[d] for s in strides for d in range(len(frame) - 1)] + [s[-1] for s in strides]",
-        "    args += list(frame[1:-1])",
+        f"    order = output_order(inputs[{first_row}])",
         "    outs = []",
     ]
     for kind, dtype in zip(group.output_layouts, dtypes):
-        shape = "frame" if kind == "row" else "(*frame[:-1], 1)"
-        lines.append(f"    outs.append(torch.empty({shape}, dtype={dtype}, device=inputs[0].device))")
+        if kind == "row":
+            lines.append(f"    outs.append(torch.empty_permuted(frame, order, dtype={dtype}, device=inputs[0].device))")
+        else:
+            lines.append(f"    outs.append(torch.empty((*frame[:-1], 1), dtype={dtype}, device=inputs[0].device))")
+    lines += [
+        f"    row_outs = [outs[i] for i in {_row_outputs(group)}]",
+        "    args += [o.stride(d) for o in row_outs for d in range(len(frame) - 1)] + [o.stride(-1) for o in row_outs]",
+        "    args += list(frame[1:-1])",
+    ]
     if row:
         lines += ["    BLOCK = triton.next_power_of_2(N)",
                   "    warps = 4 if BLOCK <= 2048 else 8 if BLOCK <= 8192 else 16",
@@ -206,6 +233,11 @@ def _launcher(kernel: str, group: FusedGroup, outputs, row: bool) -> list[str]:
                   f"    {kernel}[(triton.cdiv(M * N, BLOCK),)](*inputs, *outs, *args, M, N, BLOCK=BLOCK, num_warps=4)"]
     lines.append("    return tuple(outs)")
     return lines
+
+
+def _row_outputs(group: FusedGroup) -> list[int]:
+    """Indices of the full-frame outputs (their strides are kernel arguments)."""
+    return [i for i, kind in enumerate(group.output_layouts) if kind == "row"]
 
 
 def source_key(source: str) -> str:

@@ -2,7 +2,9 @@
 
 - export's guard module call and tensor-metadata asserts;
 - identity ops: alias, detach, lift_fresh_copy, contiguous of a contiguous tensor, dropout in eval mode
-  (or p == 0), and casts/moves to the dtype and device the tensor already has;
+  (or p == 0), casts/moves to the dtype and device the tensor already has, and slices over
+  a whole dim (``x[:, :, None]`` exports as slice(dim 0, 0, INT64_MAX) -> unsqueeze -> ... on
+  some torch versions, which would hide patterns such as repeat_kv from later passes);
 - dead code, unused attributes and submodules;
 - export's pytree calling convention: the graph becomes a plain
   ``forward(input_ids, attention_mask, position_ids) -> logits`` that passes can extend.
@@ -94,6 +96,8 @@ def _bypass_identities(gm: fx.GraphModule, stats: Counter) -> None:
             continue
         if node.target in IDENTITY or _is_removable_copy(node):
             kind = "identity_removed"
+        elif _is_full_slice(node):
+            kind = "full_slice_removed"
         elif _is_dropout_noop(node):
             kind = "dropout_removed"
         elif _is_noop_cast(node):
@@ -103,6 +107,20 @@ def _bypass_identities(gm: fx.GraphModule, stats: Counter) -> None:
         node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)
         stats[kind] += 1
+
+
+def _is_full_slice(node: fx.Node) -> bool:
+    """aten.slice(x, dim, start, end, step) that keeps all of dim: start 0, step 1 and an end
+    at or past the dim's size (INT64_MAX, or the size itself when it is static)."""
+    if node.target is not aten.slice.Tensor or node.kwargs:
+        return False
+    x, dim, start, end, step = (list(node.args) + [0, None, None, 1][len(node.args) - 1:])[:5]
+    if start not in (None, 0) or step != 1:
+        return False
+    if end is None or (isinstance(end, int) and end >= 2**63 - 1):
+        return True
+    shape = getattr(val(x), "shape", None)
+    return isinstance(end, int) and shape is not None and isinstance(shape[dim], int) and end >= shape[dim]
 
 
 @graph_pass("cleanup_graph")

@@ -153,7 +153,7 @@ def test_strided_row_inputs_are_read_in_place(monkeypatch):
     gm, stats, _ = lowered(module, fused)
     assert stats["groups"] == 1
     group = next(m for m in gm.modules() if isinstance(m, FusedGroup))
-    assert "out0, s0_0, s0_1, s1_0, s1_1, c0, c1, L1, M," in group.source  # strides are arguments
+    assert "out0, s0_0, s0_1, s1_0, s1_1, c0, c1, o0_0, o0_1, oc0, L1, M," in group.source  # strides are arguments
     from fusegen.codegen.pointwise import input_strides
     assert input_strides(fused[..., 37:], (3, 5, 37)) == [5 * 74, 74, 1]  # read in place
     with torch.no_grad():
@@ -191,4 +191,33 @@ def test_rotary_is_one_kernel_reading_the_transposed_input_in_place(monkeypatch)
     assert result.stats["groups"] == 1 and "rotate_half" in group.extra_repr()
     assert group.input_layouts == ["row", "broadcast", "broadcast"]
     with torch.no_grad():
-        assert_close_report(result.gm(*args), module(*args), atol=1e-6, rtol=1e-6)
+        got, want = result.gm(*args), module(*args)
+    assert_close_report(got, want, atol=1e-6, rtol=1e-6)
+    # laid out as eager lays out the result: token-major under the [B, H, S, D] view, so
+    # going back to tokens is a view of the kernel's output, not a copy
+    assert got.stride() == want.stride() == (7 * 48, 16, 48, 1)
+    assert got.transpose(1, 2).reshape(2, 7, 48).data_ptr() == got.data_ptr()
+    assert got.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("shape, view", [
+    ((4, 6, 5), lambda x: x),                              # contiguous: the plain order
+    ((4, 6, 5), lambda x: x.transpose(0, 1)),              # leading dims swapped
+    ((3, 1, 6, 5), lambda x: x.transpose(1, 2)),           # a size-1 dim anywhere
+    ((6, 5, 4), lambda x: x.transpose(1, 2)),              # last dim not innermost: plain order
+    ((2, 3, 4, 5), lambda x: x.permute(2, 0, 1, 3)[..., 1:4]),   # a strided slice of a permutation
+])
+def test_output_order_matches_eager_pointwise_layout(shape, view):
+    from fusegen.codegen.pointwise import output_order
+
+    x = view(torch.randn(shape))
+    order = output_order(x)
+    out = torch.empty_permuted(x.shape, order)
+    assert sorted(order) == list(range(x.dim()))
+    assert out.untyped_storage().nbytes() == out.numel() * out.element_size()   # dense
+    if x.stride(-1) == 1 or x.shape[-1] == 1:
+        eager = x * 2.0                                       # TensorIterator's choice
+        big = [d for d in range(x.dim()) if x.shape[d] > 1]
+        assert [out.stride(d) for d in big] == [eager.stride(d) for d in big]
+    else:
+        assert order == list(range(x.dim()))

@@ -909,3 +909,53 @@ def test_dense_graph_matches_the_model_with_left_padding(llama, dense):
     ids, mask = _padded_batch()
     real = mask.bool()
     assert_close_report(dense(ids, mask)[real], _logits(llama, ids, mask)[real], atol=1e-4, rtol=1e-4)
+
+
+def _repeat_kv_as_older_torch_exports_it(hidden, n_rep):
+    """HF's repeat_kv with the whole-dim slices torch 2.11's export records for
+    ``hidden[:, :, None, :, :]``: slice(dim 0) -> unsqueeze(2) -> slice(dim 3) -> expand."""
+    b, heads, s, d = hidden.shape
+    x = torch.ops.aten.slice.Tensor(hidden, 0, 0, 2**63 - 1).unsqueeze(2)
+    x = torch.ops.aten.slice.Tensor(x, 3, 0, 2**63 - 1)
+    return x.expand(b, heads, n_rep, s, d).reshape(b, heads * n_rep, s, d)
+
+
+def test_whole_dim_slices_are_removed_so_repeat_kv_is_undone(monkeypatch):
+    import transformers.integrations.sdpa_attention as sdpa
+
+    from families import mini_model
+
+    monkeypatch.setattr(sdpa, "repeat_kv", _repeat_kv_as_older_torch_exports_it)
+    model = mini_model("llama")
+    layers, heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    assert model.config.num_attention_heads > heads     # GQA
+    compiled = fusegen.compile(model)
+    counters = compiled.report.counters
+    assert counters["cleanup_graph.full_slice_removed"] >= 4 * layers   # two per repeat_kv, k and v
+    assert counters["fuse_attention.gqa"] == layers
+    assert compiled.facts["kv"].kv_heads == heads      # the cache holds the model's own K/V heads
+    assert not [n for n in compiled.graph_module.graph.nodes if n.target is torch.ops.aten.expand.default
+                and len(val(n).shape) == 5]
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0                                    # left padding
+    real = mask.bool()                                 # padding positions get zero logits
+    assert_close_report(compiled(ids, mask)[real], _logits(model, ids, mask)[real], atol=1e-4, rtol=0)
+
+
+def test_slices_that_keep_part_of_a_dim_stay():
+    class Parts(nn.Module):
+        def forward(self, x):
+            a = torch.ops.aten.slice.Tensor(x, 1, 0, 5)        # the whole dim (size 5): removed
+            b = torch.ops.aten.slice.Tensor(x, 1, 1, 2**63 - 1)  # starts at 1: stays
+            c = torch.ops.aten.slice.Tensor(x, 1, 0, 4)        # ends early: stays
+            d = torch.ops.aten.slice.Tensor(x, 1, 0, 2**63 - 1, 2)  # every other: stays
+            return a.sum() + b.sum() + c.sum() + d.sum()
+
+    x = torch.randn(3, 5)
+    gm = torch.export.export(Parts(), (x,), strict=False).module()
+    result = cleanup_graph(gm, PassContext())
+    result.gm.recompile()
+    assert result.stats.get("full_slice_removed") == 1
+    assert node_counts(result.gm)["aten.slice"] == 3
+    assert torch.equal(result.gm(x), Parts()(x))

@@ -20,14 +20,17 @@ trip. A step is described by four int32 numbers per entry, (row, start, count, s
     token t -> entry e (searchsorted), position p = start[e] + t - qsl[e]
     input_ids[t] = tokens[row[e], p]     slot_mapping[t] = block_table[row[e], p // bs] * bs + p % bs
 
-``step_inputs`` computes every graph input from those with a few vectorised ops and no
-host sync, so it runs inside a CUDA graph; tokens past qsl[N] are padding (slot -1).
+``step_inputs`` computes every graph input from those with no host sync, so it runs inside
+a CUDA graph; tokens past qsl[N] are padding (slot -1). Where kernels run (CUDA, or
+$FUSEGEN_KERNELS=1) that is one Triton launch (codegen/step_inputs.py); elsewhere, and as
+its reference, a few vectorised ops (``reference_step_inputs``).
 """
 
 from __future__ import annotations
 
 import torch
 
+from fusegen.fused_group import kernels_wanted
 from fusegen.kv import PAGED_INPUTS
 
 
@@ -110,6 +113,17 @@ class BatchState:
     def step_inputs(self, entries: torch.Tensor, num_tokens: int, kv_pool: torch.Tensor) -> dict:
         """Graph inputs for ``entries`` [4, N] int32 (row, start, count, samples) packed into
         ``num_tokens`` tokens (>= the counts' sum); logits of each entry's last token."""
+        if kernels_wanted([entries]):
+            from fusegen.codegen.step_inputs import step_inputs
+
+            values = step_inputs(entries, num_tokens, self.tokens, self.block_table, self.block_size,
+                                 self.padding_row)
+            values["kv_pool"] = kv_pool
+            return {name: values[name] for name in PAGED_INPUTS}
+        return self.reference_step_inputs(entries, num_tokens, kv_pool)
+
+    def reference_step_inputs(self, entries: torch.Tensor, num_tokens: int, kv_pool: torch.Tensor) -> dict:
+        """``step_inputs`` in vectorised PyTorch ops (the CPU path and the kernel's reference)."""
         rows, starts, counts = entries[:3].long()
         qsl = torch.nn.functional.pad(counts.cumsum(0), (1, 0))
         t = torch.arange(num_tokens, device=self.device)

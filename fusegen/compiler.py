@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -21,6 +22,7 @@ from fusegen.passes.infra import PassContext
 from fusegen.passes.pipeline import build_pipeline, run_pipeline
 from fusegen.progress import Bar, stage
 from fusegen.runtime.dense import DenseRunner
+from fusegen.runtime.cpu_graph import column_major_weights
 from fusegen.runtime.cuda_graphs import decode_buckets, token_buckets
 from fusegen.runtime.engine import Engine
 from fusegen.runtime.generate import greedy_dense
@@ -67,6 +69,10 @@ class CompiledModel:
         self.kind = "paged" if "kv_pool" in names else "dense" if "kv_cache" in names else "stateless"
         self.tokenizer_path = None  # set when loaded from an artifact that ships its tokenizer
         self._tokenizer = None
+        if facts.get("device") is not None and torch.device(facts["device"]).type == "cpu":
+            # the layout the CPU BLAS reads fastest in decode (values unchanged), for every
+            # CPU run of this graph alike: compiled and loaded models compute bit for bit the same
+            column_major_weights(gm)
 
     @property
     def config(self) -> CompileConfig:
@@ -388,9 +394,19 @@ def compile(model: nn.Module, config: CompileConfig | str | None = None, *, dump
     report = CompileReport(model_class_name(model), config, records, str(directory) if directory else None)
     compiled = CompiledModel(gm, report, ctx.facts)
     if not config.gqa_kv_heads:   # the lossy conversion measures and reports its own change
-        with stage("checking the compiled graph against the model"):
+        with stage("checking the compiled graph against the model"), _reference(model, config):
             check_compiled(compiled, model)
     return compiled
+
+
+def _reference(model: nn.Module, config: CompileConfig):
+    """What the compiled graph must compute: the model itself, or with quantized weights the
+    model with its linear weights replaced by their dequantized values."""
+    if config.weights == "none":
+        return contextlib.nullcontext(model)
+    from fusegen.quant import dequantized_linears
+
+    return dequantized_linears(model, config.weights, config.quantize_lm_head)
 
 
 def _check_kernels_serve(model: nn.Module, facts: dict) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 from fusegen.errors import ConfigError
 
 GQA_METHODS = ("mean", "lsq")
+WEIGHT_FORMATS = ("none", "int8", "fp8", "int4")   # see fusegen/quant.py
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class CompileConfig:
     # Lossy, opt-in: reduce the number of KV heads to this many (0 = keep).
     gqa_kv_heads: int = 0
     gqa_method: str = "lsq"
+    # Lossy, opt-in: linear weights stored as int8 / fp8 / int4 (the LM head too if asked).
+    weights: str = "none"
+    quantize_lm_head: bool = False
     # Runtime shape of the paged KV pool.
     block_size: int = 16
     # Longest sequence (prompt + generated) the compiled model serves.
@@ -42,6 +46,8 @@ class CompileConfig:
             raise ConfigError(f"block_size must be a power of two >= 1, got {self.block_size}")
         if self.gqa_method not in GQA_METHODS:
             raise ConfigError(f"gqa_method must be one of {GQA_METHODS}, got {self.gqa_method!r}")
+        if self.weights not in WEIGHT_FORMATS:
+            raise ConfigError(f"weights must be one of {WEIGHT_FORMATS}, got {self.weights!r}")
         if self.gqa_kv_heads < 0:
             raise ConfigError(f"gqa_kv_heads must be >= 0, got {self.gqa_kv_heads}")
         if self.max_seq_len < 1:

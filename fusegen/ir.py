@@ -39,7 +39,7 @@ DENIED_OPS = {"from_file", "save", "_print", "_async_error", "_assert_async", "_
               "_functional_assert_async", "_functional_assert_scalar", "_functional_sym_constrain_range"}
 # String arguments an allowed op may take (a mode, never a path).
 STRING_ARGS = {"approximate", "rounding_mode", "reduce", "side", "indexing", "interpolation",
-               "padding_mode", "mode", "ord", "equation"}
+               "padding_mode", "mode", "ord", "equation", "weight_format"}
 
 _FUNCTIONS: dict[str, Callable] = {
     **{f"operator.{name}": getattr(operator, name) for name in (

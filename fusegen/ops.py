@@ -346,6 +346,22 @@ def _(x):
     return torch.empty_like(x)
 
 
+# --- weight-only quantized linear ------------------------------------------------------------
+
+@torch.library.custom_op("fusegen::quantized_linear", mutates_args=())
+def quantized_linear(x: Tensor, data: Tensor, scale: Tensor, bias: Optional[Tensor], weight_format: str) -> Tensor:
+    """``F.linear(x, W, bias)`` with W stored by ``fusegen.quant`` in ``weight_format``
+    (int8, fp8, int4): the weight is dequantized to x's dtype, then multiplied."""
+    from fusegen.quant import dequantize
+
+    return torch.nn.functional.linear(x, dequantize(data, scale, weight_format, x.dtype), bias)
+
+
+@quantized_linear.register_fake
+def _(x, data, scale, bias, weight_format):
+    return x.new_empty((*x.shape[:-1], scale.shape[0]))
+
+
 def reference(op) -> Optional[Callable]:
     """The plain Python function behind a ``torch.ops.fusegen`` overload (calling it skips the
     dispatcher: what the CPU step graph does), or None for any other op."""

@@ -40,6 +40,10 @@ _LOGIT_TAIL = {aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tenso
                aten.mul.Scalar, aten.div.Scalar, aten._to_copy.default, aten.softmax.int}
 
 
+# The LM head: a linear, or its quantized form (quantize_weights with quantize_lm_head).
+_LM_HEADS = {aten.linear.default, ops.quantized_linear.default}
+
+
 def _logit_tail(gm: fx.GraphModule) -> tuple[fx.Node, list[fx.Node]]:
     """The LM-head linear the output is computed from, and the elementwise nodes between."""
     output = next(n for n in gm.graph.nodes if n.op == "output")
@@ -51,7 +55,7 @@ def _logit_tail(gm: fx.GraphModule) -> tuple[fx.Node, list[fx.Node]]:
             break
         tail.append(node)
         node = chained[0]
-    if not (isinstance(node, fx.Node) and node.target is aten.linear.default and len(node.users) == 1):
+    if not (isinstance(node, fx.Node) and node.target in _LM_HEADS and len(node.users) == 1):
         raise refusal("insert_paged_blocks", f"graph output {output.args[0]} is not computed from an LM-head "
                       f"linear by elementwise ops (found {node}), so the logits of the sampled rows cannot "
                       f"be picked before it", node if isinstance(node, fx.Node) else gm, DENSE)

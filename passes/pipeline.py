@@ -17,6 +17,7 @@ from fusegen.passes.infra import GraphPass, PassContext, mark_provenance, node_c
 from fusegen.passes.insert_kv_cache import insert_kv_cache
 from fusegen.passes.insert_paged_blocks import insert_paged_blocks
 from fusegen.passes.normalize_graph import normalize_graph
+from fusegen.passes.quantize_weights import quantize_weights
 
 
 def build_pipeline(cfg: CompileConfig) -> list[GraphPass]:
@@ -29,6 +30,8 @@ def build_pipeline(cfg: CompileConfig) -> list[GraphPass]:
         convert_mha_to_gqa if cfg.gqa_kv_heads else None,
         # Projections of one input become one GEMM (after GQA, which needs separate K/V linears).
         fuse_projections if cfg.fuse_projections else None,
+        # Opt-in, lossy: linear weights stored in 8 or 4 bits (after fusion: one fused weight each).
+        quantize_weights if cfg.weights != "none" else None,
         # Phase 3 - state: K/V written to a cache, then the cache becomes a paged pool.
         insert_kv_cache if cfg.insert_kv_cache else None,
         insert_paged_blocks if cfg.paged_kv else None,

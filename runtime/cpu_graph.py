@@ -20,8 +20,9 @@ never runs this copy (its FusedGroups and attention ops launch kernels).
 Weights: a decode step is one row times every weight matrix, and the CPU BLAS reads a
 [out, in] weight stored column-major (``w.t().contiguous().t()``: the same values, strides
 (1, out)) about 1.4x faster in that product than the row-major original (SmolLM2-135M: all
-linears of a step 35 ms -> 25 ms on 2 cores). ``column_major_weights`` gives the step graph's
-linears such copies; it changes strides only, never values.
+linears of a step 35 ms -> 25 ms on 2 cores). ``column_major_weights`` gives the graph's
+linears such copies (a CompiledModel on the CPU does it once, compiled or loaded alike); it
+changes strides only, never values.
 """
 
 from __future__ import annotations

@@ -249,13 +249,17 @@ def test_dump_kernels_hold_the_source_of_each_fused_group(dumped):
         ops = [n for n in module.reference.graph.nodes if n.op == "call_function"]
         assert f"Generated from {len(ops)} graph nodes ({module.schedule} schedule)" in source, name
         # every input is read in place through its strides broadcast to the frame [*lead, N]:
-        # one stride per lead dim and a column stride each, the lead sizes after the first
+        # one stride per lead dim and a column stride each; every full-frame output is
+        # written through its own strides the same way; then the lead sizes after the first
         inputs = [n for n in module.reference.graph.nodes if n.op == "placeholder"]
         (outputs,) = next(n for n in module.reference.graph.nodes if n.op == "output").args
         lead = len(module.frame[0])
+        full = [i for i, kind in enumerate(module.output_layouts) if kind == "row"]
         args = ([f"in{i}" for i in range(len(inputs))] + [f"out{i}" for i in range(len(outputs))]
                 + [f"s{i}_{d}" for i in range(len(inputs)) for d in range(lead)]
-                + [f"c{i}" for i in range(len(inputs))] + [f"L{d}" for d in range(1, lead)])
+                + [f"c{i}" for i in range(len(inputs))]
+                + [f"o{i}_{d}" for i in full for d in range(lead)] + [f"oc{i}" for i in full]
+                + [f"L{d}" for d in range(1, lead)])
         assert (f"@triton.jit\ndef _{name}_kernel({', '.join(args)}, M, N: tl.constexpr, "
                 f"BLOCK: tl.constexpr):") in source, name
         for i in range(len(inputs)):

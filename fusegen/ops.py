@@ -294,17 +294,23 @@ def paged_attention_planned(q: Tensor, kv_pool: Tensor, layer: int, plan: PagedP
     if plan.starts[-1] > q.shape[2]:
         raise ValueError(f"fusegen.paged_attention: query_start_loc {plan.starts} must end at "
                          f"most at T = {q.shape[2]}")
+    return attend_by_group(q, plan, lambda group, group_q: _attend_group(
+        group_q, kv_pool, layer, group, scale, causal, window, softcap))
+
+
+def attend_by_group(q: Tensor, plan: PagedPlan, attend: Callable[[PagedGroup, Tensor], Tensor]) -> Tensor:
+    """Packed queries q [1,Hq,T,D] attended one query-count group at a time:
+    ``attend(group, group_q)`` maps a group's queries [G,Hq,S,D] to its outputs (same shape).
+    Rows of no group (padding) are zeros."""
     Hq, D = q.shape[1], q.shape[3]
     if len(plan.groups) == 1 and plan.groups[0].whole and plan.starts[-1] == q.shape[2]:
         group = plan.groups[0]
-        group_q = q[0].view(Hq, group.size, group.queries, D).transpose(0, 1)
-        attended = _attend_group(group_q, kv_pool, layer, group, scale, causal, window, softcap)
+        attended = attend(group, q[0].view(Hq, group.size, group.queries, D).transpose(0, 1))
         return attended.transpose(0, 1).reshape(q.shape)
     out = torch.zeros_like(q)
     for group in plan.groups:
         group_q = q[0].index_select(1, group.tokens).view(Hq, group.size, group.queries, D)
-        attended = _attend_group(group_q.transpose(0, 1), kv_pool, layer, group, scale, causal,
-                                 window, softcap)
+        attended = attend(group, group_q.transpose(0, 1))
         out[0].index_copy_(1, group.tokens, attended.transpose(0, 1).reshape(Hq, -1, D))
     return out
 

@@ -35,8 +35,10 @@ from torch import fx
 
 from fusegen import ops
 from fusegen.fused_group import FusedGroup
+from fusegen.runtime import cpu_ops, cpu_rewrites
 
 PAGED_ATTENTION = torch.ops.fusegen.paged_attention.default
+PAGED_KV_WRITE = torch.ops.fusegen.paged_kv_write.default
 LINEAR = torch.ops.aten.linear.default
 
 
@@ -71,8 +73,32 @@ def column_major_weights(gm: fx.GraphModule) -> int:
 def cpu_step_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, Counter]:
     """A flat copy of the step graph ``gm`` for the CPU, and counts of what was rewritten:
     ``groups_inlined``, ``groups_called`` (kept as a call: their graph reads attributes),
-    ``direct_ops``, ``plans``, ``attention_planned``."""
-    graph, env, plans, stats = fx.Graph(), {}, {}, Counter()
+    ``plans``, ``attention_planned``, ``kv_slots``, ``kv_writes_planned``, one count per
+    rewrite of cpu_rewrites.py, ``direct_ops`` and ``python_bindings``."""
+    graph, stats = _flat_copy(gm)
+    for name, rewrite in cpu_rewrites.REWRITES:
+        stats[name] += rewrite(graph)
+    for node in graph.nodes:   # the copied groups' nodes too
+        direct = ops.reference(node.target) if node.op == "call_function" else None
+        if direct is not None:
+            node.target = direct
+            stats["direct_ops"] += 1
+    stats["python_bindings"] += cpu_rewrites.python_bindings(graph)
+    graph.lint()
+    return fx.GraphModule(gm, graph, class_name="CPUStepGraph"), stats
+
+
+def _flat_copy(gm: fx.GraphModule) -> tuple[fx.Graph, Counter]:
+    """``gm``'s graph with FusedGroups inlined, and the paged attention and KV write of every
+    layer over what the step's layers share, made once (cpu_ops.py)."""
+    graph, env, shared, stats = fx.Graph(), {}, {}, Counter()
+
+    def once(make, args: tuple, count: str) -> fx.Node:
+        if (make, *args) not in shared:
+            shared[make, *args] = graph.call_function(make, args)
+            stats[count] += 1
+        return shared[make, *args]
+
     for node in gm.graph.nodes:
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
         if isinstance(module, FusedGroup) and _inlinable(module.reference):
@@ -87,20 +113,17 @@ def cpu_step_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, Counter]:
             env[node] = env[node.args[0]][node.args[1]]
         elif node.target is PAGED_ATTENTION:
             q, pool, layer, tables, lens, starts, *rest = _mapped(node.args, env)
-            if (pool, tables, lens, starts) not in plans:
-                plans[pool, tables, lens, starts] = graph.call_function(ops.paged_plan, (pool, tables, lens, starts))
-                stats["plans"] += 1
-            env[node] = graph.call_function(ops.paged_attention_planned,
-                                            (q, pool, layer, plans[pool, tables, lens, starts], *rest))
+            plan = once(cpu_ops.step_plan, (pool, tables, lens, starts), "plans")
+            env[node] = graph.call_function(cpu_ops.paged_attention, (q, pool, layer, plan, *rest))
             stats["attention_planned"] += 1
+        elif node.target is PAGED_KV_WRITE:
+            pool, layer, k, v, slot_mapping = _mapped(node.args, env)
+            slots = once(cpu_ops.kv_slots, (slot_mapping,), "kv_slots")
+            env[node] = graph.call_function(cpu_ops.paged_kv_write, (pool, layer, k, v, slots))
+            stats["kv_writes_planned"] += 1
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])
-    for node in graph.nodes:   # the copied groups' nodes too
-        direct = ops.reference(node.target) if node.op == "call_function" else None
-        if direct is not None:
-            node.target = direct
-            stats["direct_ops"] += 1
-    return fx.GraphModule(gm, graph, class_name="CPUStepGraph"), stats
+    return graph, stats
 
 
 def _inlinable(reference: fx.GraphModule) -> bool:

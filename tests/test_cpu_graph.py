@@ -6,10 +6,12 @@ import operator
 
 import pytest
 import torch
+from torch import fx
 
 import fusegen
 from fusegen.fused_group import KERNELS_ENV, FusedGroup
 from fusegen.runtime.cpu_graph import cpu_step_graph
+from fusegen.runtime.cpu_rewrites import BINDINGS
 from fusegen.runtime.kv_manager import KVCacheManager
 from fusegen.runtime.paged import Chunk, PagedRunner, packed_inputs
 
@@ -38,11 +40,16 @@ def test_rewrite_counts_and_nothing_left_to_dispatch(paged):
     assert groups > 0
     assert stats["groups_inlined"] == groups and stats["groups_called"] == 0
     assert stats["attention_planned"] == LAYERS and stats["plans"] == 1
-    # paged_kv_write per layer and rotate_half (q and k) per layer, called directly
-    assert stats["direct_ops"] == LAYERS * 3
+    assert stats["kv_writes_planned"] == LAYERS and stats["kv_slots"] == 1
+    assert stats["rms_norm"] == 2 * LAYERS + 1              # two per layer and the final norm
+    assert stats["rotary"] == 2 * LAYERS                    # q and k
+    assert stats["common_subexpressions"] == 2 * (LAYERS - 1)   # each layer's unsqueeze of cos, sin
+    assert stats["direct_ops"] == 0                         # the rewrites above took every fusegen op
     calls = [n for n in flat.graph.nodes if n.op in ("call_function", "call_module")]
     assert not [n for n in calls if n.op == "call_module"]
     assert not [n for n in calls if isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "fusegen"]
+    assert not [n for n in calls if n.target in BINDINGS]   # every aten call through torch's bindings
+    assert stats["python_bindings"] > 0
     assert not [n for n in calls if n.target is operator.getitem and n.args[0].op == "call_module"]
     assert any(isinstance(m, FusedGroup) for m in gm.children())   # the caller's graph is untouched
 
@@ -129,3 +136,219 @@ def test_column_major_weights_keep_values_and_leave_the_source_model_alone():
     assert column_major_weights(gm) == len(weights)
     assert all(torch.equal(attr(t), w) for t, w in row_major.items())
     torch.testing.assert_close(compiled(ids), before, atol=1e-5, rtol=1e-5)
+
+
+# --- cpu_ops: the planned KV write and attention against the references ----------------------
+
+def _pool_and_tables(lens, block_size, Hkv, D, gen, stale=float("nan")):
+    """A pool holding random K/V for sequences of ``lens`` in shuffled blocks; the slots past
+    each sequence's length and the spare blocks hold ``stale``."""
+    needed = [-(-L // block_size) for L in lens]
+    num_blocks = sum(needed) + 2
+    ids = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = torch.zeros(len(lens), max(needed), dtype=torch.int32)
+    pool = torch.full((2, 2, num_blocks, block_size, Hkv, D), stale)
+    for n, (L, count) in enumerate(zip(lens, needed)):
+        tables[n, :count] = torch.tensor(ids[:count], dtype=torch.int32)
+        ids = ids[count:]
+        for p in range(L):
+            pool[:, :, int(tables[n, p // block_size]), p % block_size] = torch.randn(2, 2, Hkv, D, generator=gen)
+    return pool, tables
+
+
+@pytest.mark.parametrize("lens, q_lens", [
+    ([37], [1]),                       # one decode
+    ([5, 17, 9], [1, 1, 1]),           # batched decode, padded to 17, NaN past each length
+    ([12, 3, 7, 6], [1, 3, 0, 6]),     # mixed: a decode, a chunk, no queries, a prefill
+])
+@pytest.mark.parametrize("causal, window", [(True, 0), (True, 4), (False, 0)])
+@pytest.mark.parametrize("block_size, Hq, Hkv, D", [(4, 6, 2, 24), (3, 5, 5, 7)])
+def test_planned_attention_is_the_reference_bitwise(lens, q_lens, causal, window, block_size, Hq, Hkv, D):
+    from fusegen import ops
+    from fusegen.runtime import cpu_ops
+
+    gen = torch.Generator().manual_seed(sum(lens) + block_size)
+    pool, tables = _pool_and_tables(lens, block_size, Hkv, D, gen)
+    q = torch.randn(1, Hq, sum(q_lens) + 2, D, generator=gen)       # two padding rows at the end
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    starts = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+    want = ops.paged_attention(q, pool, 1, tables, seq_lens, starts, 0.3, causal, window, 0.0)
+    plan = cpu_ops.step_plan(pool, tables, seq_lens, starts)
+    got = cpu_ops.paged_attention(q, pool, 1, plan, 0.3, causal, window, 0.0)
+    assert not got.isnan().any() and torch.equal(got, want)
+    assert torch.equal(cpu_ops.paged_attention(q, pool, 1, plan, 0.3, causal, window, 0.0), want)  # masks reused
+
+
+def test_planned_kv_write_is_the_reference_bitwise():
+    """-1 slots skipped, values cast to the pool's dtype; a pool whose rows cannot be viewed
+    flat (a slice of a bigger one) goes through the reference."""
+    from fusegen import ops
+    from fusegen.runtime import cpu_ops
+
+    gen = torch.Generator().manual_seed(5)
+    k, v = torch.randn(1, 2, 6, 5, generator=gen), torch.randn(1, 2, 6, 5, generator=gen)
+    for slot_mapping in ([9, -1, 0, -1, 19, 6], [3, 4, 5, 20, 1, 2]):
+        slots = torch.tensor(slot_mapping, dtype=torch.int32)
+        for pool in (torch.zeros(3, 2, 7, 3, 2, 5, dtype=torch.float16), torch.zeros(3, 2, 7, 3, 4, 5)[..., :2, :]):
+            want = pool.clone()
+            ops.paged_kv_write(want, 1, k, v, slots)
+            cpu_ops.paged_kv_write(pool, 1, k, v, cpu_ops.kv_slots(slots))
+            assert torch.equal(pool, want), slot_mapping
+    with pytest.raises(ValueError, match=r"6 tokens but slot_mapping has 2 entries"):
+        cpu_ops.paged_kv_write(torch.zeros(1, 2, 4, 4, 2, 5), 0, k, v, cpu_ops.kv_slots(torch.tensor([0, 1])))
+
+
+# --- the rewrites, each on a small graph of odd shapes -----------------------------------------
+
+def _rewrite(fn, rewrite, *inputs):
+    """(sites rewritten, the rewritten graph, fn's result, the rewritten graph's result)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(fn)(*inputs)
+    want = gm(*[x.clone() for x in inputs])
+    count = rewrite(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    return count, gm, want, gm(*[x.clone() for x in inputs])
+
+
+def _targets(gm) -> list:
+    return [n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+
+
+def test_common_subexpressions_merge_repeats_but_nothing_a_mutation_touches():
+    from fusegen.runtime.cpu_rewrites import common_subexpressions
+
+    def f(x, cos, buf):
+        a = cos.unsqueeze(1) * x
+        b = cos.unsqueeze(1) * x           # the same two calls again: merged
+        before = buf * 2.0
+        buf.add_(1.0)
+        after = buf * 2.0                  # buf was written in between: kept
+        return a + b + before.sum() + after.sum() + x * 2                # x * 2 is not x * 2.0
+
+    x, cos, buf = torch.randn(3, 5, 7), torch.randn(3, 7), torch.randn(11)
+    count, gm, want, got = _rewrite(f, common_subexpressions, x, cos, buf)
+    assert count == 2 and torch.equal(got, want)
+    assert _targets(gm).count(torch.ops.aten.mul.Tensor) == 4      # cos*x, buf*2.0 twice, x*2
+
+
+@pytest.mark.parametrize("weight_first", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rms_norm_rewrite_bitwise(weight_first, dtype):
+    from fusegen.runtime.cpu_rewrites import rms_norm
+
+    def f(x, w):
+        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return w * normed if weight_first else normed * w
+
+    x, w = torch.randn(3, 5, 423, dtype=dtype), torch.randn(423, dtype=dtype)
+    count, gm, want, got = _rewrite(f, rms_norm, x, w)
+    assert count == 1 and torch.equal(got, want)
+    assert _targets(gm) == [torch.ops.aten.rms_norm.default]
+
+
+@pytest.mark.parametrize("case", ["bf16", "weight_3d", "cube", "other_tensor", "first_dim"])
+def test_rms_norm_rewrite_leaves_other_norms(case):
+    from fusegen.runtime.cpu_rewrites import rms_norm
+
+    x, y = torch.rand(5, 7, 423) + 0.1, torch.rand(5, 7, 423) + 0.1     # positive: x ** 3 has a root
+    w = torch.randn(1, 1, 423) if case == "weight_3d" else torch.randn(423)
+    if case == "bf16":      # ATen's rms_norm computes half types in float32; the pattern does not
+        x, w = x.bfloat16(), w.bfloat16()
+    power = 3 if case == "cube" else 2
+    source = y if case == "other_tensor" else x
+
+    def f(x, w, source):
+        if case == "first_dim":
+            return w * (x * torch.rsqrt(source.pow(power).mean(0, keepdim=True) + 1e-6))
+        return w * (x * torch.rsqrt(source.pow(power).mean(-1, keepdim=True) + 1e-6))
+
+    count, _, want, got = _rewrite(f, rms_norm, x, w, source)
+    assert count == 0 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_rotary_rewrite_bitwise_and_sin_signed_once(swap):
+    from fusegen.runtime import cpu_ops
+    from fusegen.runtime.cpu_rewrites import rotary
+
+    def rope(x, cos, sin):
+        a, b = x * cos, torch.ops.fusegen.rotate_half(x) * sin
+        return b + a if swap else a + b
+
+    def f(q, k, cos, sin):
+        return rope(q, cos, sin), rope(k, cos, sin)
+
+    q = torch.randn(1, 5, 7, 24).transpose(1, 2)       # [1, H, T, D] viewed from token-major
+    k = torch.randn(1, 3, 5, 24)
+    cos, sin = torch.randn(1, 1, 5, 24), torch.randn(1, 1, 5, 24)
+    count, gm, want, got = _rewrite(f, rotary, q, k, cos, sin)
+    assert count == 2 and all(torch.equal(a, b) for a, b in zip(got, want))
+    assert _targets(gm).count(cpu_ops.signed_sin) == 1 and _targets(gm).count(cpu_ops.rotary) == 2
+
+
+def test_rotary_rewrite_needs_sin_over_the_head_dim():
+    from fusegen.runtime.cpu_rewrites import rotary
+
+    def f(x, cos, sin):
+        return x * cos + torch.ops.fusegen.rotate_half(x) * sin
+
+    x, cos, sin = torch.randn(1, 3, 5, 24), torch.randn(1, 1, 5, 24), torch.randn(1, 1, 5, 1)
+    count, _, want, got = _rewrite(f, rotary, x, cos, sin)
+    assert count == 0 and torch.equal(got, want)
+
+
+def _binding_samples():
+    """One call per entry of BINDINGS: (args, kwargs), odd shapes."""
+    aten, gen = torch.ops.aten, torch.Generator().manual_seed(3)
+    x, y = torch.randn(3, 5, 7, generator=gen), torch.randn(3, 5, 7, generator=gen)
+    w, ids = torch.randn(11, 7, generator=gen), torch.tensor([[1, 4, 10]])
+    return {
+        aten.add.Tensor: ((x, y), {"alpha": 2}), aten.sub.Tensor: ((x, 0.5), {}), aten.mul.Tensor: ((x, 3), {}),
+        aten.div.Tensor: ((x, y), {}), aten.neg.default: ((x,), {}),
+        aten.rsqrt.default: ((x.abs(),), {}), aten.pow.Tensor_Scalar: ((x, 2), {}),
+        aten.mean.dim: ((x, [-1], True), {}), aten.exp.default: ((x,), {}), aten.cos.default: ((x,), {}),
+        aten.sin.default: ((x,), {}), aten.tanh.default: ((x,), {}), aten.sigmoid.default: ((x,), {}),
+        aten.silu.default: ((x,), {}), aten.gelu.default: ((x,), {"approximate": "tanh"}),
+        aten.linear.default: ((x, w, torch.randn(11, generator=gen)), {}),
+        aten.embedding.default: ((w, ids, 2), {}), aten.index_select.default: ((x, 1, torch.tensor([4, 0])), {}),
+        aten.cat.default: (([x, y], -1), {}), aten.split_with_sizes.default: ((x, [2, 5], -1), {}),
+        aten.rms_norm.default: ((x, [7], torch.randn(7, generator=gen), 1e-6), {}),
+        aten.layer_norm.default: ((x, [7], torch.randn(7, generator=gen), None, 1e-5), {}),
+        aten.softmax.int: ((x, -1), {}), aten.transpose.int: ((x, 0, 2), {}), aten.unsqueeze.default: ((x, 1), {}),
+        aten.reshape.default: ((x.transpose(0, 1), [5, -1]), {}), aten.permute.default: ((x, [2, 0, 1]), {}),
+        aten.view.default: ((x, [15, 7]), {}), aten.expand.default: ((x[:, :1], [3, 4, 7]), {}),
+        aten.to.dtype: ((x, torch.float64), {}), aten.sym_size.int: ((x, 1), {}),
+    }
+
+
+def test_every_binding_computes_what_its_overload_does():
+    samples = _binding_samples()
+    assert set(samples) == set(BINDINGS)
+    for overload, (args, kwargs) in samples.items():
+        binding, _ = BINDINGS[overload]
+        got = getattr(args[0], binding)(*args[1:], **kwargs) if isinstance(binding, str) else binding(*args, **kwargs)
+        want = overload(*args, **kwargs)
+        for g, w in zip(*(t if isinstance(t, (tuple, list)) else [t] for t in (got, want))):
+            same = torch.equal(g, w) and g.stride() == w.stride() if isinstance(w, torch.Tensor) else g == w
+            assert same, overload
+
+
+def test_python_bindings_rewrite_calls_and_leaves_calls_it_cannot_pass():
+    from fusegen.runtime.cpu_rewrites import python_bindings
+
+    aten, graph = torch.ops.aten, fx.Graph()
+    x = graph.placeholder("x")
+    doubled = graph.call_function(aten.mul.Tensor, (x, 2.0))
+    viewed = graph.call_function(aten.view.default, (doubled, [35, 3]))
+    full = graph.call_function(aten.to.dtype, (viewed, torch.float64, False, False, None))  # 5 positional
+    graph.output(full)
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    x = torch.randn(3, 5, 7)
+    want = gm(x)
+    assert python_bindings(gm.graph) == 2
+    gm.recompile()
+    assert [(n.op, n.target) for n in gm.graph.nodes if n.op.startswith("call")] == [
+        ("call_function", torch.mul), ("call_method", "view"), ("call_function", aten.to.dtype)]
+    assert torch.equal(gm(x), want)

@@ -1,0 +1,159 @@
+"""The ops the CPU step graph (cpu_graph.py) calls in place of the step graph's KV write,
+paged attention and rotary embedding: the same values as fusegen.ops' references, in fewer
+ops per layer. On the CPU a decode step's small ops cost their dispatch (2-10 us each), not
+their arithmetic, so what all layers of a step share is worked out once per step:
+
+    kv_slots(slot_mapping)          the written tokens' pool rows (long) and which tokens
+                                    they are: once per step instead of per layer
+    paged_kv_write(..., slots)      one index_copy_ each for K and V (bitwise the reference)
+    step_plan(pool, bt, sl, qsl)    ops.paged_plan, plus the decode groups' masks when asked
+    paged_attention(..., plan)      a decode group (one query per sequence): the reference's
+                                    product-sums over K and V gathered by one index_select,
+                                    without its steps that change nothing (casts to the same
+                                    dtype, masks of all-True); the masks negated once per
+                                    step. Other groups (prefill, chunks, softcap): the
+                                    reference. Bitwise the reference either way.
+    rotary(x, cos, signed_sin)      x * cos + rotate_half(x) * sin as three ops: the halves
+                                    swapped by one flip, rotate_half's minus folded into sin
+                                    once per step (bitwise the reference: -a * b == a * -b)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fusegen import ops
+
+_reference_kv_write = ops.reference(torch.ops.fusegen.paged_kv_write.default)
+
+
+# --- KV write ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KVSlots:
+    """Where a step's packed tokens go, the same in every layer:
+
+        slot_mapping [T] int32    7  -1  18          (-1: not written, e.g. padding)
+        rows         [W] long     7      18          pool rows, block * block_size + offset
+        tokens       [W] long     0      2           their packed tokens; None when all T are
+                                                     written, in order
+    """
+    slot_mapping: Tensor
+    rows: Tensor
+    tokens: Optional[Tensor]
+
+    @property
+    def count(self) -> int:
+        return self.slot_mapping.numel()
+
+
+def kv_slots(slot_mapping: Tensor) -> KVSlots:
+    rows = slot_mapping.long()
+    valid = rows >= 0
+    if bool(valid.all()):
+        return KVSlots(slot_mapping, rows, None)
+    tokens = valid.nonzero().view(-1)
+    return KVSlots(slot_mapping, rows.index_select(0, tokens), tokens)
+
+
+def paged_kv_write(kv_pool: Tensor, layer: int, k: Tensor, v: Tensor, slots: KVSlots) -> None:
+    """``ops.paged_kv_write(kv_pool, layer, k, v, slots.slot_mapping)`` (k, v [1,Hkv,T,D])."""
+    rows = kv_pool[layer]
+    if not rows.is_contiguous():      # the pool's rows cannot be viewed flat: the reference
+        return _reference_kv_write(kv_pool, layer, k, v, slots.slot_mapping)
+    if k.shape[0] * k.shape[2] != slots.count:
+        raise ValueError(f"fusegen.paged_kv_write: {k.shape[0] * k.shape[2]} tokens but slot_mapping "
+                         f"has {slots.count} entries")
+    rows = rows.view(2, -1, *kv_pool.shape[4:])
+    for kv, new in enumerate((k, v)):
+        tokens = new.transpose(1, 2).reshape(-1, *kv_pool.shape[4:])   # [T, Hkv, D]
+        if slots.tokens is not None:
+            tokens = tokens.index_select(0, slots.tokens)
+        if tokens.dtype != kv_pool.dtype:
+            tokens = tokens.to(kv_pool.dtype)
+        rows[kv].index_copy_(0, slots.rows, tokens)
+    return None
+
+
+# --- paged attention -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DecodeMasks:
+    """A decode group's masks (``PagedGroup.mask``) negated once per step, None where they
+    mask nothing: ``hidden`` [G,1,1,L] keys a query does not see, ``outside`` [G,1,L,1] rows
+    past a sequence's length (their values are zeroed: a NaN in a stale slot must not
+    reach the output)."""
+    hidden: Optional[Tensor]
+    outside: Optional[Tensor]
+
+
+@dataclass
+class StepPlan:
+    """``ops.PagedPlan`` of a step, and its decode groups' masks, made at first use."""
+    paged: ops.PagedPlan
+    _decode: dict = field(default_factory=dict)   # (id(group), causal, window) -> DecodeMasks
+
+    def decode_masks(self, group: ops.PagedGroup, causal: bool, window: int) -> DecodeMasks:
+        key = (id(group), causal, window)      # the plan holds its groups: ids stay theirs
+        if key not in self._decode:
+            keep, inside = group.mask(causal, window)
+            self._decode[key] = DecodeMasks(None if bool(keep.all()) else ~keep,
+                                            None if bool(inside.all()) else ~inside)
+        return self._decode[key]
+
+
+def step_plan(kv_pool: Tensor, block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor) -> StepPlan:
+    return StepPlan(ops.paged_plan(kv_pool, block_tables, seq_lens, query_start_loc))
+
+
+def paged_attention(q: Tensor, kv_pool: Tensor, layer: int, plan: StepPlan, scale: float, causal: bool,
+                    window: int, softcap: float) -> Tensor:
+    """``ops.paged_attention_planned`` over ``plan.paged``, bitwise: decode groups without the
+    reference's no-op steps, the others through the reference."""
+    ops._check_paged_queries(q, kv_pool)
+    if plan.paged.starts[-1] > q.shape[2]:
+        raise ValueError(f"fusegen.paged_attention: query_start_loc {plan.paged.starts} must end at "
+                         f"most at T = {q.shape[2]}")
+
+    def attend(group: ops.PagedGroup, group_q: Tensor) -> Tensor:
+        if group.queries == 1 and softcap == 0.0 and q.dtype == kv_pool.dtype and q.device.type == "cpu":
+            return _decode_attention(group_q, kv_pool, layer, group, plan.decode_masks(group, causal, window),
+                                     scale)
+        return ops._attend_group(group_q, kv_pool, layer, group, scale, causal, window, softcap)
+
+    return ops.attend_by_group(q, plan.paged, attend)
+
+
+def _decode_attention(q: Tensor, kv_pool: Tensor, layer: int, group: ops.PagedGroup, masks: DecodeMasks,
+                      scale: float) -> Tensor:
+    """q [G,Hq,1,D] over the group's paged keys as ``ops._attend`` computes it on the CPU
+    (on-thread product-sums and softmax: an op that splits over threads waits milliseconds
+    for a busy second core), less its steps that change nothing here: casts to the dtype
+    the tensors have, masks that mask nothing, the empty-row guard (a decode query always
+    sees its own key). K and V of every block come from one index_select."""
+    kv = kv_pool[layer].index_select(1, group.blocks).view(2, group.size, -1, *kv_pool.shape[4:])
+    k, v = kv[:, :, :group.longest].transpose(2, 3).unbind(0)           # [G, Hkv, L, D] each
+    if masks.outside is not None:
+        v = v.masked_fill(masks.outside, 0.0)
+    scores = ops._single_query_scores(q, k) * scale
+    if masks.hidden is not None:
+        scores = scores.masked_fill(masks.hidden, float("-inf"))
+    return ops._single_query_mix(ops._softmax_on_thread(scores), v)
+
+
+# --- rotary embeddings ---------------------------------------------------------------------
+
+def signed_sin(sin: Tensor) -> Tensor:
+    """sin with its first half negated: rotate_half(x) * sin == swap_halves(x) * signed_sin."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
+def rotary(x: Tensor, cos: Tensor, signed: Tensor) -> Tensor:
+    """x * cos + rotate_half(x) * sin, with ``signed = signed_sin(sin)``."""
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+    return x * cos + swapped * signed

@@ -1,0 +1,309 @@
+"""Rewrites of the CPU step graph (cpu_graph.py applies them in the order of ``REWRITES``):
+each takes the flat graph, changes it in place (the CPU graph is a copy the caller does not
+hold) and returns how many sites it rewrote. They keep every value bitwise; what they cut is
+ops, since a decode step's small ops cost their dispatch on the CPU, not their arithmetic.
+
+    common_subexpressions   u = unsqueeze(cos, 1) in every layer   ->  one u for the step
+    rms_norm                w * (x * rsqrt(mean(x ** 2, [-1], keepdim=True) + eps))
+                                                                   ->  aten.rms_norm(x, [D], w, eps)
+    rotary                  x * cos + rotate_half(x) * sin         ->  cpu_ops.rotary(x, cos, s)
+                                                                       s = cpu_ops.signed_sin(sin),
+                                                                       once per sin
+    python_bindings         torch.ops.aten.mul.Tensor(a, b)        ->  torch.mul(a, b)
+                            torch.ops.aten.view.default(x, shape)  ->  x.view(shape)
+
+The last one is last: the others match aten overloads. An overload's Python wrapper and the
+boxed call behind it cost ~1 us more per call than torch's own bindings of the same op.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Callable, Optional
+
+import torch
+from torch import fx
+
+from fusegen.runtime import cpu_ops
+
+aten = torch.ops.aten
+ROTATE_HALF = torch.ops.fusegen.rotate_half.default
+
+# Python functions the flat graph calls: which argument each mutates (None: none).
+_PYTHON_CALLS: dict[Callable, Optional[int]] = {
+    operator.getitem: None, cpu_ops.kv_slots: None, cpu_ops.step_plan: None, cpu_ops.paged_attention: None,
+    cpu_ops.signed_sin: None, cpu_ops.rotary: None, cpu_ops.paged_kv_write: 0,
+}
+
+
+def _is(node, *targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _operands(node: fx.Node, match: Callable) -> Optional[tuple]:
+    """(match(a), b) or (match(b), a) for a binary node (a, b), whichever matches first."""
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    for first, other in ((a, b), (b, a)):
+        found = match(first)
+        if found is not None:
+            return found, other
+    return None
+
+
+def _erase_unused(graph: fx.Graph, nodes) -> None:
+    for node in nodes:
+        if isinstance(node, fx.Node) and not node.users:
+            graph.erase_node(node)
+
+
+def _replace(graph: fx.Graph, node: fx.Node, target, args: tuple) -> fx.Node:
+    with graph.inserting_before(node):
+        new = graph.call_function(target, args)
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return new
+
+
+# --- common subexpressions -------------------------------------------------------------------
+
+def common_subexpressions(graph: fx.Graph) -> int:
+    """Drop a pure aten call that repeats an earlier one (same op, same arguments). Nothing
+    that touches a tensor the graph mutates (an argument a call writes, what it was made
+    from and what is made from it) is merged."""
+    touched = _touched_by_mutation(graph)
+    seen, removed = {}, 0
+    for node in list(graph.nodes):
+        if node in touched or not _pure(node):
+            continue
+        key = _key(node)
+        if key is None:
+            continue
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            graph.erase_node(node)
+            removed += 1
+        else:
+            seen[key] = node
+    return removed
+
+
+def _pure(node: fx.Node) -> bool:
+    op = node.target
+    return (node.op == "call_function" and isinstance(op, torch._ops.OpOverload) and op.namespace == "aten"
+            and not op._schema.is_mutable and torch.Tag.nondeterministic_seeded not in op.tags)
+
+
+def _mutated(node: fx.Node) -> list:
+    """The arguments ``node`` may write: its schema's mutable ones, the one a known Python call
+    writes, or every argument of a call we know nothing about."""
+    if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        arguments = node.target._schema.arguments
+        return [node.args[i] if i < len(node.args) else node.kwargs.get(a.name) for i, a in enumerate(arguments)
+                if a.alias_info is not None and a.alias_info.is_write]
+    if node.op == "call_function" and node.target in _PYTHON_CALLS:
+        position = _PYTHON_CALLS[node.target]
+        return [] if position is None else [node.args[position]]
+    if node.op in ("call_function", "call_method", "call_module"):
+        return list(node.all_input_nodes)
+    return []
+
+
+def _touched_by_mutation(graph: fx.Graph) -> set:
+    """The mutated arguments, everything they were made from (their aliases among it) and
+    everything made from them."""
+    roots = [a for node in graph.nodes for a in _mutated(node) if isinstance(a, fx.Node)]
+    return _closure(roots, lambda n: n.all_input_nodes) | _closure(roots, lambda n: n.users)
+
+
+def _closure(start, step) -> set:
+    seen, todo = set(), list(start)
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo.extend(step(node))
+    return seen
+
+
+def _key(node: fx.Node):
+    """A hashable form of the call, scalars tagged with their type (mul(x, 1) is not
+    mul(x, 1.0)); None when an argument cannot be hashed."""
+    def form(a):
+        if isinstance(a, (list, tuple)):
+            return (type(a).__name__, *map(form, a))
+        if isinstance(a, (bool, int, float)):
+            return (type(a).__name__, a)
+        return a
+    key = (node.target, form(node.args), form(sorted(node.kwargs.items())))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+# --- RMSNorm ---------------------------------------------------------------------------------
+
+def rms_norm(graph: fx.Graph) -> int:
+    """w * (x * rsqrt(mean(x ** 2, [-1], keepdim=True) + eps)) -> aten.rms_norm(x, [D], w, eps),
+    either operand order of every mul and the add; x and w of one float dtype of at least 32
+    bits (ATen's rms_norm computes lower precisions in float32, the pattern would not)."""
+    done = 0
+    for node in list(graph.nodes):
+        match = _rms_norm_match(node)
+        if match is None:
+            continue
+        (normed, chain, x, eps), weight = match
+        _replace(graph, node, aten.rms_norm.default, (x, [_val(x).shape[-1]], weight, eps))
+        _erase_unused(graph, chain)
+        done += 1
+    return done
+
+
+def _rms_norm_match(node: fx.Node):
+    if not _is(node, aten.mul.Tensor):
+        return None
+    match = _operands(node, _normalized)
+    if match is None:
+        return None
+    (_, _, x, _), weight = match
+    xv, wv, out = _val(x), _val(weight), _val(node)
+    if not all(isinstance(t, torch.Tensor) for t in (xv, wv, out)):
+        return None
+    D = xv.shape[-1]
+    if (xv.dtype not in (torch.float32, torch.float64) or wv.dtype != xv.dtype or out.dtype != xv.dtype
+            or not isinstance(D, int) or tuple(wv.shape) != (D,) or out.shape != xv.shape):
+        return None
+    return match
+
+
+def _normalized(node):
+    """(node, its chain, x, eps) if node is x * rsqrt(mean(x ** 2, [-1], True) + eps)."""
+    if not _is(node, aten.mul.Tensor):
+        return None
+    found = _operands(node, lambda r: _rsqrt_of_mean_square(r))
+    if found is None:
+        return None
+    (chain, x, eps), other = found
+    return (node, [node, *chain], x, eps) if other is x else None
+
+
+def _rsqrt_of_mean_square(node):
+    if not _is(node, aten.rsqrt.default) or not _is(node.args[0], aten.add.Tensor):
+        return None
+    add = node.args[0]
+    found = _operands(add, lambda m: m if _is(m, aten.mean.dim) else None)
+    if found is None or not isinstance(found[1], (int, float)) or isinstance(found[1], bool):
+        return None
+    mean, eps = found
+    rank = getattr(_val(mean), "ndim", None)
+    if (len(mean.args) != 3 or mean.kwargs or mean.args[2] is not True or rank is None
+            or list(mean.args[1]) not in ([-1], [rank - 1]) or not _is(mean.args[0], aten.pow.Tensor_Scalar)):
+        return None
+    square = mean.args[0]
+    if square.args[1] != 2 or square.kwargs:
+        return None
+    return [node, add, mean, square], square.args[0], float(eps)
+
+
+# --- rotary ----------------------------------------------------------------------------------
+
+def rotary(graph: fx.Graph) -> int:
+    """x * cos + rotate_half(x) * sin -> cpu_ops.rotary(x, cos, signed_sin(sin)), either order
+    of the add and of each mul, when sin spans the head dim (a broadcast sin of one column
+    cannot be signed per half) and the result has x's shape."""
+    signed: dict[fx.Node, fx.Node] = {}
+    done = 0
+    for node in list(graph.nodes):
+        match = _rotary_match(node)
+        if match is None:
+            continue
+        x, cos, sin, chain = match
+        if sin not in signed:
+            with graph.inserting_after(sin):
+                signed[sin] = graph.call_function(cpu_ops.signed_sin, (sin,))
+            signed[sin].meta = dict(sin.meta)
+        _replace(graph, node, cpu_ops.rotary, (x, cos, signed[sin]))
+        _erase_unused(graph, chain)
+        done += 1
+    return done
+
+
+def _rotary_match(node: fx.Node):
+    if not _is(node, aten.add.Tensor) or len(node.args) != 2 or node.kwargs:
+        return None
+    for direct, turned in (node.args, node.args[::-1]):
+        if not (_is(direct, aten.mul.Tensor) and _is(turned, aten.mul.Tensor)):
+            continue
+        half = _operands(turned, lambda r: r if _is(r, ROTATE_HALF) else None)
+        if half is None:
+            continue
+        rotated, sin = half
+        x = rotated.args[0]
+        cos = _operands(direct, lambda a: a if a is x else None)
+        if cos is None or not isinstance(sin, fx.Node) or not isinstance(cos[1], fx.Node):
+            continue
+        xv, sv, out = _val(x), _val(sin), _val(node)
+        if not all(isinstance(t, torch.Tensor) for t in (xv, sv, out)):
+            continue
+        if out.shape != xv.shape or sv.ndim == 0 or sv.shape[-1] != xv.shape[-1] or not xv.dtype.is_floating_point:
+            continue
+        return x, cos[1], sin, [direct, turned, rotated]
+    return None
+
+
+# --- Python bindings -------------------------------------------------------------------------
+
+# overload -> (torch's own binding: a function, or the name of a Tensor method; how many
+# positional arguments the binding takes in the schema's order, None: all)
+BINDINGS: dict = {
+    aten.add.Tensor: (torch.add, 2), aten.sub.Tensor: (torch.sub, 2), aten.mul.Tensor: (torch.mul, 2),
+    aten.div.Tensor: (torch.div, 2), aten.neg.default: (torch.neg, 1), aten.rsqrt.default: (torch.rsqrt, 1),
+    aten.pow.Tensor_Scalar: (torch.pow, 2), aten.mean.dim: (torch.mean, 3), aten.exp.default: (torch.exp, 1),
+    aten.cos.default: (torch.cos, 1), aten.sin.default: (torch.sin, 1), aten.tanh.default: (torch.tanh, 1),
+    aten.sigmoid.default: (torch.sigmoid, 1), aten.silu.default: (torch._C._nn.silu, 1),
+    aten.gelu.default: (torch._C._nn.gelu, 1), aten.linear.default: (torch._C._nn.linear, 3),
+    aten.embedding.default: (torch.embedding, 5), aten.index_select.default: (torch.index_select, 3),
+    aten.cat.default: (torch.cat, 2), aten.split_with_sizes.default: (torch.split_with_sizes, 3),
+    aten.rms_norm.default: (torch.rms_norm, 4), aten.layer_norm.default: (torch.layer_norm, 6),
+    aten.softmax.int: (torch.softmax, 3), aten.transpose.int: (torch.transpose, 3),
+    aten.unsqueeze.default: (torch.unsqueeze, 2), aten.reshape.default: (torch.reshape, 2),
+    aten.permute.default: (torch.permute, 2), aten.view.default: ("view", 2),
+    aten.expand.default: ("expand", 2), aten.to.dtype: ("to", 2), aten.sym_size.int: ("size", 2),
+}
+
+
+def python_bindings(graph: fx.Graph) -> int:
+    """Every call of an overload in ``BINDINGS`` -> the same op through torch's binding, when
+    its arguments are passed as the binding takes them (keyword-only ones by name)."""
+    bound = 0
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in BINDINGS:
+            continue
+        binding, positional = BINDINGS[node.target]
+        schema = node.target._schema
+        keyword_only = {a.name for a in schema.arguments if a.kwarg_only}
+        if (positional is not None and len(node.args) > positional) or not set(node.kwargs) <= keyword_only:
+            continue
+        if isinstance(binding, str):
+            node.op, node.target = "call_method", binding
+        else:
+            node.target = binding
+        bound += 1
+    return bound
+
+
+REWRITES: list[tuple[str, Callable[[fx.Graph], int]]] = [
+    ("common_subexpressions", common_subexpressions),
+    ("rms_norm", rms_norm),
+    ("rotary", rotary),
+]
+"""In order; then cpu_graph.py calls fusegen ops' Python functions directly and, last,
+``python_bindings``."""

@@ -1,21 +1,25 @@
-"""The paged step graph as the CPU runs it: one flat generated forward, computing exactly what
-the graph computes with the ops' reference implementations.
+"""The paged step graph as the CPU runs it: one flat generated forward over the ops'
+reference implementations, computing what the graph computes (bitwise, but for the linears:
+see cpu_rewrites.onednn_linear).
 
 On the CPU every op of a decode step is small, so what a step costs beyond the weight reads
-is per-op overhead. Three rewrites of a copy of the graph remove most of it:
+is per-op overhead. First a flat copy of the graph:
 
     fused_3 = self.fused_3(x, y, w)          the group's reference nodes, inlined
     out = fused_3[0]                   ──▶   (no module call, no tuple)
 
-    torch.ops.fusegen.paged_kv_write(...)    ops.paged_kv_write's Python function itself
-                                       ──▶   (no dispatcher, autograd or dynamo wrappers)
+    paged_attention(q, pool, 7, bt, sl, qsl, ...)   plan = step_plan(pool, bt, sl, qsl)   once
+                                       ──▶   cpu_ops.paged_attention(q, pool, 7, plan, ...)
 
-    paged_attention(q, pool, 7, bt, sl, qsl, ...)   plan = paged_plan(pool, bt, sl, qsl)   once
-                                       ──▶   paged_attention_planned(q, pool, 7, plan, ...)
+    paged_kv_write(pool, 7, k, v, slot_mapping)     slots = kv_slots(slot_mapping)   once
+                                       ──▶   cpu_ops.paged_kv_write(pool, 7, k, v, slots)
 
-The plan (sequences grouped by query count, their blocks and masks) is the same for every
-layer of a step, so it is made once. The graph the caller holds is left as it was; the GPU
-never runs this copy (its FusedGroups and attention ops launch kernels).
+What every layer of a step shares (sequences grouped by query count, their blocks, masks
+and slots) is made once (cpu_ops.py). Then the rewrites of cpu_rewrites.REWRITES, in order
+(merged repeats, RMSNorm, rotary, oneDNN linears), the fusegen ops left called as their
+Python functions (no dispatcher, autograd or dynamo wrappers), and every aten overload
+through torch's own binding. The graph the caller holds is left as it was; the GPU never
+runs this copy (its FusedGroups and attention ops launch kernels).
 
 Weights: a decode step is one row times every weight matrix, and the CPU BLAS reads a
 [out, in] weight stored column-major (``w.t().contiguous().t()``: the same values, strides
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
+from collections.abc import Collection
 
 import torch
 from torch import fx
@@ -70,14 +75,20 @@ def column_major_weights(gm: fx.GraphModule) -> int:
     return relaid
 
 
-def cpu_step_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, Counter]:
+def cpu_step_graph(gm: fx.GraphModule, leave_out: Collection[str] = ()) -> tuple[fx.GraphModule, Counter]:
     """A flat copy of the step graph ``gm`` for the CPU, and counts of what was rewritten:
     ``groups_inlined``, ``groups_called`` (kept as a call: their graph reads attributes),
     ``plans``, ``attention_planned``, ``kv_slots``, ``kv_writes_planned``, one count per
-    rewrite of cpu_rewrites.py, ``direct_ops`` and ``python_bindings``."""
+    rewrite of cpu_rewrites.REWRITES but those named in ``leave_out``, ``direct_ops`` and
+    ``python_bindings``."""
+    unknown = set(leave_out) - {name for name, _ in cpu_rewrites.REWRITES}
+    if unknown:
+        raise ValueError(f"cpu_step_graph: no rewrite named {sorted(unknown)}; the rewrites are "
+                         f"{[name for name, _ in cpu_rewrites.REWRITES]}")
     graph, stats = _flat_copy(gm)
     for name, rewrite in cpu_rewrites.REWRITES:
-        stats[name] += rewrite(graph)
+        if name not in leave_out:
+            stats[name] += rewrite(graph)
     for node in graph.nodes:   # the copied groups' nodes too
         direct = ops.reference(node.target) if node.op == "call_function" else None
         if direct is not None:

@@ -14,6 +14,7 @@ from fusegen.runtime.cpu_graph import cpu_step_graph
 from fusegen.runtime.cpu_rewrites import BINDINGS
 from fusegen.runtime.kv_manager import KVCacheManager
 from fusegen.runtime.paged import Chunk, PagedRunner, packed_inputs
+from helpers import assert_close_report
 
 LAYERS, VOCAB = 2, 256
 
@@ -44,6 +45,7 @@ def test_rewrite_counts_and_nothing_left_to_dispatch(paged):
     assert stats["rms_norm"] == 2 * LAYERS + 1              # two per layer and the final norm
     assert stats["rotary"] == 2 * LAYERS                    # q and k
     assert stats["common_subexpressions"] == 2 * (LAYERS - 1)   # each layer's unsqueeze of cos, sin
+    assert stats["onednn_linear"] == 4 * LAYERS + 1         # qkv, o, gate/up, down per layer, the LM head
     assert stats["direct_ops"] == 0                         # the rewrites above took every fusegen op
     calls = [n for n in flat.graph.nodes if n.op in ("call_function", "call_module")]
     assert not [n for n in calls if n.op == "call_module"]
@@ -58,11 +60,16 @@ def _prompt(n: int, seed: int) -> list[int]:
     return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def test_same_logits_as_the_step_graph_bitwise(paged):
+@pytest.mark.parametrize("linears", ["aten", "onednn"])
+def test_same_logits_as_the_step_graph(paged, linears):
+    """Bitwise, but for the linears: oneDNN's inner product sums in another order than the
+    BLAS behind aten.linear (within float rounding); without that rewrite, every value is
+    the step graph's bit for bit."""
     geometry = paged.facts["kv"]
     kv = KVCacheManager(8, geometry.block_size, enable_prefix_caching=False)
     runner = PagedRunner(paged.graph_module, geometry, 8, device="cpu")
-    flat, _ = cpu_step_graph(paged.graph_module)
+    flat, stats = cpu_step_graph(paged.graph_module, leave_out=["onednn_linear"] if linears == "aten" else [])
+    assert stats["onednn_linear"] == (0 if linears == "aten" else 4 * LAYERS + 1)
     seqs = {0: _prompt(14, 1), 1: _prompt(19, 2), 2: _prompt(5, 3)}
     cached = {}
 
@@ -81,7 +88,10 @@ def test_same_logits_as_the_step_graph_bitwise(paged):
             want = paged.graph_module(**inputs)
             got = flat(**inputs)
         assert got.shape == (1, sum(counts.values()), VOCAB)
-        assert torch.equal(got, want), counts
+        if linears == "aten":
+            assert torch.equal(got, want), counts
+        else:
+            assert_close_report(got, want, atol=1e-5, rtol=1e-5, msg=f"step {counts}")
 
     step({0: 14, 1: 10})                   # packed prefill, one of them chunked
     step({1: 9, 0: 1, 2: 5})               # the rest of the chunk, a decode and a new prompt
@@ -352,3 +362,47 @@ def test_python_bindings_rewrite_calls_and_leaves_calls_it_cannot_pass():
     assert [(n.op, n.target) for n in gm.graph.nodes if n.op.startswith("call")] == [
         ("call_function", torch.mul), ("call_method", "view"), ("call_function", aten.to.dtype)]
     assert torch.equal(gm(x), want)
+
+
+def _linear_graph(x, weight, bias):
+    """A graph of one aten.linear, its nodes carrying FakeTensor values as the step graph's do."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    graph, mode = fx.Graph(), FakeTensorMode()
+    inputs = [graph.placeholder(name) for name in ("x", "weight", "bias")[:2 + (bias is not None)]]
+    for node, value in zip(inputs, (x, weight, bias)):
+        node.meta["val"] = mode.from_tensor(value)
+    out = graph.call_function(torch.ops.aten.linear.default, tuple(inputs))
+    out.meta["val"] = torch.ops.aten.linear.default(*(n.meta["val"] for n in inputs))
+    graph.output(out)
+    return fx.GraphModule(torch.nn.Module(), graph)
+
+
+@pytest.mark.parametrize("x_shape, with_bias", [((1, 1, 423), False), ((1, 37, 423), True), ((5, 423), True)])
+@pytest.mark.parametrize("layout", ["row_major", "column_major"])
+def test_onednn_linear_rewrite_within_float_rounding(x_shape, with_bias, layout):
+    from fusegen.runtime.cpu_rewrites import onednn_linear
+
+    gen = torch.Generator().manual_seed(11)
+    x, weight = torch.randn(x_shape, generator=gen), torch.randn(213, 423, generator=gen) / 423 ** 0.5
+    weight = weight.t().contiguous().t() if layout == "column_major" else weight
+    bias = torch.randn(213, generator=gen) if with_bias else None
+    gm = _linear_graph(x, weight, bias)
+    inputs = [t for t in (x, weight, bias) if t is not None]
+    want = gm(*inputs)
+    assert onednn_linear(gm.graph) == 1
+    gm.recompile()
+    assert _targets(gm) == [torch.ops.mkldnn._linear_pointwise.default]
+    assert_close_report(gm(*inputs), want, atol=1e-5, rtol=1e-5)
+
+
+def test_onednn_linear_rewrite_leaves_other_dtypes():
+    from fusegen.runtime.cpu_rewrites import onednn_linear
+
+    gm = _linear_graph(torch.randn(3, 7, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64), None)
+    assert onednn_linear(gm.graph) == 0 and _targets(gm) == [torch.ops.aten.linear.default]
+
+
+def test_leaving_out_a_rewrite_that_does_not_exist_names_the_rewrites(paged):
+    with pytest.raises(ValueError, match=r"no rewrite named \['fuse_everything'\].*'rms_norm'"):
+        cpu_step_graph(paged.graph_module, leave_out=["fuse_everything"])

@@ -11,7 +11,7 @@ is per-op overhead. First a flat copy of the graph:
     paged_attention(q, pool, 7, bt, sl, qsl, ...)   plan = step_plan(pool, bt, sl, qsl)   once
                                        ──▶   cpu_ops.paged_attention(q, pool, 7, plan, ...)
 
-    paged_kv_write(pool, 7, k, v, slot_mapping)     slots = kv_slots(slot_mapping)   once
+    paged_kv_write(pool, 7, k, v, slot_mapping)     slots = kv_slots(pool, slot_mapping)   once
                                        ──▶   cpu_ops.paged_kv_write(pool, 7, k, v, slots)
 
 What every layer of a step shares (sequences grouped by query count, their blocks, masks
@@ -79,8 +79,8 @@ def cpu_step_graph(gm: fx.GraphModule, leave_out: Collection[str] = ()) -> tuple
     """A flat copy of the step graph ``gm`` for the CPU, and counts of what was rewritten:
     ``groups_inlined``, ``groups_called`` (kept as a call: their graph reads attributes),
     ``plans``, ``attention_planned``, ``kv_slots``, ``kv_writes_planned``, one count per
-    rewrite of cpu_rewrites.REWRITES but those named in ``leave_out``, ``direct_ops`` and
-    ``python_bindings``."""
+    rewrite of cpu_rewrites.REWRITES but those named in ``leave_out``, ``direct_ops``,
+    ``python_bindings`` and ``attributes_flat``."""
     unknown = set(leave_out) - {name for name, _ in cpu_rewrites.REWRITES}
     if unknown:
         raise ValueError(f"cpu_step_graph: no rewrite named {sorted(unknown)}; the rewrites are "
@@ -95,8 +95,34 @@ def cpu_step_graph(gm: fx.GraphModule, leave_out: Collection[str] = ()) -> tuple
             node.target = direct
             stats["direct_ops"] += 1
     stats["python_bindings"] += cpu_rewrites.python_bindings(graph)
+    root, stats["attributes_flat"] = _flat_attributes(gm, graph)
     graph.lint()
-    return fx.GraphModule(gm, graph, class_name="CPUStepGraph"), stats
+    return fx.GraphModule(root, graph, class_name="CPUStepGraph"), stats
+
+
+def _flat_attributes(gm: fx.GraphModule, graph: fx.Graph) -> tuple[dict, int]:
+    """The attributes ``graph`` reads, for a GraphModule root: each tensor under one flat
+    name, a plain attribute of the module (a Parameter as its detached alias: same storage),
+    so that reading it is one lookup. ``self.m.model.layers[7].mlp.down_proj.weight`` costs
+    six nn.Module.__getattr__ calls every step, for every weight of every layer. Also the
+    number of tensors so renamed."""
+    root, names = {}, {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            root[node.target] = gm.get_submodule(node.target)
+        elif node.op == "get_attr":
+            value = operator.attrgetter(node.target)(gm)
+            if not isinstance(value, torch.Tensor):
+                root[node.target] = value
+                continue
+            if node.target not in names:
+                name = base = node.target.replace(".", "_")
+                while name in root:
+                    name = f"{base}_{len(names)}"
+                names[node.target] = name
+                root[name] = value.detach() if isinstance(value, torch.nn.Parameter) else value
+            node.target = names[node.target]
+    return root, len(names)
 
 
 def _flat_copy(gm: fx.GraphModule) -> tuple[fx.Graph, Counter]:
@@ -129,7 +155,7 @@ def _flat_copy(gm: fx.GraphModule) -> tuple[fx.Graph, Counter]:
             stats["attention_planned"] += 1
         elif node.target is PAGED_KV_WRITE:
             pool, layer, k, v, slot_mapping = _mapped(node.args, env)
-            slots = once(cpu_ops.kv_slots, (slot_mapping,), "kv_slots")
+            slots = once(cpu_ops.kv_slots, (pool, slot_mapping), "kv_slots")
             env[node] = graph.call_function(cpu_ops.paged_kv_write, (pool, layer, k, v, slots))
             stats["kv_writes_planned"] += 1
         else:

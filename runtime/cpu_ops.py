@@ -3,8 +3,8 @@ paged attention and rotary embedding: the same values as fusegen.ops' references
 ops per layer. On the CPU a decode step's small ops cost their dispatch (2-10 us each), not
 their arithmetic, so what all layers of a step share is worked out once per step:
 
-    kv_slots(slot_mapping)          the written tokens' pool rows (long) and which tokens
-                                    they are: once per step instead of per layer
+    kv_slots(pool, slot_mapping)    the written tokens' pool rows (long), which tokens they
+                                    are and every layer's rows as a view: once per step
     paged_kv_write(..., slots)      one index_copy_ each for K and V (bitwise the reference)
     step_plan(pool, bt, sl, qsl)    ops.paged_plan, plus the decode groups' masks when asked
     paged_attention(..., plan)      a decode group (one query per sequence): the reference's
@@ -41,41 +41,46 @@ class KVSlots:
         rows         [W] long     7      18          pool rows, block * block_size + offset
         tokens       [W] long     0      2           their packed tokens; None when all T are
                                                      written, in order
+        targets      per (layer, K|V): the pool's [1, blocks * block_size, Hkv, D] rows as a
+                     view, 2 * layer + kv; None when the pool cannot be viewed so
     """
     slot_mapping: Tensor
     rows: Tensor
     tokens: Optional[Tensor]
+    targets: Optional[tuple[Tensor, ...]]
 
     @property
     def count(self) -> int:
         return self.slot_mapping.numel()
 
 
-def kv_slots(slot_mapping: Tensor) -> KVSlots:
+def kv_slots(kv_pool: Tensor, slot_mapping: Tensor) -> KVSlots:
     rows = slot_mapping.long()
     valid = rows >= 0
+    targets = None
+    if kv_pool.is_contiguous():
+        targets = kv_pool.view(-1, 1, kv_pool.shape[2] * kv_pool.shape[3], *kv_pool.shape[4:]).unbind(0)
     if bool(valid.all()):
-        return KVSlots(slot_mapping, rows, None)
+        return KVSlots(slot_mapping, rows, None, targets)
     tokens = valid.nonzero().view(-1)
-    return KVSlots(slot_mapping, rows.index_select(0, tokens), tokens)
+    return KVSlots(slot_mapping, rows.index_select(0, tokens), tokens, targets)
 
 
 def paged_kv_write(kv_pool: Tensor, layer: int, k: Tensor, v: Tensor, slots: KVSlots) -> None:
-    """``ops.paged_kv_write(kv_pool, layer, k, v, slots.slot_mapping)`` (k, v [1,Hkv,T,D])."""
-    rows = kv_pool[layer]
-    if not rows.is_contiguous():      # the pool's rows cannot be viewed flat: the reference
+    """``ops.paged_kv_write(kv_pool, layer, k, v, slots.slot_mapping)`` (k, v [1,Hkv,T,D]):
+    one index_copy_ each into the layer's rows (made once per step in ``slots``)."""
+    if slots.targets is None or k.shape[0] != 1:
         return _reference_kv_write(kv_pool, layer, k, v, slots.slot_mapping)
-    if k.shape[0] * k.shape[2] != slots.count:
-        raise ValueError(f"fusegen.paged_kv_write: {k.shape[0] * k.shape[2]} tokens but slot_mapping "
-                         f"has {slots.count} entries")
-    rows = rows.view(2, -1, *kv_pool.shape[4:])
+    if k.shape[2] != slots.count:
+        raise ValueError(f"fusegen.paged_kv_write: {k.shape[2]} tokens but slot_mapping has "
+                         f"{slots.count} entries")
     for kv, new in enumerate((k, v)):
-        tokens = new.transpose(1, 2).reshape(-1, *kv_pool.shape[4:])   # [T, Hkv, D]
+        tokens = new.transpose(1, 2)                                   # [1, T, Hkv, D]
         if slots.tokens is not None:
-            tokens = tokens.index_select(0, slots.tokens)
+            tokens = tokens.index_select(1, slots.tokens)
         if tokens.dtype != kv_pool.dtype:
             tokens = tokens.to(kv_pool.dtype)
-        rows[kv].index_copy_(0, slots.rows, tokens)
+        slots.targets[2 * layer + kv].index_copy_(1, slots.rows, tokens)
     return None
 
 
@@ -84,17 +89,19 @@ def paged_kv_write(kv_pool: Tensor, layer: int, k: Tensor, v: Tensor, slots: KVS
 @dataclass(frozen=True)
 class DecodeMasks:
     """A decode group's masks (``PagedGroup.mask``) negated once per step, None where they
-    mask nothing: ``hidden`` [G,1,1,L] keys a query does not see, ``outside`` [G,1,L,1] rows
-    past a sequence's length (their values are zeroed: a NaN in a stale slot must not
-    reach the output)."""
+    mask nothing: ``hidden`` [G,1,1,L] keys a query does not see, ``outside`` [G,1,1,L,1]
+    rows past a sequence's length (their keys and values are zeroed: a NaN in a stale slot
+    must not reach the output)."""
     hidden: Optional[Tensor]
     outside: Optional[Tensor]
 
 
 @dataclass
 class StepPlan:
-    """``ops.PagedPlan`` of a step, and its decode groups' masks, made at first use."""
+    """``ops.PagedPlan`` of a step, every layer's [2, blocks, block_size, Hkv, D] view of the
+    pool (one unbind for the step), and its decode groups' masks, made at first use."""
     paged: ops.PagedPlan
+    layers: tuple[Tensor, ...]
     _decode: dict = field(default_factory=dict)   # (id(group), causal, window) -> DecodeMasks
 
     def decode_masks(self, group: ops.PagedGroup, causal: bool, window: int) -> DecodeMasks:
@@ -102,12 +109,18 @@ class StepPlan:
         if key not in self._decode:
             keep, inside = group.mask(causal, window)
             self._decode[key] = DecodeMasks(None if bool(keep.all()) else ~keep,
-                                            None if bool(inside.all()) else ~inside)
+                                            None if bool(inside.all()) else ~inside[:, :, None])
         return self._decode[key]
+
+    @property
+    def one_decode_group(self) -> Optional[ops.PagedGroup]:
+        """The step's only group when it is every packed query, one per sequence."""
+        groups = self.paged.groups
+        return groups[0] if len(groups) == 1 and groups[0].whole and groups[0].queries == 1 else None
 
 
 def step_plan(kv_pool: Tensor, block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor) -> StepPlan:
-    return StepPlan(ops.paged_plan(kv_pool, block_tables, seq_lens, query_start_loc))
+    return StepPlan(ops.paged_plan(kv_pool, block_tables, seq_lens, query_start_loc), kv_pool.unbind(0))
 
 
 def paged_attention(q: Tensor, kv_pool: Tensor, layer: int, plan: StepPlan, scale: float, causal: bool,
@@ -118,31 +131,45 @@ def paged_attention(q: Tensor, kv_pool: Tensor, layer: int, plan: StepPlan, scal
     if plan.paged.starts[-1] > q.shape[2]:
         raise ValueError(f"fusegen.paged_attention: query_start_loc {plan.paged.starts} must end at "
                          f"most at T = {q.shape[2]}")
+    on_thread = softcap == 0.0 and q.dtype == kv_pool.dtype and q.device.type == "cpu"
+    Hq, D, Hkv = q.shape[1], q.shape[3], kv_pool.shape[4]
+    decode = plan.one_decode_group
+    if on_thread and decode is not None and plan.paged.starts[-1] == q.shape[2]:
+        # [1, Hq, T, D] -> [T, Hkv, Hq / Hkv, 1, D] and back: views, as attend_by_group's are
+        grouped = q.view(Hkv, Hq // Hkv, decode.size, 1, D).permute(2, 0, 1, 3, 4)
+        out = _decode_attention(grouped, plan.layers[layer], decode, plan.decode_masks(decode, causal, window),
+                                scale)
+        return out.view(1, decode.size, Hq, D).transpose(1, 2)
 
     def attend(group: ops.PagedGroup, group_q: Tensor) -> Tensor:
-        if group.queries == 1 and softcap == 0.0 and q.dtype == kv_pool.dtype and q.device.type == "cpu":
-            return _decode_attention(group_q, kv_pool, layer, group, plan.decode_masks(group, causal, window),
-                                     scale)
+        if group.queries == 1 and on_thread:
+            grouped = group_q.view(group.size, Hkv, Hq // Hkv, 1, D)
+            out = _decode_attention(grouped, plan.layers[layer], group, plan.decode_masks(group, causal, window),
+                                    scale)
+            return out.view(group.size, Hq, 1, D)
         return ops._attend_group(group_q, kv_pool, layer, group, scale, causal, window, softcap)
 
     return ops.attend_by_group(q, plan.paged, attend)
 
 
-def _decode_attention(q: Tensor, kv_pool: Tensor, layer: int, group: ops.PagedGroup, masks: DecodeMasks,
+def _decode_attention(q: Tensor, pool_layer: Tensor, group: ops.PagedGroup, masks: DecodeMasks,
                       scale: float) -> Tensor:
-    """q [G,Hq,1,D] over the group's paged keys as ``ops._attend`` computes it on the CPU
-    (on-thread product-sums and softmax: an op that splits over threads waits milliseconds
-    for a busy second core), less its steps that change nothing here: casts to the dtype
-    the tensors have, masks that mask nothing, the empty-row guard (a decode query always
-    sees its own key). K and V of every block come from one index_select."""
-    kv = kv_pool[layer].index_select(1, group.blocks).view(2, group.size, -1, *kv_pool.shape[4:])
-    k, v = kv[:, :, :group.longest].transpose(2, 3).unbind(0)           # [G, Hkv, L, D] each
+    """q [G,Hkv,g,1,D] (g query heads per KV head) over the group's paged keys -> [G,Hkv,g,D],
+    as ``ops._attend`` computes it on the CPU (on-thread product-sums and softmax: an op that
+    splits over threads waits milliseconds for a busy second core), less its steps that
+    change nothing here: casts to the dtype the tensors have, masks that mask nothing, the
+    empty-row guard (a decode query always sees its own key). K and V of every block come
+    from one index_select, viewed as [G,Hkv,1,L,D] for the products."""
+    kv = pool_layer.index_select(1, group.blocks).view(2, group.size, -1, 1, *pool_layer.shape[3:])
+    if kv.shape[2] != group.longest:
+        kv = kv[:, :, :group.longest]
+    k, v = kv.permute(0, 1, 4, 3, 2, 5).unbind(0)                       # [G, Hkv, 1, L, D] each
     if masks.outside is not None:
-        v = v.masked_fill(masks.outside, 0.0)
-    scores = ops._single_query_scores(q, k) * scale
+        k, v = k.masked_fill(masks.outside, 0.0), v.masked_fill(masks.outside, 0.0)
+    scores = (q * k).sum(-1) * scale                                     # [G, Hkv, g, L]
     if masks.hidden is not None:
         scores = scores.masked_fill(masks.hidden, float("-inf"))
-    return ops._single_query_mix(ops._softmax_on_thread(scores), v)
+    return (ops._softmax_on_thread(scores)[..., None] * v).sum(-2)
 
 
 # --- rotary embeddings ---------------------------------------------------------------------

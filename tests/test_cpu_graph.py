@@ -202,10 +202,11 @@ def test_planned_kv_write_is_the_reference_bitwise():
         for pool in (torch.zeros(3, 2, 7, 3, 2, 5, dtype=torch.float16), torch.zeros(3, 2, 7, 3, 4, 5)[..., :2, :]):
             want = pool.clone()
             ops.paged_kv_write(want, 1, k, v, slots)
-            cpu_ops.paged_kv_write(pool, 1, k, v, cpu_ops.kv_slots(slots))
+            cpu_ops.paged_kv_write(pool, 1, k, v, cpu_ops.kv_slots(pool, slots))
             assert torch.equal(pool, want), slot_mapping
     with pytest.raises(ValueError, match=r"6 tokens but slot_mapping has 2 entries"):
-        cpu_ops.paged_kv_write(torch.zeros(1, 2, 4, 4, 2, 5), 0, k, v, cpu_ops.kv_slots(torch.tensor([0, 1])))
+        pool = torch.zeros(1, 2, 4, 4, 2, 5)
+        cpu_ops.paged_kv_write(pool, 0, k, v, cpu_ops.kv_slots(pool, torch.tensor([0, 1])))
 
 
 # --- the rewrites, each on a small graph of odd shapes -----------------------------------------

@@ -273,8 +273,12 @@ def onednn_linear(graph: fx.Graph) -> int:
     2 cores) MKL's sgemm, which aten.linear calls, reads one-row products' weights at
     13-22 GB/s and oneDNN at 20-33 GB/s (SmolLM2-135M, all linears of a decode step:
     28 ms -> 18 ms) and is 1.5-2.5x faster on prefill shapes too. The sums run in another
-    order: values within float rounding of aten.linear (~1e-6 relative), not bitwise.
-    Skipped (and logged) where this torch has no oneDNN."""
+    order: values within float rounding of aten.linear (~1e-6 relative), not bitwise;
+    the same on one thread as on two. MKL runs these one-row products on one thread, oneDNN
+    splits each over torch's threads: where another process holds one of the cores, every
+    split waits for it (decode step 37 ms on one thread, 179 ms on two, 2 cores with one
+    busy); ``torch.set_num_threads(1)`` is the caller's remedy there. Skipped (and logged)
+    where this torch has no oneDNN."""
     sites = [n for n in graph.nodes if _is(n, aten.linear.default) and _onednn_fits(n)]
     if sites and not _onednn_works():
         log.info("onednn_linear: torch.ops.mkldnn._linear_pointwise unavailable; %d linears stay aten.linear",

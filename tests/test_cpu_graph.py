@@ -1,6 +1,8 @@
-"""The CPU step graph (runtime/cpu_graph.py): its rewrite counts, bitwise the same logits as
-the step graph it was made from on prefill, mixed and decode steps, and the engine running
-it on the CPU (and not when $FUSEGEN_KERNELS=1 asks for kernels)."""
+"""The CPU step graph (runtime/cpu_graph.py): its rewrite counts, the same logits as the step
+graph it was made from on prefill, mixed and decode steps (bitwise but for oneDNN's linears),
+the engine running it on the CPU (and not when $FUSEGEN_KERNELS=1 asks for kernels); its ops
+(runtime/cpu_ops.py) against the references and each rewrite (runtime/cpu_rewrites.py) on a
+small graph of odd shapes."""
 
 import operator
 
@@ -52,6 +54,9 @@ def test_rewrite_counts_and_nothing_left_to_dispatch(paged):
     assert not [n for n in calls if isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "fusegen"]
     assert not [n for n in calls if n.target in BINDINGS]   # every aten call through torch's bindings
     assert stats["python_bindings"] > 0
+    tensors = {id(t) for t in gm.state_dict(keep_vars=True).values()}
+    assert stats["attributes_flat"] == len([n for n in flat.graph.nodes if n.op == "get_attr"]) <= len(tensors)
+    assert "getattr(" not in flat.code                      # every weight one attribute lookup away
     assert not [n for n in calls if n.target is operator.getitem and n.args[0].op == "call_module"]
     assert any(isinstance(m, FusedGroup) for m in gm.children())   # the caller's graph is untouched
 

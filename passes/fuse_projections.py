@@ -36,7 +36,7 @@ from collections import Counter
 import torch
 from torch import fx
 
-from fusegen.passes.infra import (PassContext, PassResult, erase_unused, fake_mode_of, getattr_path,
+from fusegen.passes.infra import (PassContext, PassResult, add_buffer, erase_unused, fake_mode_of, getattr_path,
                                   graph_pass, refresh_vals, val)
 
 aten = torch.ops.aten
@@ -172,14 +172,6 @@ def _copy_meta(dst: fx.Node, src: fx.Node) -> None:
             dst.meta[key] = src.meta[key]
 
 
-def _attr(gm: fx.GraphModule, name: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
-    gm.register_buffer(name, value)
-    with gm.graph.inserting_before(before):
-        node = gm.graph.get_attr(name)
-    node.meta["val"] = fake_mode_of(gm).from_tensor(value, static_shapes=True)
-    return node
-
-
 @torch.no_grad()
 def _fused_tensors(gm: fx.GraphModule, group: list[fx.Node]) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """The concatenated weight, bias (None if no member has one) and how many zero-filled."""
@@ -201,9 +193,9 @@ def _fuse(gm: fx.GraphModule, group: list[fx.Node], index: int, view_vals: dict)
     widths = _widths(gm, group)
     weight, bias, zero_filled = _fused_tensors(gm, group)
     graph = gm.graph
-    args = [x, _attr(gm, f"{PREFIX}{index}_weight", weight, first)]
+    args = [x, add_buffer(gm, f"{PREFIX}{index}_weight", weight, first)]
     if bias is not None:
-        args.append(_attr(gm, f"{PREFIX}{index}_bias", bias, first))
+        args.append(add_buffer(gm, f"{PREFIX}{index}_bias", bias, first))
     with graph.inserting_before(first):
         fused = graph.call_function(aten.linear.default, tuple(args))
         split = graph.call_function(aten.split_with_sizes.default, (fused, widths, -1))

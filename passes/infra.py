@@ -184,6 +184,16 @@ def call_nodes(gm: fx.GraphModule, *targets) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in targets]
 
 
+def add_buffer(gm: fx.GraphModule, name: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
+    """Register ``value`` as buffer ``name`` of ``gm`` and read it with a get_attr node placed
+    before ``before``, its ``val`` a static-shape FakeTensor of the graph's fake mode."""
+    gm.register_buffer(name, value)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = fake_mode_of(gm).from_tensor(value, static_shapes=True)
+    return node
+
+
 def erase_unused(gm: fx.GraphModule) -> int:
     """Dead-code elimination that also drops unused get_attr nodes and submodules."""
     before = len(gm.graph.nodes)

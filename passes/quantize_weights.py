@@ -24,7 +24,7 @@ import torch
 from torch import fx
 
 from fusegen import ops  # noqa: F401  (registers fusegen::quantized_linear)
-from fusegen.passes.infra import PassContext, PassResult, erase_unused, fake_mode_of, getattr_path, graph_pass
+from fusegen.passes.infra import PassContext, PassResult, add_buffer, erase_unused, getattr_path, graph_pass
 from fusegen.quant import quantize, stored_bytes, supported
 
 aten = torch.ops.aten
@@ -61,20 +61,12 @@ def _weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
     return tensor if tensor.dim() == 2 and tensor.is_floating_point() else None
 
 
-def _buffer(gm: fx.GraphModule, name: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
-    gm.register_buffer(name, value)
-    with gm.graph.inserting_before(before):
-        node = gm.graph.get_attr(name)
-    node.meta["val"] = fake_mode_of(gm).from_tensor(value, static_shapes=True)
-    return node
-
-
 @torch.no_grad()
 def _rewrite(gm: fx.GraphModule, node: fx.Node, weight: torch.Tensor, fmt: str, index: int) -> int:
     """Replace ``node`` by a quantized linear over new buffers; returns the stored bytes."""
     data, scale = quantize(weight, fmt)
-    data_node = _buffer(gm, f"{PREFIX}{index}_data", data, node)
-    scale_node = _buffer(gm, f"{PREFIX}{index}_scale", scale, node)
+    data_node = add_buffer(gm, f"{PREFIX}{index}_data", data, node)
+    scale_node = add_buffer(gm, f"{PREFIX}{index}_scale", scale, node)
     bias = node.args[2] if len(node.args) > 2 else None
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(QUANTIZED_LINEAR, (node.args[0], data_node, scale_node, bias, fmt))

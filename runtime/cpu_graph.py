@@ -16,10 +16,11 @@ is per-op overhead. First a flat copy of the graph:
 
 What every layer of a step shares (sequences grouped by query count, their blocks, masks
 and slots) is made once (cpu_ops.py). Then the rewrites of cpu_rewrites.REWRITES, in order
-(merged repeats, RMSNorm, rotary, oneDNN linears), the fusegen ops left called as their
-Python functions (no dispatcher, autograd or dynamo wrappers), and every aten overload
-through torch's own binding. The graph the caller holds is left as it was; the GPU never
-runs this copy (its FusedGroups and attention ops launch kernels).
+(merged repeats, RMSNorm, rotary, oneDNN linears: the engine leaves the last out where
+cpu_rewrites.onednn_linear_pays finds them slower than aten.linear on this CPU), the fusegen
+ops left called as their Python functions (no dispatcher, autograd or dynamo wrappers), and
+every aten overload through torch's own binding. The graph the caller holds is left as it
+was; the GPU never runs this copy (its FusedGroups and attention ops launch kernels).
 
 Weights: a decode step is one row times every weight matrix, and the CPU BLAS reads a
 [out, in] weight stored column-major (``w.t().contiguous().t()``: the same values, strides
@@ -52,11 +53,8 @@ def column_major_weights(gm: fx.GraphModule) -> int:
     of the attribute in ``gm`` (a Parameter of the source model is replaced in ``gm`` only,
     never changed); returns how many attributes were re-laid. Ops that read the same
     attribute (a tied embedding) read the copy too: same values, other strides."""
-    targets = {n.args[1].target for n in gm.graph.nodes
-               if n.op == "call_function" and n.target is LINEAR and len(n.args) > 1
-               and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr"}
     relaid = 0
-    for target in sorted(targets):
+    for target in _linear_weight_targets(gm):
         owner_path, _, name = target.rpartition(".")
         owner = gm.get_submodule(owner_path)
         weight = getattr(owner, name)
@@ -73,6 +71,20 @@ def column_major_weights(gm: fx.GraphModule) -> int:
             setattr(owner, name, copy)
         relaid += 1
     return relaid
+
+
+def linear_weights(gm: fx.GraphModule) -> list[torch.Tensor]:
+    """The 2-D weights ``gm``'s linears read (each attribute once), in the graph's order."""
+    weights = [operator.attrgetter(target)(gm) for target in _linear_weight_targets(gm, ordered=True)]
+    return [w for w in weights if isinstance(w, torch.Tensor) and w.dim() == 2]
+
+
+def _linear_weight_targets(gm: fx.GraphModule, ordered: bool = False) -> list[str]:
+    """The attribute names of the weights ``gm``'s linears read: sorted, or in graph order."""
+    targets = dict.fromkeys(n.args[1].target for n in gm.graph.nodes
+                            if n.op == "call_function" and n.target is LINEAR and len(n.args) > 1
+                            and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr")
+    return list(targets) if ordered else sorted(targets)
 
 
 def cpu_step_graph(gm: fx.GraphModule, leave_out: Collection[str] = ()) -> tuple[fx.GraphModule, Counter]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import operator
+import time
 from typing import Callable, Optional
 
 import torch
@@ -278,7 +279,12 @@ def onednn_linear(graph: fx.Graph) -> int:
     splits each over torch's threads: where another process holds one of the cores, every
     split waits for it (decode step 37 ms on one thread, 179 ms on two, 2 cores with one
     busy); ``torch.set_num_threads(1)`` is the caller's remedy there. Skipped (and logged)
-    where this torch has no oneDNN."""
+    where this torch has no oneDNN.
+
+    Which library is faster depends on the CPU: on a 2-core Intel Xeon (AVX-512) MKL's sgemm
+    is the faster one, all linears of the SmolLM2-135M decode step 24 ms against oneDNN's
+    57 ms (engine decode 26 tok/s with aten.linear, 13 with this rewrite). The engine asks
+    ``onednn_linear_pays`` first and leaves this rewrite out where it does not."""
     sites = [n for n in graph.nodes if _is(n, aten.linear.default) and _onednn_fits(n)]
     if sites and not _onednn_works():
         log.info("onednn_linear: torch.ops.mkldnn._linear_pointwise unavailable; %d linears stay aten.linear",
@@ -319,6 +325,57 @@ def _onednn_works() -> bool:
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
     return torch.allclose(got, torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5)
+
+
+# what onednn_linear_pays found, by the weights' shapes and strides and the thread count
+_PAYS: dict[tuple, bool] = {}
+ONEDNN_MARGIN = 0.9  # oneDNN's pass must take at most this share of aten.linear's
+
+
+def onednn_linear_pays(weights, rounds: int = 3) -> bool:
+    """Whether oneDNN's inner product (onednn_linear) runs one-row products over ``weights``
+    (the float32 2-D weights a step's linears read, in step order) faster than aten.linear
+    on this machine: each library's best of ``rounds`` passes over every weight, alternated,
+    oneDNN kept only when its pass takes at most ONEDNN_MARGIN of aten's (a close call keeps
+    aten.linear, which is bitwise the step graph's). One row is a decode step, where these
+    products cost most of the step. Measured once per process for weights of the same
+    shapes and strides at the same torch thread count; False without a working oneDNN."""
+    weights = [w for w in weights if isinstance(w, torch.Tensor) and w.dim() == 2
+               and w.dtype == torch.float32 and w.device.type == "cpu"]
+    if not weights or not _onednn_works():
+        return False
+    key = (tuple((tuple(w.shape), w.stride()) for w in weights), torch.get_num_threads())
+    if key not in _PAYS:
+        _PAYS[key] = _measure_onednn(weights, rounds)
+    return _PAYS[key]
+
+
+@torch.no_grad()
+def _measure_onednn(weights, rounds: int) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    rows = {w.shape[1]: torch.randn(1, w.shape[1], generator=gen) for w in weights}
+    onednn = _onednn_linear_op()
+
+    def aten_pass():
+        for w in weights:
+            torch._C._nn.linear(rows[w.shape[1]], w)
+
+    def onednn_pass():
+        for w in weights:
+            onednn(rows[w.shape[1]], w, None, "none", [], "")
+
+    best = {aten_pass: float("inf"), onednn_pass: float("inf")}
+    onednn_pass()   # oneDNN makes its primitives at the first call of each shape
+    for _ in range(rounds):
+        for run in best:
+            start = time.perf_counter()
+            run()
+            best[run] = min(best[run], time.perf_counter() - start)
+    pays = best[onednn_pass] <= ONEDNN_MARGIN * best[aten_pass]
+    log.info("onednn_linear: one-row products over %d weights take %.2f ms through oneDNN, %.2f ms "
+             "through aten.linear (%d threads): %s", len(weights), 1e3 * best[onednn_pass],
+             1e3 * best[aten_pass], torch.get_num_threads(), "oneDNN" if pays else "aten.linear")
+    return pays
 
 
 # --- Python bindings -------------------------------------------------------------------------

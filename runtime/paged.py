@@ -22,7 +22,8 @@ from torch import fx
 from fusegen.fused_group import KERNELS_ENV
 from fusegen.kv import KVGeometry
 from fusegen.runtime.batch import BatchState, staged
-from fusegen.runtime.cpu_graph import column_major_weights, cpu_step_graph
+from fusegen.runtime.cpu_graph import column_major_weights, cpu_step_graph, linear_weights
+from fusegen.runtime.cpu_rewrites import onednn_linear_pays
 
 
 class PagedRunner:
@@ -96,8 +97,12 @@ class PagedRunner:
             return self.gm
         if self._cpu_graph is None:
             relaid = column_major_weights(self.gm)
-            self._cpu_graph, self.cpu_graph_stats = cpu_step_graph(self.gm)
+            # oneDNN's linears where they beat aten.linear on this CPU (cpu_rewrites.onednn_linear)
+            onednn = onednn_linear_pays(linear_weights(self.gm))
+            self._cpu_graph, self.cpu_graph_stats = cpu_step_graph(
+                self.gm, leave_out=() if onednn else ("onednn_linear",))
             self.cpu_graph_stats["weights_column_major"] = relaid
+            self.cpu_graph_stats["onednn_linear_left_out"] = int(not onednn)
         return self._cpu_graph
 
 

@@ -370,6 +370,46 @@ def test_python_bindings_rewrite_calls_and_leaves_calls_it_cannot_pass():
     assert torch.equal(gm(x), want)
 
 
+@pytest.mark.parametrize("pays", [True, False])
+def test_engine_takes_onednn_linears_only_where_they_pay(paged, monkeypatch, pays):
+    import fusegen.runtime.paged as paged_runtime
+
+    seen = []
+    monkeypatch.setattr(paged_runtime, "onednn_linear_pays", lambda weights: seen.append(weights) or pays)
+    monkeypatch.delenv(KERNELS_ENV, raising=False)
+    engine = paged.engine(num_blocks=8, max_num_seqs=1, max_num_batched_tokens=64)
+    engine.runner.step_graph()
+    stats = engine.runner.cpu_graph_stats
+    assert len(seen) == 1 and len(seen[0]) == 4 * LAYERS + 1   # every linear's weight (the LM head's too)
+    assert all(w.dim() == 2 and not w.is_contiguous() for w in seen[0])   # read column-major
+    assert stats["onednn_linear"] == (4 * LAYERS + 1 if pays else 0)
+    assert stats["onednn_linear_left_out"] == (0 if pays else 1)
+
+
+def test_onednn_linear_pays_measures_once_per_shapes_and_threads(monkeypatch):
+    from fusegen.runtime import cpu_rewrites
+
+    calls = []
+    monkeypatch.setattr(cpu_rewrites, "_PAYS", {})
+    monkeypatch.setattr(cpu_rewrites, "_measure_onednn", lambda weights, rounds: calls.append(len(weights)) or True)
+    weights = [torch.randn(7, 5), torch.randn(5, 7).t().contiguous().t()]
+    assert cpu_rewrites.onednn_linear_pays(weights) is cpu_rewrites._onednn_works()
+    assert cpu_rewrites.onednn_linear_pays([torch.randn(7, 5), torch.randn(5, 7).t().contiguous().t()]) \
+        is cpu_rewrites._onednn_works()
+    assert calls == ([2] if cpu_rewrites._onednn_works() else [])   # the same shapes and strides: once
+    assert cpu_rewrites.onednn_linear_pays([torch.randn(7, 5, dtype=torch.float64)]) is False
+    assert cpu_rewrites.onednn_linear_pays([]) is False
+    assert calls == ([2] if cpu_rewrites._onednn_works() else [])
+
+
+def test_onednn_linear_measurement_gives_a_bool():
+    from fusegen.runtime.cpu_rewrites import _measure_onednn, _onednn_works
+
+    if not _onednn_works():
+        pytest.skip("this torch has no working oneDNN")
+    assert _measure_onednn([torch.randn(64, 48), torch.randn(48, 64).t().contiguous().t()], rounds=1) in (True, False)
+
+
 def _linear_graph(x, weight, bias):
     """A graph of one aten.linear, its nodes carrying FakeTensor values as the step graph's do."""
     from torch._subclasses.fake_tensor import FakeTensorMode

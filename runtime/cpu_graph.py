@@ -75,16 +75,16 @@ def column_major_weights(gm: fx.GraphModule) -> int:
 
 def linear_weights(gm: fx.GraphModule) -> list[torch.Tensor]:
     """The 2-D weights ``gm``'s linears read (each attribute once), in the graph's order."""
-    weights = [operator.attrgetter(target)(gm) for target in _linear_weight_targets(gm, ordered=True)]
+    weights = [operator.attrgetter(target)(gm) for target in _linear_weight_targets(gm)]
     return [w for w in weights if isinstance(w, torch.Tensor) and w.dim() == 2]
 
 
-def _linear_weight_targets(gm: fx.GraphModule, ordered: bool = False) -> list[str]:
-    """The attribute names of the weights ``gm``'s linears read: sorted, or in graph order."""
+def _linear_weight_targets(gm: fx.GraphModule) -> list[str]:
+    """The attribute names of the weights ``gm``'s linears read, each once, in graph order."""
     targets = dict.fromkeys(n.args[1].target for n in gm.graph.nodes
                             if n.op == "call_function" and n.target is LINEAR and len(n.args) > 1
                             and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr")
-    return list(targets) if ordered else sorted(targets)
+    return list(targets)
 
 
 def cpu_step_graph(gm: fx.GraphModule, leave_out: Collection[str] = ()) -> tuple[fx.GraphModule, Counter]:

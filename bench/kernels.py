@@ -10,7 +10,11 @@ ceilings measured in the same run.
   B1 L32768, B32 L4096: fusegen paged_attention vs SDPA on dense KV (TB/s of KV read), both
   replayed from CUDA graphs as the runtime runs decode;
 - generated fused groups (RMSNorm T4096 H4096, residual + RMSNorm, SiLU*mul T4096 I11008)
-  vs the same ops in eager torch (TB/s of the bytes each must move).
+  vs the same ops in eager torch (TB/s of the bytes each must move), each replayed from a
+  CUDA graph so the kernel, not the Python launch, is timed;
+- skinny GEMM: every linear shape of the 1B and 7B configs (fused q/k/v and gate/up) at
+  M = 1, 8, 64: the template's best measured configuration vs cuBLAS (F.linear), TB/s of
+  the weight, input and output bytes and % of the copy rate, both replayed from CUDA graphs.
 Every timing is a median over CUDA-event-timed repetitions after warm-up, on random data.
 """
 
@@ -26,6 +30,7 @@ import triton.testing
 from torch import nn
 
 from fusegen.codegen import attention as attn_kernels
+from fusegen.codegen import skinny_gemm
 from fusegen.codegen.lower import lower
 from fusegen.passes.cleanup_graph import cleanup_graph
 from fusegen.passes.fuse_pointwise import fuse_pointwise
@@ -37,6 +42,20 @@ DT = torch.bfloat16
 def bench(fn, warmup=25, rep=100) -> float:
     """Median milliseconds of ``fn`` (CUDA events)."""
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def graphed(fn):
+    """``fn`` captured into a CUDA graph (after a warm-up); returns the replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def rel_err(got, want) -> float:
@@ -166,10 +185,59 @@ def fused_groups(T=4096, H=4096, I=11008) -> list[dict]:
         got = got if isinstance(got, tuple) else (got,)
         err = max(rel_err(a, b) for a, b in zip(got, want))
         with torch.no_grad():
-            t_fused, t_eager = bench(lambda: gm(*args)), bench(lambda: module(*args))
+            t_fused = bench(graphed(lambda: gm(*args)))
+            t_eager = bench(graphed(lambda: module(*args)))
         rows.append({"kernel": name, "shape": f"T{T} x {args[0].shape[-1]} bf16", "groups": stats.get("groups", 0),
                      "rel_err": err, "fusegen_TBps": nbytes / t_fused / 1e9, "eager_TBps": nbytes / t_eager / 1e9})
     return rows
+
+
+def linear_shapes(name: str) -> list[tuple[str, int, int]]:
+    """(linear, N, K) of a Llama config of bench/e2e.py as fusegen runs it (q/k/v and
+    gate/up fused)."""
+    from e2e import CONFIGS
+
+    c = CONFIGS[name]
+    H, I, V = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    D = H // c["num_attention_heads"]
+    kv = c["num_key_value_heads"] * D
+    return [("qkv", H + 2 * kv, H), ("o", H, H), ("gate_up", 2 * I, H), ("down", H, I), ("lm_head", V, H)]
+
+
+def skinny_gemms(copy_tbps: float, ms=(1, 8, 64)) -> list[dict]:
+    rows = []
+    table = skinny_gemm.TABLE
+    for model in ("1b", "7b"):
+        for linear, N, K in linear_shapes(model):
+            table.measure([(N, K, False)], ms, DT, "cuda")
+            w = torch.randn(N, K, device="cuda", dtype=DT) * K ** -0.5
+            for M in ms:
+                choice = table.choices[(M, N, K, DT, False)]
+                x = torch.randn(M, K, device="cuda", dtype=DT)
+                nbytes = (N * K + M * K + M * N) * 2
+                t_cublas = bench(graphed(lambda: torch.nn.functional.linear(x, w)))
+                row = {"model": model, "linear": linear, "shape": f"M{M} N{N} K{K} bf16",
+                       "chosen": choice.kernel, "cublas_TBps": nbytes / t_cublas / 1e9}
+                best = _best_template(table, M, N, K)   # timed even where cuBLAS won
+                if best is not None:
+                    want = torch.nn.functional.linear(x.double(), w.double())
+                    row["template_rel_err"] = rel_err(skinny_gemm.skinny_linear(x, w, None, best), want)
+                    row["template"] = str(best)
+                    row["template_TBps"] = nbytes / bench(graphed(
+                        lambda: skinny_gemm.skinny_linear(x, w, None, best))) / 1e9
+                chosen = row.get("template_TBps", 0) if choice.config is not None else row["cublas_TBps"]
+                row["chosen_TBps"] = chosen
+                row["chosen_pct_copy"] = 100 * chosen / copy_tbps
+                rows.append(row)
+                print(f"skinny GEMM {model} {linear:8s} {row['shape']:24s} template {row.get('template_TBps', 0):.2f} TB/s"
+                      f" ({row.get('template', '-')}), cuBLAS {row['cublas_TBps']:.2f}, chosen {choice.kernel}"
+                      f" = {row['chosen_pct_copy']:.0f}% of copy", flush=True)
+    return rows
+
+
+def _best_template(table, M, N, K):
+    trace = table.trace.get((M, N, K, DT, False))
+    return min(trace, key=trace.get) if trace else None
 
 
 def main() -> None:
@@ -185,6 +253,7 @@ def main() -> None:
     result["prefill"] = [prefill(4), prefill(1)]
     result["decode"] = [decode(1, 8192), decode(1, 32768), decode(32, 4096)]
     result["fused_groups"] = fused_groups()
+    result["skinny_gemm"] = skinny_gemms(result["ceilings"]["copy_TBps"])
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     c = result["ceilings"]

@@ -2,8 +2,9 @@
 
 Two schedules:
 
-    "row"        one program per row of the frame [M, N]; the whole row is in registers, so
-                 reductions over the last dim (mean, sum, amax) are tl.sum / tl.max;
+    "row"        a program holds ROWS whole rows of the frame [M, N] in registers (several
+                 when N is short, ``row_schedule``), so reductions over the last dim (mean,
+                 sum, amax) are tl.sum / tl.max along the columns;
     "pointwise"  no reduction: programs tile the M*N elements, BLOCK at a time.
 
 Every input is read in place: its strides broadcast to the frame [*lead, N] (0 along
@@ -22,6 +23,7 @@ import hashlib
 import math
 
 import torch
+import triton
 from torch import fx
 
 from fusegen.fused_group import FusedGroup
@@ -89,9 +91,9 @@ class _Emitter:
                 raise ValueError(f"{self.group.name}: reduction {t} in a pointwise group")
             x = self.operand(node.args[0])
             if t is aten.amax.default:
-                expr = f"tl.max(tl.where(mask, {x}, float('-inf')), axis=0)"
+                expr = f"tl.max(tl.where(mask, {x}, float('-inf')), axis=1, keep_dims=True)"
             else:
-                expr = f"tl.sum(tl.where(mask, {x}, 0.0), axis=0)"
+                expr = f"tl.sum(tl.where(mask, {x}, 0.0), axis=1, keep_dims=True)"
                 if t is aten.mean.dim:
                     expr = f"({expr} / N)"
         else:
@@ -147,7 +149,7 @@ def _stores(layouts: list[str], names: list[str], row: bool) -> list[str]:
         if kind == "row":
             lines.append(f"    tl.store(out{i} + ooff{i} + cols * oc{i}, {name}, mask=mask)")
         elif kind == "col":
-            lines.append(f"    tl.store(out{i} + row, {name})" if row
+            lines.append(f"    tl.store(out{i} + row, {name}, mask=row < M)" if row
                          else f"    tl.store(out{i} + row, {name}, mask=mask & (cols == 0))")
         else:
             raise ValueError(f"output layout {kind!r} is not produced by a row group")
@@ -181,12 +183,13 @@ def generate_source(group: FusedGroup, kernel: str) -> str:
     ops = ", ".join(str(n.target).replace("aten.", "") for n in graph.nodes if n.op == "call_function")
     head = [
         f"@triton.jit",
-        f"def {kernel}({ins}, {outs}{strides}, M, N: tl.constexpr, BLOCK: tl.constexpr):",
+        f"def {kernel}({ins}, {outs}{strides}, M, N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):",
         f'    """Generated from {len(em.lines)} graph nodes ({group.schedule} schedule): {ops}."""',
     ]
     if row:
         head += ["    tl.static_assert(BLOCK >= N)",
-                 "    row = tl.program_id(0)", "    cols = tl.arange(0, BLOCK)", "    mask = cols < N"]
+                 "    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]",
+                 "    cols = tl.arange(0, BLOCK)[None, :]", "    mask = (row < M) & (cols < N)"]
     else:
         head += ["    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)", "    mask = offs < M * N",
                  "    row = offs // N", "    cols = offs % N"]
@@ -194,7 +197,7 @@ def generate_source(group: FusedGroup, kernel: str) -> str:
     body += _stores(group.output_layouts, [em.names[o] for o in outputs], row)
     launcher = _launcher(kernel, group, outputs, row)
     imports = ["import torch", "import triton", "import triton.language as tl", "",
-               "from fusegen.codegen.pointwise import input_strides, output_order", "", ""]
+               "from fusegen.codegen.pointwise import input_strides, output_order, row_schedule", "", ""]
     return "\n".join(imports + head
                      + body + ["", ""] + launcher) + "\n"
 
@@ -226,13 +229,25 @@ def _launcher(kernel: str, group: FusedGroup, outputs, row: bool) -> list[str]:
     ]
     if row:
         lines += ["    BLOCK = triton.next_power_of_2(N)",
-                  "    warps = 4 if BLOCK <= 2048 else 8 if BLOCK <= 8192 else 16",
-                  f"    {kernel}[(M,)](*inputs, *outs, *args, M, N, BLOCK=BLOCK, num_warps=warps)"]
+                  "    rows, warps = row_schedule(M, BLOCK)",
+                  f"    {kernel}[(triton.cdiv(M, rows),)](*inputs, *outs, *args, M, N, BLOCK=BLOCK, ROWS=rows, num_warps=warps)"]
     else:
         lines += ["    BLOCK = 1024",
-                  f"    {kernel}[(triton.cdiv(M * N, BLOCK),)](*inputs, *outs, *args, M, N, BLOCK=BLOCK, num_warps=4)"]
+                  f"    {kernel}[(triton.cdiv(M * N, BLOCK),)](*inputs, *outs, *args, M, N, BLOCK=BLOCK, ROWS=1, num_warps=4)"]
     lines.append("    return tuple(outs)")
     return lines
+
+
+ROW_ELEMS = 4096   # elements a row-schedule program holds (several rows when N is short)
+
+
+def row_schedule(M: int, block: int) -> tuple[int, int]:
+    """(rows per program, warps) of the row schedule for M rows of ``block`` columns: short
+    rows are packed several to a program so every program moves about ROW_ELEMS elements,
+    and each thread holds 16 of them (two 16-byte loads in bf16)."""
+    rows = max(1, min(ROW_ELEMS // block, triton.next_power_of_2(max(M, 1))))
+    warps = max(1, min(16, rows * block // (32 * 16)))
+    return rows, warps
 
 
 def _row_outputs(group: FusedGroup) -> list[int]:

@@ -40,6 +40,9 @@ class CompileConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (on CUDA only)
+    # Decode linears (<= 64 tokens) by the skinny-GEMM template where it beats cuBLAS, as
+    # measured at engine set-up (codegen/skinny_gemm.py; CUDA graphs only).
+    skinny_gemm: bool = True
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -60,7 +60,7 @@ class StepGraph:
     def _forward(self) -> torch.Tensor:
         runner = self.runner
         inputs = runner.batch.step_inputs(self.entries, self.num_tokens, runner.kv_pool)
-        return runner.gm(**inputs)[0]
+        return runner.graph_gm(**inputs)[0]
 
     def capture(self, pool) -> None:
         side = torch.cuda.Stream()

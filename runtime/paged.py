@@ -21,6 +21,8 @@ from torch import fx
 
 from fusegen.fused_group import KERNELS_ENV
 from fusegen.kv import KVGeometry
+from fusegen.codegen import skinny_gemm
+from fusegen.codegen.skinny_gemm import route_linears
 from fusegen.runtime.batch import BatchState, staged
 from fusegen.runtime.cpu_graph import column_major_weights, cpu_step_graph, linear_weights
 from fusegen.runtime.cpu_rewrites import onednn_linear_pays
@@ -38,6 +40,8 @@ class PagedRunner:
                                    device=self.device)
         self.batch: BatchState | None = None
         self.graphs = None  # StepGraphs once capture_graphs ran
+        self.graph_gm = gm   # what the CUDA graphs capture: gm with its linears routed (gemm_routing)
+        self.gemm_choices: list = []   # skinny_gemm.Choice per (M, N, K) measured at capture
         self._cpu_graph: fx.GraphModule | None = None  # see cpu_graph.py; made at the first CPU step
 
     @property
@@ -61,12 +65,17 @@ class PagedRunner:
         self.batch = BatchState(max_rows, max_model_len, self.block_size, self.device)
         return self.batch
 
-    def capture_graphs(self, decode_buckets, token_buckets) -> None:
-        """Capture a CUDA graph per step shape (see cuda_graphs.py); once, after the batch."""
+    def capture_graphs(self, decode_buckets, token_buckets, skinny_gemms: bool = True) -> None:
+        """Capture a CUDA graph per step shape (see cuda_graphs.py); once, after the batch.
+        With ``skinny_gemms`` the linears of the decode buckets (M <= 64 tokens) run the
+        skinny-GEMM template where the table measured here finds it faster than cuBLAS."""
         from fusegen.runtime.cuda_graphs import StepGraphs
 
         if self.batch is None:
             raise ValueError("capture_graphs needs the batch state: call allocate_batch first")
+        if skinny_gemms:
+            self.graph_gm, self.gemm_choices = route_linears(
+                self.gm, [b for b in decode_buckets if b <= skinny_gemm.MAX_M], self.device)
         self.graphs = StepGraphs(self, decode_buckets, token_buckets)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:

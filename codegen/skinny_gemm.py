@@ -1,0 +1,314 @@
+"""Skinny GEMM: ``y = x @ W.T (+ bias)`` for M <= 64 packed tokens, the shape of decode.
+
+A decode step's linears are weight-read bound: x is [M, K] with M the batch, W [N, K] is
+read once. The kernel tiles N by BLOCK_N and, when the N tiles alone do not fill the GPU,
+splits K into SPLIT_K ranges (``split-K``); every program streams BLOCK_N rows of W through
+its K range once. The reduction over the splits is fused: each program stores its fp32
+partial tile, then takes a ticket from the tile's counter; the program that draws the last
+ticket sums the partials in split order (deterministic), adds the bias, writes y and resets
+the counter, so the workspace needs no clearing between launches (CUDA-graph safe; launches
+that share a workspace must run in stream order).
+
+    USE_DOT = 1   tl.dot on [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] (BLOCK_M >= 16)
+    USE_DOT = 0   fp32 multiply and row sums on [BLOCK_M, BLOCK_N, BLOCK_K] (small M)
+
+Which configuration runs for a shape, or whether cuBLAS (``F.linear``) does, is measured on
+the device (``GemmTable.measure``) when the engine is set up; ``linear`` looks the choice up.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
+MAX_M = 64   # the template serves at most this many packed tokens
+
+
+@triton.jit
+def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr,
+                        M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
+                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
+                        EVEN_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    k_chunk = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K   # each split's K range, whole BLOCK_Ks
+    k_begin = pid_k * k_chunk
+    m_ok = rm[:, None] < M
+    n_ok = rn[:, None] < N
+    x_rows = x_ptr + rm[:, None] * stride_xm
+    w_rows = w_ptr + rn[:, None] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(k_begin, k_begin + k_chunk, BLOCK_K):
+        cols = k + rk[None, :]
+        if EVEN_K:
+            a = tl.load(x_rows + cols * stride_xk, mask=m_ok, other=0.0)
+            b = tl.load(w_rows + cols * stride_wk, mask=n_ok, other=0.0)
+        else:
+            a = tl.load(x_rows + cols * stride_xk, mask=m_ok & (cols < K), other=0.0)
+            b = tl.load(w_rows + cols * stride_wk, mask=n_ok & (cols < K), other=0.0)
+        if USE_DOT:
+            if x_ptr.dtype.element_ty == tl.float32:
+                acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")   # fp32 stays fp32, not tf32
+            else:
+                acc = tl.dot(a, tl.trans(b), acc)
+        else:
+            acc += tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)
+    cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + cn[None, :]
+    y_mask = m_ok & (cn[None, :] < N)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cn, mask=cn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    else:
+        tile = part_ptr + pid_n * (SPLIT_K * BLOCK_M * BLOCK_N) \
+            + rm[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tl.store(tile + pid_k * (BLOCK_M * BLOCK_N), acc)
+        tl.debug_barrier()
+        ticket = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+        if ticket == SPLIT_K - 1:   # the last split of this tile: reduce in split order
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                total += tl.load(tile + s * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + cn, mask=cn < N, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=y_mask)
+            tl.atomic_xchg(count_ptr + pid_n, 0)
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    dot: bool = False
+    warps: int = 4
+    stages: int = 3
+
+    def block_m(self, M: int) -> int:
+        return max(triton.next_power_of_2(M), 16 if self.dot else 1)
+
+    def __str__(self) -> str:
+        return (f"{'dot' if self.dot else 'fma'} n{self.block_n} k{self.block_k} s{self.split_k} "
+                f"w{self.warps} st{self.stages}")
+
+
+class _Workspace:
+    """Per device: the fp32 partial tiles and the per-tile tickets of split-K launches. The
+    tickets start at zero and every launch leaves them at zero. A buffer that is outgrown is
+    kept alive: CUDA graphs captured earlier still point at it."""
+
+    def __init__(self):
+        self.parts: dict[torch.device, torch.Tensor] = {}
+        self.counts: dict[torch.device, torch.Tensor] = {}
+        self.retired: list[torch.Tensor] = []
+
+    def get(self, device, part_elems: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+        part, count = self.parts.get(device), self.counts.get(device)
+        grow_part = part is None or part.numel() < part_elems
+        grow_count = count is None or count.numel() < tiles
+        if (grow_part or grow_count) and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the skinny-GEMM workspace must be sized before CUDA-graph capture "
+                               "(run the shape once outside the capture)")
+        if grow_part:
+            self.retired += [part] if part is not None else []
+            part = self.parts[device] = torch.empty(max(part_elems, 1 << 16), dtype=torch.float32, device=device)
+        if grow_count:
+            self.retired += [count] if count is not None else []
+            count = self.counts[device] = torch.zeros(max(tiles, 1 << 12), dtype=torch.int32, device=device)
+        return part, count
+
+
+WORKSPACE = _Workspace()
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  config: GemmConfig) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` by the template; x [..., K] with at most MAX_M rows."""
+    K = x.shape[-1]
+    N = weight.shape[0]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if M > MAX_M:
+        raise ValueError(f"skinny_linear serves at most {MAX_M} rows, got {M}")
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    bm = config.block_m(M)
+    tiles = triton.cdiv(N, config.block_n)
+    part, count = WORKSPACE.get(x.device, tiles * config.split_k * bm * config.block_n, tiles) \
+        if config.split_k > 1 else (y, y)
+    even_k = K % (config.split_k * config.block_k) == 0
+    _skinny_gemm_kernel[(tiles, config.split_k)](
+        x2, weight, bias if bias is not None else y, y, part, count,
+        M, N, K, x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), y.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        SPLIT_K=config.split_k, USE_DOT=config.dot, EVEN_K=even_k,
+        num_warps=config.warps, num_stages=config.stages)
+    return y.view(*x.shape[:-1], N)
+
+
+# --- the measured table ----------------------------------------------------------------------
+
+def candidates(M: int, N: int, K: int, sms: int) -> list[GemmConfig]:
+    """The configurations worth timing for [M, K] x [K, N] on ``sms`` SMs: tile widths and
+    depths that keep the weight stream vectorised, and the split-K that brings the grid to
+    at least two programs per SM."""
+    out = []
+    dot_choices = (False, True) if M >= 4 else (False,)
+    for dot in dot_choices:
+        widths = (16, 32, 64) if dot else ((8, 16, 32) if M <= 2 else (8, 16))
+        for bn in widths:
+            for bk in ((64, 128) if dot else (128, 256, 512)):
+                if not dot and triton.next_power_of_2(M) * bn * bk > 32768:
+                    continue   # the fp32 product tile would not fit in registers
+                tiles = triton.cdiv(N, bn)
+                split = 1
+                while tiles * split < 2 * sms and split * 2 * bk <= K // 2:
+                    split *= 2
+                for sk in sorted({max(split // 2, 1), split}):
+                    for warps in (4, 8):
+                        out.append(GemmConfig(bn, bk, sk, dot, warps, 3))
+    return out
+
+
+def _time_us(fn, reps: int = 30) -> float:
+    """Median microseconds of ``fn`` by CUDA events, after a warm-up."""
+    for _ in range(3):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for s, e in zip(starts, ends):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e3
+
+
+@dataclass
+class Choice:
+    M: int
+    N: int
+    K: int
+    config: GemmConfig | None   # None: cuBLAS
+    us: float
+    cublas_us: float
+
+    @property
+    def kernel(self) -> str:
+        return "cublas" if self.config is None else f"triton {self.config}"
+
+
+class GemmTable:
+    """Per (M, N, K, dtype, bias): the faster of the template's best configuration and
+    cuBLAS, measured on the device with random data."""
+
+    def __init__(self):
+        self.choices: dict[tuple, Choice] = {}
+        self.trace: dict[tuple, dict[GemmConfig, float]] = {}   # every candidate's time
+
+    def lookup(self, M: int, N: int, K: int, dtype, has_bias: bool) -> GemmConfig | None:
+        choice = self.choices.get((M, N, K, dtype, has_bias))
+        return None if choice is None else choice.config
+
+    def measure(self, shapes, ms, dtype, device, margin: float = 0.97) -> list[Choice]:
+        """Time every (M, N, K) for M in ``ms`` and (N, K, has_bias) in ``shapes``; the
+        template is chosen when it beats cuBLAS by ``1 - margin`` at least."""
+        device = torch.device(device)
+        if not ms or not shapes:
+            return []
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        made = []
+        gen = torch.Generator(device=device).manual_seed(0)
+        for N, K, has_bias in shapes:
+            w = torch.randn(N, K, device=device, dtype=dtype, generator=gen) * K ** -0.5
+            b = torch.randn(N, device=device, dtype=dtype, generator=gen) if has_bias else None
+            for M in ms:
+                key = (M, N, K, dtype, has_bias)
+                if key in self.choices or M > MAX_M:
+                    continue
+                x = torch.randn(M, K, device=device, dtype=dtype, generator=gen)
+                cublas = _time_us(lambda: torch.nn.functional.linear(x, w, b))
+                timings = self.trace[key] = {}
+                for cfg in candidates(M, N, K, sms):
+                    try:
+                        timings[cfg] = _time_us(lambda: skinny_linear(x, w, b, cfg))
+                    except (triton.CompilationError, OutOfResources):   # a tile that does not build or fit
+                        continue
+                best = min(timings, key=timings.get) if timings else None
+                best_us = timings[best] if timings else float("inf")
+                if best is not None:
+                    want = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+                    got = skinny_linear(x, w, b, best).float()
+                    if not torch.allclose(got, want, rtol=3e-2, atol=3e-2):
+                        raise RuntimeError(f"skinny GEMM {best} disagrees with F.linear at M{M} N{N} K{K}")
+                config = best if best_us < margin * cublas else None
+                choice = Choice(M, N, K, config, best_us if config else cublas, cublas)
+                self.choices[key] = choice
+                made.append(choice)
+        return made
+
+    def report(self, copy_tbps: float | None = None) -> str:
+        """One line per shape: the kernel chosen, its time, cuBLAS's, and % of ``copy_tbps``."""
+        lines = []
+        for (M, N, K, dtype, _), c in sorted(self.choices.items(), key=lambda kv: kv[0][:3]):
+            bytes_ = (N * K + M * K + M * N) * torch.empty((), dtype=dtype).element_size()
+            share = f"  {bytes_ / c.us / 1e6 / copy_tbps:5.0%} of copy" if copy_tbps else ""
+            lines.append(f"M{M:<3} N{N:<6} K{K:<6} {c.kernel:<34} {c.us:8.1f} us  "
+                         f"(cuBLAS {c.cublas_us:8.1f} us){share}")
+        return "\n".join(lines)
+
+
+TABLE = GemmTable()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` through the measured table: the template where it won for this shape,
+    cuBLAS (or the CPU's GEMM) everywhere else."""
+    if x.is_cuda:
+        M = x.numel() // x.shape[-1]
+        config = TABLE.lookup(M, weight.shape[0], weight.shape[1], x.dtype, bias is not None)
+        if config is not None:
+            return skinny_linear(x, weight, bias, config)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def route_linears(gm, ms, device) -> tuple:
+    """A copy of ``gm``'s graph (sharing its weights) whose ``aten.linear`` nodes call
+    ``linear``, with the table measured for their shapes at every M in ``ms``; returns the
+    copy and the choices for its shapes. The table's report is logged."""
+    import functools
+    import logging
+
+    from torch import fx
+
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    shapes = set()
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
+            continue
+        weight = node.args[1]
+        if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+            continue
+        w = functools.reduce(getattr, weight.target.split("."), gm)
+        if w.dim() == 2:
+            node.target = linear
+            has_bias = len(node.args) > 2 and node.args[2] is not None
+            shapes.add((w.shape[0], w.shape[1], has_bias, w.dtype))
+    routed = fx.GraphModule(gm, graph)
+    for dtype in {s[3] for s in shapes}:
+        TABLE.measure(sorted(s[:3] for s in shapes if s[3] == dtype), ms, dtype, device)
+    choices = [c for (M, N, K, dtype, bias), c in TABLE.choices.items()
+               if M in ms and (N, K, bias, dtype) in shapes]
+    if choices:
+        logging.getLogger("fusegen.gemm").info("skinny GEMM table:\n%s", TABLE.report())
+    return routed, choices

@@ -52,6 +52,7 @@ from fusegen.codegen.attention_common import (_TL_DTYPES, _attend_tiles, _check_
                                               _check_head_dim, _check_same_device, _device_guard,
                                               _dot_precision, _fail, _load_tile, _next_pow2,
                                               _scales, _tile_mask, head_dim_pad)
+from fusegen.codegen.launch import pdl
 # re-exported: the public names of the attention kernels live in this module
 from fusegen.codegen.attention_common import (MAX_HEAD_DIM, check_head_dim,  # noqa: F401
                                               head_dim_supported)
@@ -80,7 +81,7 @@ def _paged_kv_write_kernel(K, V, KPool, VPool, SlotMapping,
                            stride_kh, stride_kt, stride_kd, stride_vh, stride_vt, stride_vd,
                            stride_pb, stride_pr, stride_ph, stride_pd, num_heads,
                            PAGE: tl.constexpr, HEADS_PAD: tl.constexpr, D_PAD: tl.constexpr,
-                           HEAD_DIM: tl.constexpr):
+                           HEAD_DIM: tl.constexpr, USE_GDC: tl.constexpr):
     """Scatter one token's keys and values into the paged pool.
 
     pool[slot // PAGE, slot % PAGE, h, :] = k[h, t, :]  for every KV head h, when slot >= 0,
@@ -88,6 +89,9 @@ def _paged_kv_write_kernel(K, V, KPool, VPool, SlotMapping,
     One program per token t.
     """
     tl.static_assert(HEADS_PAD >= 1 and D_PAD >= HEAD_DIM, "tile must cover all heads and dims")
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(SlotMapping + t).to(tl.int64)
     if slot < 0:
@@ -328,7 +332,7 @@ def paged_kv_write(kv_pool: Tensor, layer: int, k: Tensor, v: Tensor, slot_mappi
             k.stride(1), k.stride(2), k.stride(3), v.stride(1), v.stride(2), v.stride(3),
             *k_pool.stride(), hkv,
             PAGE=page, HEADS_PAD=_next_pow2(hkv), D_PAD=_next_pow2(D), HEAD_DIM=D,
-            num_warps=4 if k.is_cuda else 1)
+            num_warps=4 if k.is_cuda else 1, **pdl(k))
 
 
 def _check_paged_inputs(q: Tensor, kv_pool: Tensor, layer: int, block_tables: Tensor,

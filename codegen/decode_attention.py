@@ -26,6 +26,7 @@ from torch import Tensor
 from fusegen.codegen.attention_common import (_TL_DTYPES, _attend_tiles, _dot_precision, _fail,
                                               _load_tile, _next_pow2, _prev_pow2, _tile_mask,
                                               head_dim_pad)
+from fusegen.codegen.launch import pdl
 
 # Split-KV decode: a split gets at least this many keys, and the split count aims at a few
 # programs per multiprocessor.
@@ -46,7 +47,7 @@ def _decode_split_kernel(Q, KPool, VPool, Out, PartOut, PartLse, BlockTables, Se
                          HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                          NUM_SPLITS: tl.constexpr, SEQS_PAD: tl.constexpr,
                          CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
-                         DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_GDC: tl.constexpr):
     """Flash-Decoding (Dao, Haziza, Massa, Sizov 2023), split step, for one (token t, KV head,
     split): the GROUP query heads sharing the KV head form the rows of one [GROUP_PAD, D_PAD]
     tile, so each K/V tile is read once for the whole group.
@@ -59,6 +60,9 @@ def _decode_split_kernel(Q, KPool, VPool, Out, PartOut, PartLse, BlockTables, Se
     position, so any batch with T == N tokens is handled, not only one query per sequence;
     tokens no sequence owns come out as zeros.
     """
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     tl.static_assert(GROUP_PAD >= 16 and GROUP_PAD >= GROUP, "query-head tile needs >= 16 rows")
     tl.static_assert(BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert((NUM_SPLITS & (NUM_SPLITS - 1)) == 0, "split count must be a power of two")
@@ -138,13 +142,17 @@ def _decode_split_kernel(Q, KPool, VPool, Out, PartOut, PartLse, BlockTables, Se
 @triton.jit
 def _decode_reduce_kernel(PartOut, PartLse, Out, stride_pt, stride_ph, stride_ps,
                           stride_lt, stride_lh, stride_oh, stride_ot, stride_od,
-                          NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+                          NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                          USE_GDC: tl.constexpr):
     """Flash-Decoding reduction (Dao et al. 2023) for one (token, query head):
 
         M = max_s lse_s,  w_s = 2^(lse_s - M),  O = sum_s w_s o_s / sum_s w_s
     (O = 0 when every split was empty, i.e. all lse_s = -inf). Columns HEAD_DIM..D_PAD of
     the tile are padding: not read, not stored.
     """
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     tl.static_assert((NUM_SPLITS & (NUM_SPLITS - 1)) == 0, "split count must be a power of two")
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -227,11 +235,11 @@ def launch_decode(q: Tensor, kv_pool: Tensor, layer: int, block_tables: Tensor, 
         D_PAD=head_dim_pad(D), BLOCK_N=cfg["BLOCK_N"], NUM_SPLITS=num_splits,
         SEQS_PAD=_next_pow2(N + 1), CAUSAL=bool(causal), SOFTCAP=softcap > 0.0,
         DTYPE=_TL_DTYPES[q.dtype], DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(q))
     if num_splits > 1:
         _decode_reduce_kernel[(T, Hq)](
             part_out, part_lse, out,
             Hq * num_splits * D, num_splits * D, D, Hq * num_splits, num_splits,
             out.stride(1), out.stride(2), out.stride(3),
             NUM_SPLITS=num_splits, HEAD_DIM=D, D_PAD=head_dim_pad(D),
-            num_warps=4 if q.is_cuda else 1)
+            num_warps=4 if q.is_cuda else 1, **pdl(q))

@@ -183,9 +183,10 @@ def generate_source(group: FusedGroup, kernel: str) -> str:
     ops = ", ".join(str(n.target).replace("aten.", "") for n in graph.nodes if n.op == "call_function")
     head = [
         f"@triton.jit",
-        f"def {kernel}({ins}, {outs}{strides}, M, N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):",
+        f"def {kernel}({ins}, {outs}{strides}, M, N: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, USE_GDC: tl.constexpr):",
         f'    """Generated from {len(em.lines)} graph nodes ({group.schedule} schedule): {ops}."""',
     ]
+    head += ["    if USE_GDC:", "        tl.extra.cuda.gdc_wait()", "        tl.extra.cuda.gdc_launch_dependents()"]
     if row:
         head += ["    tl.static_assert(BLOCK >= N)",
                  "    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]",
@@ -197,6 +198,7 @@ def generate_source(group: FusedGroup, kernel: str) -> str:
     body += _stores(group.output_layouts, [em.names[o] for o in outputs], row)
     launcher = _launcher(kernel, group, outputs, row)
     imports = ["import torch", "import triton", "import triton.language as tl", "",
+               "from fusegen.codegen.launch import pdl",
                "from fusegen.codegen.pointwise import input_strides, output_order, row_schedule", "", ""]
     return "\n".join(imports + head
                      + body + ["", ""] + launcher) + "\n"
@@ -230,10 +232,10 @@ def _launcher(kernel: str, group: FusedGroup, outputs, row: bool) -> list[str]:
     if row:
         lines += ["    BLOCK = triton.next_power_of_2(N)",
                   "    rows, warps = row_schedule(M, BLOCK)",
-                  f"    {kernel}[(triton.cdiv(M, rows),)](*inputs, *outs, *args, M, N, BLOCK=BLOCK, ROWS=rows, num_warps=warps)"]
+                  f"    {kernel}[(triton.cdiv(M, rows),)](*inputs, *outs, *args, M, N, BLOCK=BLOCK, ROWS=rows, num_warps=warps, **pdl(inputs[0]))"]
     else:
         lines += ["    BLOCK = 1024",
-                  f"    {kernel}[(triton.cdiv(M * N, BLOCK),)](*inputs, *outs, *args, M, N, BLOCK=BLOCK, ROWS=1, num_warps=4)"]
+                  f"    {kernel}[(triton.cdiv(M * N, BLOCK),)](*inputs, *outs, *args, M, N, BLOCK=BLOCK, ROWS=1, num_warps=4, **pdl(inputs[0]))"]
     lines.append("    return tuple(outs)")
     return lines
 

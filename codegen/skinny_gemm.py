@@ -26,6 +26,8 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from fusegen.codegen.launch import pdl
+
 MAX_M = 64   # the template serves at most this many packed tokens
 
 
@@ -34,7 +36,10 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr,
                         M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
-                        EVEN_K: tl.constexpr):
+                        EVEN_K: tl.constexpr, USE_GDC: tl.constexpr):
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -151,7 +156,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         M, N, K, x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SPLIT_K=config.split_k, USE_DOT=config.dot, EVEN_K=even_k,
-        num_warps=config.warps, num_stages=config.stages)
+        num_warps=config.warps, num_stages=config.stages, **pdl(x))
     return y.view(*x.shape[:-1], N)
 
 

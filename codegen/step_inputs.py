@@ -22,12 +22,17 @@ import torch
 import triton
 import triton.language as tl
 
+from fusegen.codegen.launch import pdl
+
 
 @triton.jit
 def _step_inputs_kernel(entries, tokens, table, input_ids, positions, slots, tables_out,
                         seq_lens, qsl_out, logits_indices, N, T, W, tokens_stride, table_stride,
                         padding_row, PAGE: tl.constexpr, N_PAD: tl.constexpr,
-                        BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr):
+                        BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, USE_GDC: tl.constexpr):
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     e = tl.arange(0, N_PAD)
     in_n = e < N
@@ -100,5 +105,5 @@ def step_inputs(entries: torch.Tensor, num_tokens: int, tokens: torch.Tensor, ta
         out["block_tables"], out["seq_lens"], out["query_start_loc"], out["logits_indices"],
         N, T, W, tokens.stride(0), table.stride(0), padding_row,
         PAGE=block_size, N_PAD=n_pad, BLOCK_T=block_t,
-        BLOCK_W=min(256, triton.next_power_of_2(max(W, 1))), num_warps=4)
+        BLOCK_W=min(256, triton.next_power_of_2(max(W, 1))), num_warps=4, **pdl(entries))
     return out

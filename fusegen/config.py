@@ -43,6 +43,9 @@ class CompileConfig:
     # Decode linears (<= 64 tokens) by the skinny-GEMM template where it beats cuBLAS, as
     # measured at engine set-up (codegen/skinny_gemm.py; CUDA graphs only).
     skinny_gemm: bool = True
+    # Programmatic dependent launch between fusegen's kernels inside the CUDA graphs
+    # (codegen/launch.py; Hopper or later, ignored elsewhere).
+    pdl: bool = False
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -102,7 +102,7 @@ class Engine:
         gemm = [{"M": c.M, "N": c.N, "K": c.K, "kernel": c.kernel, "us": c.us, "cublas_us": c.cublas_us}
                 for c in self.runner.gemm_choices]
         return {"capture_s": g.capture_s, "graph_memory_bytes": g.memory_bytes,
-                "graphs": len(g.graphs), "buckets": g.buckets, "gemm": gemm}
+                "graphs": len(g.graphs), "buckets": g.buckets, "gemm": gemm, "pdl": self.runner.pdl}
 
     def add_request(self, prompt: list[int], max_new_tokens: int = 16, *, eos_token_ids=None,
                     logprobs: int = 0, **sampling) -> int:

@@ -21,7 +21,7 @@ from torch import fx
 
 from fusegen.fused_group import KERNELS_ENV
 from fusegen.kv import KVGeometry
-from fusegen.codegen import skinny_gemm
+from fusegen.codegen import launch, skinny_gemm
 from fusegen.codegen.skinny_gemm import route_linears
 from fusegen.runtime.batch import BatchState, staged
 from fusegen.runtime.cpu_graph import column_major_weights, cpu_step_graph, linear_weights
@@ -42,6 +42,7 @@ class PagedRunner:
         self.graphs = None  # StepGraphs once capture_graphs ran
         self.graph_gm = gm   # what the CUDA graphs capture: gm with its linears routed (gemm_routing)
         self.gemm_choices: list = []   # skinny_gemm.Choice per (M, N, K) measured at capture
+        self.pdl = False   # whether the captured graphs use programmatic dependent launch
         self._cpu_graph: fx.GraphModule | None = None  # see cpu_graph.py; made at the first CPU step
 
     @property
@@ -65,10 +66,12 @@ class PagedRunner:
         self.batch = BatchState(max_rows, max_model_len, self.block_size, self.device)
         return self.batch
 
-    def capture_graphs(self, decode_buckets, token_buckets, skinny_gemms: bool = True) -> None:
+    def capture_graphs(self, decode_buckets, token_buckets, skinny_gemms: bool = True, pdl: bool = False) -> None:
         """Capture a CUDA graph per step shape (see cuda_graphs.py); once, after the batch.
         With ``skinny_gemms`` the linears of the decode buckets (M <= 64 tokens) run the
-        skinny-GEMM template where the table measured here finds it faster than cuBLAS."""
+        skinny-GEMM template where the table measured here finds it faster than cuBLAS; with
+        ``pdl`` fusegen's kernels in the graphs use programmatic dependent launch
+        (codegen/launch.py) where the device supports it."""
         from fusegen.runtime.cuda_graphs import StepGraphs
 
         if self.batch is None:
@@ -76,7 +79,9 @@ class PagedRunner:
         if skinny_gemms:
             self.graph_gm, self.gemm_choices = route_linears(
                 self.gm, [b for b in decode_buckets if b <= skinny_gemm.MAX_M], self.device)
-        self.graphs = StepGraphs(self, decode_buckets, token_buckets)
+        self.pdl = pdl and launch.supported(self.device)
+        with launch.dependent_launches(self.pdl):
+            self.graphs = StepGraphs(self, decode_buckets, token_buckets)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """``kv_pool[:, :, dst] = kv_pool[:, :, src]`` for each (src, dst) pair, every layer,

@@ -27,6 +27,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from fusegen.codegen.launch import pdl
+from fusegen.fused_group import kernels_wanted
 
 MAX_M = 64   # the template serves at most this many packed tokens
 
@@ -277,8 +278,9 @@ TABLE = GemmTable()
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` through the measured table: the template where it won for this shape,
-    cuBLAS (or the CPU's GEMM) everywhere else."""
-    if x.is_cuda:
+    cuBLAS (or the CPU's GEMM) everywhere else. Off CUDA only with $FUSEGEN_KERNELS=1
+    (Triton's interpreter, for tests)."""
+    if kernels_wanted([x]):
         M = x.numel() // x.shape[-1]
         config = TABLE.lookup(M, weight.shape[0], weight.shape[1], x.dtype, bias is not None)
         if config is not None:
@@ -286,10 +288,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.nn.functional.linear(x, weight, bias)
 
 
-def route_linears(gm, ms, device) -> tuple:
+def route_linears(gm, ms, device, epilogues: bool = True) -> tuple:
     """A copy of ``gm``'s graph (sharing its weights) whose ``aten.linear`` nodes call
-    ``linear``, with the table measured for their shapes at every M in ``ms``; returns the
-    copy and the choices for its shapes. The table's report is logged."""
+    ``linear``, with the table measured for their shapes at every M in ``ms``, and (with
+    ``epilogues``) the pointwise groups that consume a linear fused into it
+    (codegen/gemm_epilogue.py); returns the copy, the choices for its shapes and the
+    fusion counters. The table's report is logged."""
     import functools
     import logging
 
@@ -314,6 +318,13 @@ def route_linears(gm, ms, device) -> tuple:
         TABLE.measure(sorted(s[:3] for s in shapes if s[3] == dtype), ms, dtype, device)
     choices = [c for (M, N, K, dtype, bias), c in TABLE.choices.items()
                if M in ms and (N, K, bias, dtype) in shapes]
+    stats = {}
+    if epilogues:
+        from fusegen.codegen.gemm_epilogue import fuse_epilogues
+
+        stats = dict(fuse_epilogues(routed))
+    log = logging.getLogger("fusegen.gemm")
     if choices:
-        logging.getLogger("fusegen.gemm").info("skinny GEMM table:\n%s", TABLE.report())
-    return routed, choices
+        log.info("skinny GEMM table:\n%s", TABLE.report())
+    log.info("GEMM epilogues: %s", stats)
+    return routed, choices, stats

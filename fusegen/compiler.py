@@ -154,7 +154,8 @@ class CompiledModel:
             if cuda_graphs and self.config.cuda_graphs and self.device.type == "cuda":
                 seqs, tokens = kwargs["max_num_seqs"], kwargs["max_num_batched_tokens"]
                 runner.capture_graphs(decode_buckets(seqs), token_buckets(seqs, tokens),
-                                      skinny_gemms=self.config.skinny_gemm, pdl=self.config.pdl)
+                                      skinny_gemms=self.config.skinny_gemm, pdl=self.config.pdl,
+                                      epilogues=self.config.gemm_epilogue)
             runner.step_graph()   # on the CPU its flat copy is made now, not in the first step
         return engine
 

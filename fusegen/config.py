@@ -43,6 +43,8 @@ class CompileConfig:
     # Decode linears (<= 64 tokens) by the skinny-GEMM template where it beats cuBLAS, as
     # measured at engine set-up (codegen/skinny_gemm.py; CUDA graphs only).
     skinny_gemm: bool = True
+    # ... and the pointwise groups such a linear feeds (SiLU*mul) as its epilogue.
+    gemm_epilogue: bool = True
     # Programmatic dependent launch between fusegen's kernels inside the CUDA graphs
     # (codegen/launch.py; Hopper or later, ignored elsewhere).
     pdl: bool = False

@@ -98,11 +98,13 @@ class Engine:
         linear shape and batch (empty without graphs)."""
         g = self.runner.graphs
         if g is None:
-            return {"capture_s": 0.0, "graph_memory_bytes": 0, "graphs": 0, "buckets": [], "gemm": []}
+            return {"capture_s": 0.0, "graph_memory_bytes": 0, "graphs": 0, "buckets": [], "gemm": [],
+                    "gemm_fusion": {}, "pdl": False}
         gemm = [{"M": c.M, "N": c.N, "K": c.K, "kernel": c.kernel, "us": c.us, "cublas_us": c.cublas_us}
                 for c in self.runner.gemm_choices]
         return {"capture_s": g.capture_s, "graph_memory_bytes": g.memory_bytes,
-                "graphs": len(g.graphs), "buckets": g.buckets, "gemm": gemm, "pdl": self.runner.pdl}
+                "graphs": len(g.graphs), "buckets": g.buckets, "gemm": gemm, "gemm_fusion": self.runner.gemm_fusion,
+                "pdl": self.runner.pdl}
 
     def add_request(self, prompt: list[int], max_new_tokens: int = 16, *, eos_token_ids=None,
                     logprobs: int = 0, **sampling) -> int:

@@ -42,6 +42,7 @@ class PagedRunner:
         self.graphs = None  # StepGraphs once capture_graphs ran
         self.graph_gm = gm   # what the CUDA graphs capture: gm with its linears routed (gemm_routing)
         self.gemm_choices: list = []   # skinny_gemm.Choice per (M, N, K) measured at capture
+        self.gemm_fusion: dict = {}   # counters of codegen/gemm_epilogue.fuse_epilogues
         self.pdl = False   # whether the captured graphs use programmatic dependent launch
         self._cpu_graph: fx.GraphModule | None = None  # see cpu_graph.py; made at the first CPU step
 
@@ -66,10 +67,12 @@ class PagedRunner:
         self.batch = BatchState(max_rows, max_model_len, self.block_size, self.device)
         return self.batch
 
-    def capture_graphs(self, decode_buckets, token_buckets, skinny_gemms: bool = True, pdl: bool = False) -> None:
+    def capture_graphs(self, decode_buckets, token_buckets, skinny_gemms: bool = True, pdl: bool = False,
+                       epilogues: bool = True) -> None:
         """Capture a CUDA graph per step shape (see cuda_graphs.py); once, after the batch.
         With ``skinny_gemms`` the linears of the decode buckets (M <= 64 tokens) run the
-        skinny-GEMM template where the table measured here finds it faster than cuBLAS; with
+        skinny-GEMM template where the table measured here finds it faster than cuBLAS (and,
+        with ``epilogues``, the pointwise groups they feed run as their epilogues); with
         ``pdl`` fusegen's kernels in the graphs use programmatic dependent launch
         (codegen/launch.py) where the device supports it."""
         from fusegen.runtime.cuda_graphs import StepGraphs
@@ -77,8 +80,8 @@ class PagedRunner:
         if self.batch is None:
             raise ValueError("capture_graphs needs the batch state: call allocate_batch first")
         if skinny_gemms:
-            self.graph_gm, self.gemm_choices = route_linears(
-                self.gm, [b for b in decode_buckets if b <= skinny_gemm.MAX_M], self.device)
+            self.graph_gm, self.gemm_choices, self.gemm_fusion = route_linears(
+                self.gm, [b for b in decode_buckets if b <= skinny_gemm.MAX_M], self.device, epilogues)
         self.pdl = pdl and launch.supported(self.device)
         with launch.dependent_launches(self.pdl):
             self.graphs = StepGraphs(self, decode_buckets, token_buckets)

@@ -261,7 +261,7 @@ def test_dump_kernels_hold_the_source_of_each_fused_group(dumped):
                 + [f"o{i}_{d}" for i in full for d in range(lead)] + [f"oc{i}" for i in full]
                 + [f"L{d}" for d in range(1, lead)])
         assert (f"@triton.jit\ndef _{name}_kernel({', '.join(args)}, M, N: tl.constexpr, "
-                f"BLOCK: tl.constexpr):") in source, name
+                f"BLOCK: tl.constexpr, ROWS: tl.constexpr, USE_GDC: tl.constexpr):") in source, name
         for i in range(len(inputs)):
             assert f"a{i} = tl.load(in{i} + off{i} + cols * c{i}, mask=mask, other=0.0)" in source, name
         assert "contiguous" not in source and "input_strides(x, frame)" in source, name

@@ -36,7 +36,7 @@ from fusegen.runtime.kv_manager import KVCacheManager
 from fusegen.runtime.outputs import RequestOutput
 from fusegen.runtime.paged import PagedRunner
 from fusegen.runtime.requests import count, token_ids, token_list
-from fusegen.runtime.sampling import SamplingParams, SamplingRows, sample
+from fusegen.runtime.sampling import SamplingParams, SamplingRows, greedy_tokens, sample
 from fusegen.runtime.scheduler import Scheduler, StepPlan, TokenEvent, TokenLogprob
 
 log = logging.getLogger("fusegen.engine")
@@ -280,7 +280,7 @@ class Engine:
         any_random = any(not p.greedy for p in params)
         any_penalty = any(p.repetition_penalty != 1.0 for p in params)
         if not (any_random or any_penalty):
-            return logits.argmax(-1)
+            return greedy_tokens(logits)
         batch = self.batch
         rows = entries[0].long()
         lengths = (entries[1] + entries[2]).long()

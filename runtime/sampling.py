@@ -24,6 +24,27 @@ import torch
 _MASK32 = 0xFFFFFFFF
 
 
+def greedy_tokens(logits: torch.Tensor, chunks: int | None = None) -> torch.Tensor:
+    """``logits.argmax(-1)`` for [B, V] logits, the same ids (the first maximum), in two
+    passes over chunks of the vocabulary on CUDA: one argmax kernel over a 128k row runs as a
+    single block per row (37 us for the 1B config's vocabulary on an H200, a third of its LM
+    head), while the chunked one spreads a row over many blocks. ``chunks`` forces the
+    chunked path with that many chunks (a divisor of V)."""
+    B, V = logits.shape
+    if chunks is None:
+        if not logits.is_cuda or V < 16384:
+            return logits.argmax(-1)
+        chunks = next((c for c in range(256, 15, -1) if V % c == 0), None)
+        if chunks is None:
+            return logits.argmax(-1)
+    if V % chunks:
+        raise ValueError(f"greedy_tokens: {chunks} chunks do not divide a vocabulary of {V}")
+    width = V // chunks
+    best, where = logits.view(B, chunks, width).max(-1)    # first maximum of each chunk
+    chunk = best.argmax(-1, keepdim=True)                   # first chunk holding the maximum
+    return (chunk * width + where.gather(1, chunk)).squeeze(1)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0          # 0: greedy
@@ -127,7 +148,7 @@ def sample(logits: torch.Tensor, rows: SamplingRows, history: torch.Tensor | Non
         if history is None or lengths is None:
             raise ValueError("sample: repetition_penalty needs the token history of each row")
         logits = apply_repetition_penalty(logits, rows.repetition_penalty, history, lengths)
-    greedy = logits.argmax(-1)
+    greedy = greedy_tokens(logits)
     if not rows.any_random:
         return greedy
     drawn = _draw(logits.float(), rows)

@@ -120,3 +120,35 @@ def test_bad_params_raise_with_the_value():
             SamplingParams(**kwargs)
     with pytest.raises(ValueError, match=r"logits \(2, 50\) must be \[B, V\] with B = 3"):
         sample(logits_batch(B=2), rows([SamplingParams()] * 3))
+
+
+@pytest.mark.parametrize("chunks", [None, 4, 16, 60])
+def test_greedy_tokens_is_argmax_with_ties_and_infinities(chunks):
+    from fusegen.runtime.sampling import greedy_tokens
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 240, generator=g)
+    logits[1, [7, 100, 200]] = 50.0          # ties across chunks: the first one wins
+    logits[2, [130, 131]] = 50.0             # ties inside a chunk
+    logits[3] = float("-inf")                # nothing finite: index 0, as argmax
+    logits[4, 239] = float("inf")
+    got = greedy_tokens(logits, chunks)
+    assert torch.equal(got, logits.argmax(-1)), (got, logits.argmax(-1))
+
+
+def test_greedy_tokens_refuses_a_chunking_that_does_not_divide():
+    from fusegen.runtime.sampling import greedy_tokens
+
+    with pytest.raises(ValueError, match="do not divide"):
+        greedy_tokens(torch.randn(2, 10), 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_gpu_greedy_tokens_matches_argmax_on_large_vocabularies():
+    from fusegen.runtime.sampling import greedy_tokens
+
+    for V in (32000, 128256, 151936, 50257):
+        logits = torch.randn(64, V, device="cuda", dtype=torch.bfloat16)
+        logits[0, [5, V - 1]] = 100.0
+        assert torch.equal(greedy_tokens(logits), logits.argmax(-1)), V

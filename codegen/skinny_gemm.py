@@ -292,7 +292,7 @@ def route_linears(gm, ms, device, epilogues: bool = True) -> tuple:
     """A copy of ``gm``'s graph (sharing its weights) whose ``aten.linear`` nodes call
     ``linear``, with the table measured for their shapes at every M in ``ms``, and (with
     ``epilogues``) the pointwise groups that consume a linear fused into it
-    (codegen/gemm_epilogue.py); returns the copy, the choices for its shapes and the
+    (codegen/fused_gemm.py); returns the copy, the choices for its shapes and the
     fusion counters. The table's report is logged."""
     import functools
     import logging
@@ -320,9 +320,9 @@ def route_linears(gm, ms, device, epilogues: bool = True) -> tuple:
                if M in ms and (N, K, bias, dtype) in shapes]
     stats = {}
     if epilogues:
-        from fusegen.codegen.gemm_epilogue import fuse_epilogues
+        from fusegen.codegen.fused_gemm import fuse_gemms
 
-        stats = dict(fuse_epilogues(routed))
+        stats = dict(fuse_gemms(routed))
     log = logging.getLogger("fusegen.gemm")
     if choices:
         log.info("skinny GEMM table:\n%s", TABLE.report())

@@ -1,4 +1,4 @@
-"""Pointwise groups fused into the skinny GEMM that feeds them (codegen/gemm_epilogue.py).
+"""FusedGroups fused into the skinny GEMM around them (codegen/fused_gemm.py).
 
 Graphs are compiled the way the pipeline compiles them (export, cleanup, fuse_projections,
 fuse_pointwise, lower), routed (skinny_gemm.route_linears) and fused; the fused kernel runs
@@ -8,6 +8,7 @@ any tile), fp32 and fp16, with and without split-K and bias. The counters are as
 the four families' compiled graphs.
 """
 
+import copy
 import os
 
 import torch
@@ -19,7 +20,7 @@ import pytest  # noqa: E402
 from torch import nn  # noqa: E402
 
 from fusegen.codegen import skinny_gemm  # noqa: E402
-from fusegen.codegen.gemm_epilogue import GemmEpilogue, fuse_epilogues  # noqa: E402
+from fusegen.codegen.fused_gemm import FusedGemm  # noqa: E402
 from fusegen.codegen.lower import lower  # noqa: E402
 from fusegen.codegen.skinny_gemm import Choice, GemmConfig  # noqa: E402
 from fusegen.passes.cleanup_graph import cleanup_graph  # noqa: E402
@@ -48,6 +49,43 @@ class ScaledResidual(nn.Module):
 
     def forward(self, x, residual):
         return self.proj(x) * 0.5 + residual
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, H):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(H) + 0.5)
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.weight * h.to(x.dtype)
+
+
+class NormQKV(nn.Module):
+    """RMSNorm, then three projections fuse_projections merges: a prologue, no epilogue."""
+    def __init__(self, H, N, bias):
+        super().__init__()
+        self.norm = RMSNorm(H)
+        self.q, self.k, self.v = (nn.Linear(H, N, bias=bias) for _ in range(3))
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.q(h), self.k(h), self.v(h)
+
+
+class ResidualNormMLP(nn.Module):
+    """residual + RMSNorm (two outputs), gated MLP: prologue and epilogue in one kernel; the
+    residual sum is used again after the MLP."""
+    def __init__(self, H, I):
+        super().__init__()
+        self.norm = RMSNorm(H)
+        self.mlp = GatedMLP(H, I, False)
+        self.down = nn.Linear(I, H, bias=False)
+
+    def forward(self, x, residual):
+        h = x + residual
+        return self.down(self.mlp(self.norm(h))) + h
 
 
 def compiled(module, *args):
@@ -86,7 +124,7 @@ def test_silu_mul_epilogue(table_entry, dtype, config, bias):
     gm = compiled(module, x)
     routed, _, stats = skinny_gemm.route_linears(gm, [], DEVICE)
     assert stats == {"gemm_epilogues": 1, "gemm_epilogue_segments_2": 1}
-    fused = [n for n in routed.graph.nodes if isinstance(n.target, GemmEpilogue)]
+    fused = [n for n in routed.graph.nodes if isinstance(n.target, FusedGemm)]
     assert len(fused) == 1 and not any(n.target is skinny_gemm.linear for n in routed.graph.nodes)
     table_entry(M, 2 * I, H, dtype, bias, config)
     epilogue, launches = fused[0].target, []
@@ -95,7 +133,7 @@ def test_silu_mul_epilogue(table_entry, dtype, config, bias):
     got = routed(x)[0]
     assert launches == [1]   # the fused kernel ran, not the reference
     with torch.no_grad():
-        want = module.double()(x.double())
+        want = copy.deepcopy(module).double()(x.double())
     tol = 1e-5 if dtype == torch.float32 else 3e-3
     err = ((got.double() - want).norm() / want.norm()).item()
     assert err < tol, f"{config} {dtype} bias={bias}: rel err {err:.2e}"
@@ -116,9 +154,53 @@ def test_single_segment_epilogue_with_extra_input(table_entry, dtype):
     assert stats["gemm_epilogues"] == 1 and stats["gemm_epilogue_segments_1"] == 1
     table_entry(M, N, H, dtype, False, GemmConfig(8, 16, split_k=2))
     got = routed(x, r)[0]
-    want = module.double()(x.double(), r.double())
+    want = copy.deepcopy(module).double()(x.double(), r.double())
     tol = 1e-5 if dtype == torch.float32 else 3e-3
     assert ((got.double() - want).norm() / want.norm()).item() < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_rmsnorm_prologue(table_entry, dtype, config):
+    M, H, N = 3, 37, 12
+    torch.manual_seed(2)
+    module = NormQKV(H, N, bias=True).to(DEVICE, dtype)
+    x = torch.randn(1, M, H, device=DEVICE, dtype=dtype)
+    gm = compiled(module, x)
+    routed, _, stats = skinny_gemm.route_linears(gm, [], DEVICE)
+    assert stats["gemm_prologues"] == 1 and "gemm_epilogues" not in stats
+    table_entry(M, 3 * N, H, dtype, True, config)
+    got = routed(x)
+    with torch.no_grad():
+        want = copy.deepcopy(module).double()(x.double())
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    for g, w in zip(got, want):
+        err = ((g.double() - w).norm() / w.norm()).item()
+        assert err < tol, f"{config} {dtype}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("config", CONFIGS[1:], ids=str)
+def test_prologue_and_epilogue_with_a_side_output(table_entry, dtype, config):
+    M, H, I = 4, 40, 24
+    torch.manual_seed(3)
+    module = ResidualNormMLP(H, I).to(DEVICE, dtype)
+    x = torch.randn(1, M, H, device=DEVICE, dtype=dtype)
+    r = torch.randn(1, M, H, device=DEVICE, dtype=dtype)
+    gm = compiled(module, x, r)
+    routed, _, stats = skinny_gemm.route_linears(gm, [], DEVICE)
+    assert stats["gemm_prologues"] == 1 and stats["gemm_epilogues"] == 1
+    fused = [n.target for n in routed.graph.nodes if isinstance(n.target, FusedGemm)]
+    assert [f.prologue is not None and f.epilogue is not None for f in fused] == [True]
+    table_entry(M, 2 * I, H, dtype, False, config)
+    got = routed(x, r)[0]
+    with torch.no_grad():
+        want = copy.deepcopy(module).double()(x.double(), r.double())
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    err = ((got.double() - want).norm() / want.norm()).item()
+    assert err < tol, f"{config} {dtype}: rel err {err:.2e}"
+    skinny_gemm.TABLE.choices.clear()   # no table entry: what the graph did
+    torch.testing.assert_close(routed(x, r)[0], gm(x, r)[0], rtol=0, atol=0)
 
 
 def test_linear_with_another_user_is_not_fused():
@@ -138,13 +220,27 @@ def test_linear_with_another_user_is_not_fused():
 
 @pytest.mark.parametrize("family,fused", [("llama", 2), ("mistral", 2), ("qwen2", 2), ("gpt2", 0)])
 def test_counters_on_the_families(family, fused):
-    """Per layer the SiLU*mul of the fused gate/up projection becomes its epilogue (two
-    layers). GPT-2's MLP is an addmm (Conv1D) with its tanh-GELU: not a linear, not fused."""
+    """Per layer (two) the SiLU*mul of the fused gate/up projection becomes its epilogue,
+    and both RMSNorms become prologues (of q/k/v and of gate/up); the LM head reads the
+    final norm's rows at logits_indices (a gather between them), so it stays unfused, as do
+    the o and down projections (inputs from attention and from a fused GEMM). GPT-2's linears are addmm (Conv1D) after LayerNorm (two levels of
+    reduction): nothing fuses."""
     import fusegen
     from families import mini_model
 
     gm = fusegen.compile(mini_model(family)).graph_module
     routed, _, stats = skinny_gemm.route_linears(gm, [], "cpu")
     assert stats.get("gemm_epilogues", 0) == fused
+    assert stats.get("gemm_prologues", 0) == 2 * fused
+    assert stats["linears_unfused"] == 2 * fused + 1   # GPT-2: its LM head only
     if fused:
         assert stats["gemm_epilogue_segments_2"] == fused
+        torch.manual_seed(0)
+        ids = torch.randint(0, 100, (1, 5))
+        # the routed, fused graph computes what the graph did (references off CUDA)
+        from fusegen.runtime.paged import Chunk, PagedRunner, packed_inputs
+
+        compiled = fusegen.compile(mini_model(family))
+        runner = PagedRunner(compiled.graph_module, compiled.facts["kv"], 8, "cpu")
+        inputs = packed_inputs(runner, [Chunk(ids[0].tolist(), list(range(5)), 0, [1])])
+        torch.testing.assert_close(routed(**inputs)[0], compiled.graph_module(**inputs)[0], rtol=0, atol=0)

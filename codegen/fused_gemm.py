@@ -23,7 +23,8 @@ row kernel's, so results agree to the last fp32 bit of a sum, not bitwise.
 where the GEMM table is measured. A call runs the fused kernel when the table chose the
 template for its (M, S*N, K) (and, with a prologue, M <= PROLOGUE_MAX_M, where rereading the
 rows per program stays cheaper than the group's own launch); otherwise it computes what the
-graph did: the prologue group's kernel, F.linear, the epilogue group's kernel. Off CUDA the
+graph did: the prologue group's kernel, the linear (template or cuBLAS, as the table
+chose), the epilogue group's kernel. Off CUDA the
 reference runs, unless $FUSEGEN_KERNELS=1 asks for the kernels in Triton's interpreter.
 """
 
@@ -300,7 +301,7 @@ class FusedGemm:
             side = tuple(outs[j] for j in self.prologue.side_outputs)
         else:
             x = ins[0]
-        y = torch.nn.functional.linear(x, weight, bias)
+        y = skinny_gemm.linear(x, weight, bias)   # the template or cuBLAS, as the table chose
         if self.epilogue is None:
             return (y, *side)
         e = self.epilogue

@@ -244,3 +244,27 @@ def test_counters_on_the_families(family, fused):
         runner = PagedRunner(compiled.graph_module, compiled.facts["kv"], 8, "cpu")
         inputs = packed_inputs(runner, [Chunk(ids[0].tolist(), list(range(5)), 0, [1])])
         torch.testing.assert_close(routed(**inputs)[0], compiled.graph_module(**inputs)[0], rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("M", [1, 8, 16])
+def test_gpu_prologue_and_epilogue_bf16_at_1b_sizes(table_entry, M):
+    """The 1B config's residual + RMSNorm -> gate/up -> SiLU*mul in bf16 against float64,
+    for every configuration the table would time at this M."""
+    H, I = 2048, 8192
+    torch.manual_seed(4)
+    module = ResidualNormMLP(H, I).to("cuda", torch.bfloat16)
+    x = torch.randn(1, M, H, device="cuda", dtype=torch.bfloat16)
+    r = torch.randn(1, M, H, device="cuda", dtype=torch.bfloat16)
+    gm = compiled(module, x, r)
+    routed, _, stats = skinny_gemm.route_linears(gm, [], "cuda")
+    assert stats["gemm_prologues"] == 1 and stats["gemm_epilogues"] == 1
+    with torch.no_grad():
+        want = copy.deepcopy(module).double()(x.double(), r.double())
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for config in skinny_gemm.candidates(M, 2 * I, H, sms):
+        table_entry(M, 2 * I, H, torch.bfloat16, False, config)
+        got = routed(x, r)[0]
+        err = ((got.double() - want).norm() / want.norm()).item()
+        assert err < 2e-2, f"{config}: rel err {err:.2e}"

@@ -19,6 +19,13 @@ input nor the [M, S*N] product is written. Every node rounds to the dtype the gr
 it, as the groups' own kernels do; the prologue's sums run in a different order than the
 row kernel's, so results agree to the last fp32 bit of a sum, not bitwise.
 
+The fused q/k/v projection gets a third epilogue: linear -> split(q, k, v) -> heads ->
+rotary groups on q and k -> ``paged_kv_write(k, v)``. One program computes one head
+(BLOCK_N = head dim) twice, from W's rows and from the same rows rotated by half a head (a
+second read of the same tile, from L1), so ``rotate_half`` is an accumulator, not a shuffle;
+q heads are stored token-major for attention, k and v heads go straight to their slots of
+the paged pool. The q/k/v tensors and the KV-write launch disappear.
+
 ``fuse_gemms`` rewrites a routed step graph (``skinny_gemm.route_linears``) at engine set-up,
 where the GEMM table is measured. A call runs the fused kernel when the table chose the
 template for its (M, S*N, K) (and, with a prologue, M <= PROLOGUE_MAX_M, where rereading the
@@ -76,7 +83,11 @@ class _Source:
         else:
             args.append("x_ptr")
         args += ["w_ptr", "bias_ptr"]
-        if self.epilogue:
+        if isinstance(self.epilogue, QKVEpilogue):
+            e = self.epilogue
+            args += [f"eq{i}" for i in e.q_extra] + [f"ek{i}" for i in e.k_extra]
+            args += ["q_out", "k_pool", "v_pool", "slot_ptr"]
+        elif self.epilogue:
             args += [f"e{i}" for i in self.epilogue.extra]
             args += [f"out{j}" for j in range(len(self.epilogue.out_dtypes))]
         else:
@@ -87,12 +98,16 @@ class _Source:
             args += [f"sq{j}_m, sq{j}_k" for j in range(len(self.prologue.side_outputs))]
         else:
             args += ["stride_xm", "stride_xk"]
-        if self.epilogue:
+        if isinstance(self.epilogue, QKVEpilogue):
+            e = self.epilogue
+            args += [f"sq{i}_t, sq{i}_h, sq{i}_d" for i in e.q_extra] + [f"sk{i}_t, sk{i}_h, sk{i}_d" for i in e.k_extra]
+            args += ["so_t, so_h, so_d", "pool_b, pool_r, pool_h, pool_d", "HQ, HKV", "PAGE: tl.constexpr"]
+        elif self.epilogue:
             args += [f"se{i}_m, se{i}_n" for i in self.epilogue.extra]
             args += [f"so{j}_m, so{j}_n" for j in range(len(self.epilogue.out_dtypes))]
         else:
             args += ["stride_ym"]
-        S = len(self.epilogue.offsets) if self.epilogue else 1
+        S = self._segments()
         args += ["N: tl.constexpr"] + [f"OFF{s}: tl.constexpr" for s in range(S)]
         args += ["HAS_BIAS: tl.constexpr", "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr",
                  "BLOCK_K: tl.constexpr", "SPLIT_K: tl.constexpr", "USE_DOT: tl.constexpr",
@@ -185,12 +200,72 @@ class _Source:
                  for j, o in enumerate(outputs)]
         return body
 
+    def _segments(self) -> int:
+        if isinstance(self.epilogue, QKVEpilogue):
+            return 2   # the head's rows, and the same rows rotated by half a head (rotate_half)
+        return len(self.epilogue.offsets) if self.epilogue else 1
+
+    def qkv_body(self) -> list[str]:
+        """One program = one head (BLOCK_N = head dim): q heads get the q group's rotary and
+        are stored token-major, k heads the k group's rotary and go to the K pool, v heads go
+        to the V pool, at each token's slot (slot < 0: not stored)."""
+        e = self.epilogue
+        body = ["    d = tl.arange(0, BLOCK_N)[None, :]",
+                "    y = acc0", "    yr = acc1",
+                "    if HAS_BIAS:",
+                "        y += tl.load(bias_ptr + cn).to(tl.float32)[None, :]",
+                "        yr += tl.load(bias_ptr + rot_rows).to(tl.float32)[None, :]",
+                f"    y = y.to({self.ldt})", f"    yr = yr.to({self.ldt})",
+                "    slot = tl.load(slot_ptr + rm, mask=rm < M, other=-1).to(tl.int64)[:, None]",
+                "    smask = m_ok & (slot >= 0)",
+                "    dst = (slot // PAGE) * pool_b + (slot % PAGE) * pool_r + d * pool_d"]
+        for tag, group, extra, row_input in (("q", e.q_group, e.q_extra, e.q_row), ("k", e.k_group, e.k_extra, e.k_row)):
+            placeholders, outputs = _graph_parts(group)
+            em = _Emitter(group)
+            em.inputs = placeholders
+            lines = []
+            for i, ph in enumerate(placeholders):
+                name = f"{tag}x{i}"
+                em.names[ph] = name
+                if i == row_input:
+                    lines.append(f"    {name} = y")
+                else:
+                    lines.append(f"    {name} = tl.load(e{tag}{i} + rows * s{tag}{i}_t + head * s{tag}{i}_h + d * s{tag}{i}_d, mask=m_ok, other=0.0)")
+                    if ph.meta["val"].dtype == torch.float32:
+                        em.fp32.add(name)
+            for n in group.reference.graph.nodes:
+                if n.op != "call_function":
+                    continue
+                if n.target is ROTATE_HALF:
+                    name = f"{tag}r{len(em.lines)}"
+                    em.lines.append(f"    {name} = (tl.where(d < BLOCK_N // 2, -1.0, 1.0) * yr.to(tl.float32)).to({TL_DTYPES[n.meta['val'].dtype]})")
+                    em.names[n] = name
+                else:
+                    em.node(n, f"{tag}v{len(em.lines)}", row=False)
+            lines += em.lines
+            result = em.names[outputs[0]]
+            if tag == "q":
+                body.append("    if pid_n < HQ:")
+                body += _indent(["    head = pid_n"] + lines, 4)
+                body.append(f"        tl.store(q_out + rows * so_t + head * so_h + d * so_d, {result}, mask=m_ok)")
+            else:
+                body.append("    if (pid_n >= HQ) & (pid_n < HQ + HKV):")
+                body += _indent(["    head = pid_n - HQ"] + lines, 4)
+                body.append(f"        tl.store(k_pool + dst + head * pool_h, {result}.to(k_pool.dtype.element_ty), mask=smask)")
+        body += ["    if pid_n >= HQ + HKV:",
+                 "        tl.store(v_pool + dst + (pid_n - HQ - HKV) * pool_h, y.to(v_pool.dtype.element_ty), mask=smask)"]
+        return body
+
     def build(self) -> str:
-        S = len(self.epilogue.offsets) if self.epilogue else 1
+        S = self._segments()
+        qkv = isinstance(self.epilogue, QKVEpilogue)
         what = []
         if self.prologue:
             what.append(f"prologue {self.prologue.group.name}")
-        if self.epilogue:
+        if isinstance(self.epilogue, QKVEpilogue):
+            what.append(f"q/k/v epilogue (rotary {self.epilogue.q_group.name}, {self.epilogue.k_group.name}, "
+                        "paged KV write)")
+        elif self.epilogue:
             what.append(f"epilogue {self.epilogue.group.name} over {S} segment(s) of W")
         lines = ["import triton", "import triton.language as tl", "", "", "@triton.jit", *self.signature(),
                  f'    """Skinny GEMM with {" and ".join(what)}, generated from their graph nodes."""',
@@ -207,12 +282,17 @@ class _Source:
             tile = ["    a = tl.load(x_ptr + rows * stride_xm + cols * stride_xk, mask=m_ok & (cols < K), other=0.0)"]
             x_name = "a"
         lines += [f"    acc{s} = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)" for s in range(S)]
+        if qkv:   # the head's rows rotated by half a head; v heads need none (masked off)
+            lines += ["    rot_rows = pid_n * BLOCK_N + (tl.arange(0, BLOCK_N) + BLOCK_N // 2) % BLOCK_N",
+                      "    rot_ok = n_ok & (rn[:, None] < (HQ + HKV) * BLOCK_N)"]
         lines += ["    for k in range(k_begin, k_begin + k_chunk, BLOCK_K):", "        cols = k + rk[None, :]"]
         lines += _indent(tile, 4)
         lines.append(f"        xt = {x_name}.to({self.ldt})")
         for s in range(S):
-            lines += [f"        b = tl.load(w_ptr + (OFF{s} + rn[:, None]) * stride_wn + cols * stride_wk, "
-                      "mask=n_ok & (cols < K), other=0.0)",
+            rows_expr = "rot_rows[:, None]" if qkv and s == 1 else f"(OFF{s} + rn[:, None])"
+            ok = "rot_ok" if qkv and s == 1 else "n_ok"
+            lines += [f"        b = tl.load(w_ptr + {rows_expr} * stride_wn + cols * stride_wk, "
+                      f"mask={ok} & (cols < K), other=0.0)",
                       "        if USE_DOT:",
                       "            if xt.dtype == tl.float32:",
                       f"                acc{s} = tl.dot(xt, tl.trans(b), acc{s}, input_precision=\"ieee\")",
@@ -233,7 +313,9 @@ class _Source:
                       "            for p in tl.static_range(SPLIT_K):",
                       f"                acc{s} += tl.load(tile + (p * {S} + {s}) * ({area}), cache_modifier=\".cg\")"]
         lines += ["            tl.atomic_xchg(count_ptr + pid_n, 0)", "    else:", "        last = True", "    if last:"]
-        if self.epilogue:
+        if qkv:
+            lines += _indent(self.qkv_body(), 4)
+        elif self.epilogue:
             lines += _indent(self.epilogue_body(), 4)
         else:
             lines += _indent(["    out = acc0",
@@ -277,12 +359,26 @@ class Epilogue:
         self.out_dtypes = [o.meta["val"].dtype for o in _graph_parts(group)[1]]
 
 
+class QKVEpilogue:
+    """The fused q/k/v projection's consumers: rotary groups on the q and k heads, and the
+    paged KV write of the rotated k and of v."""
+
+    def __init__(self, q_group: FusedGroup, k_group: FusedGroup, sizes: list[int], head_dim: int,
+                 q_row: int, k_row: int):
+        self.q_group, self.k_group = q_group, k_group
+        self.sizes, self.D = sizes, head_dim
+        self.q_row, self.k_row = q_row, k_row        # which group input is the projection's heads
+        self.q_extra = [i for i in range(len(_graph_parts(q_group)[0])) if i != q_row]
+        self.k_extra = [i for i in range(len(_graph_parts(k_group)[0])) if i != k_row]
+        self.HQ, self.HKV = sizes[0] // head_dim, sizes[1] // head_dim
+
+
 class FusedGemm:
     """The call that replaces [prologue group] + linear (+ split) + [epilogue group]:
     ``(*prologue inputs | x, weight, bias, *epilogue extra inputs)`` -> (epilogue outputs or
     the linear's output, then the prologue's other outputs)."""
 
-    def __init__(self, name: str, linear_dtype, prologue: Prologue | None, epilogue: Epilogue | None):
+    def __init__(self, name: str, linear_dtype, prologue: Prologue | None, epilogue):
         self.__name__ = name
         self.prologue, self.epilogue = prologue, epilogue
         self.source = _Source(f"_{name}_kernel", linear_dtype, prologue, epilogue).build()
@@ -291,6 +387,23 @@ class FusedGemm:
     def _split(self, args):
         n_in = len(self.prologue.group_inputs) if self.prologue else 1
         return list(args[:n_in]), args[n_in], args[n_in + 1], list(args[n_in + 2:])
+
+    def _qkv_reference(self, y, extra):
+        e = self.epilogue
+        q_args, k_args = extra[:len(e.q_extra)], extra[len(e.q_extra):len(e.q_extra) + len(e.k_extra)]
+        kv_pool, layer, slots = extra[-3:]
+        q, k, v = (t.unflatten(-1, (-1, e.D)).transpose(1, 2) for t in y.split(e.sizes, -1))
+
+        def run(group, row, heads, rest):
+            args, it = [], iter(rest)
+            for i in range(len(_graph_parts(group)[0])):
+                args.append(heads if i == row else next(it))
+            return group(*args)[0]
+
+        q_rot = run(e.q_group, e.q_row, q, q_args)
+        k_rot = run(e.k_group, e.k_row, k, k_args)
+        torch.ops.fusegen.paged_kv_write(kv_pool, layer, k_rot, v, slots)
+        return q_rot
 
     def reference(self, *args):
         ins, weight, bias, extra = self._split(args)
@@ -302,6 +415,8 @@ class FusedGemm:
         else:
             x = ins[0]
         y = skinny_gemm.linear(x, weight, bias)   # the template or cuBLAS, as the table chose
+        if isinstance(self.epilogue, QKVEpilogue):
+            return (self._qkv_reference(y, extra), *side)
         if self.epilogue is None:
             return (y, *side)
         e = self.epilogue
@@ -322,12 +437,53 @@ class FusedGemm:
         if config is None:
             return self.reference(*args)
         try:
-            p_views = [t.expand((*lead, K)).view(M, K) for t in ins]
+            p_views = [t.expand((*lead, K)).view(M, K) for t in ins] if self.prologue else [ins[0].reshape(M, K)]
+            if isinstance(self.epilogue, QKVEpilogue):
+                if len(lead) != 2 or lead[0] != 1:
+                    return self.reference(*args)
+                return self.launch_qkv(p_views, weight, bias, extra, config, M, tuple(lead))
             e_views = [t.expand((*lead, self.epilogue.N)).view(M, self.epilogue.N) for t in extra] \
                 if self.epilogue else []
         except RuntimeError:   # a broadcast that is not one [M, columns] stride pattern
             return self.reference(*args)
         return self.launch(p_views, weight, bias, e_views, config, M, tuple(lead))
+
+    def launch_qkv(self, p_views, weight, bias, extra, config, M, lead):
+        e = self.epilogue
+        K, D = weight.shape[1], e.D
+        device = weight.device
+        kv_pool, layer, slots = extra[-3:]
+        frames = [(1, e.HQ, M, D)] * len(e.q_extra) + [(1, e.HKV, M, D)] * len(e.k_extra)
+        views = [t.expand(f) for t, f in zip(extra[:-3], frames)]
+        q_dtype = _graph_parts(e.q_group)[1][0].meta["val"].dtype
+        q_out = torch.empty((1, M, e.HQ, D), dtype=q_dtype, device=device).transpose(1, 2)
+        side = [torch.empty((M, K), dtype=dt, device=device) for dt in self.prologue.side_dtypes] \
+            if self.prologue else []
+        heads = e.HQ + 2 * e.HKV
+        bm = config.block_m(M)
+        block_k = config.block_k
+        while not config.dot and bm * D * block_k > 32768 and block_k > 16:
+            block_k //= 2   # the fma product tile [BLOCK_M, head dim, BLOCK_K] stays in registers
+        split = 1   # about the grid the table's configuration had
+        grid = triton.cdiv(weight.shape[0], config.block_n) * config.split_k
+        while heads * split * 2 <= grid and split * 2 * block_k <= K // 2:
+            split *= 2
+        part, count = skinny_gemm.WORKSPACE.get(device, heads * split * 2 * bm * D, heads) \
+            if split > 1 else (q_out, q_out)
+        pool_k, pool_v = kv_pool[layer, 0], kv_pool[layer, 1]
+        ptrs = [*p_views, *side] if self.prologue else [p_views[0]]
+        ptrs += [weight, bias if bias is not None else weight, *views, q_out, pool_k, pool_v, slots]
+        strides = [s for v in p_views for s in v.stride()] + [s for v in side for s in v.stride()]
+        strides += [weight.stride(0), weight.stride(1)]
+        strides = strides[-2:] + strides[:-2]   # stride_wn, stride_wk come first
+        strides += [s for v in views for s in (v.stride(2), v.stride(1), v.stride(3))]
+        strides += [q_out.stride(2), q_out.stride(1), q_out.stride(3), *pool_k.stride(), e.HQ, e.HKV]
+        self.kernel[(heads, split)](
+            *ptrs, part, count, M, K, *strides, PAGE=kv_pool.shape[3],
+            N=weight.shape[0], OFF0=0, OFF1=0, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=D,
+            BLOCK_K=block_k, SPLIT_K=split, USE_DOT=config.dot, EVEN_K=K % (split * block_k) == 0,
+            num_warps=config.warps, num_stages=config.stages, **pdl(weight))
+        return (q_out, *(s.view(*lead, K) for s in side))
 
     def launch(self, p_views, weight, bias, e_views, config, M, lead):
         K = weight.shape[1]
@@ -411,6 +567,66 @@ def _match_epilogue(gm: fx.GraphModule, linear: fx.Node):
     return call, split, segs
 
 
+def _heads_of(getitem: fx.Node):
+    """getitem -> view [B, T, -1, D] -> transpose(1, 2): (the transpose, D), else None."""
+    if len(getitem.users) != 1:
+        return None
+    (view,) = getitem.users
+    if view.target not in (aten.view.default, aten.reshape.default) or len(view.users) != 1:
+        return None
+    shape = view.args[1]
+    (tr,) = view.users
+    if len(shape) != 4 or not isinstance(shape[-1], int) or tr.target is not aten.transpose.int \
+            or tuple(tr.args[1:]) != (1, 2):
+        return None
+    return tr, shape[-1]
+
+
+def _rotary_group(gm, heads: fx.Node):
+    """The pointwise group with rotate_half that is the only user of ``heads``, and the
+    index of ``heads`` among its inputs."""
+    if len(heads.users) != 1:
+        return None
+    (call,) = heads.users
+    group = _group(gm, call)
+    if group is None or group.schedule != "pointwise" or len(group.output_layouts) != 1 \
+            or not any(n.target is ROTATE_HALF for n in group.reference.graph.nodes) \
+            or list(call.args).count(heads) != 1:
+        return None
+    return call, list(call.args).index(heads)
+
+
+def _match_qkv(gm: fx.GraphModule, linear: fx.Node, index: dict):
+    """(q call, k call, kv write, sizes, D, q row, k row) for linear -> split(q, k, v) ->
+    heads -> rotary on q and k -> paged_kv_write(k, v), else None."""
+    users = list(linear.users)
+    if len(users) != 1 or users[0].target is not aten.split_with_sizes.default or len(users[0].args[1]) != 3:
+        return None
+    split = users[0]
+    items = sorted(split.users, key=lambda g: g.args[1])
+    if len(items) != 3 or any(g.target is not operator.getitem for g in items):
+        return None
+    heads = [_heads_of(g) for g in items]
+    if any(h is None for h in heads) or len({d for _, d in heads}) != 1:
+        return None
+    D = heads[0][1]
+    sizes = list(split.args[1])
+    if D & (D - 1) or D < 16 or any(n % D for n in sizes) or sizes[1] != sizes[2]:
+        return None
+    q, k = _rotary_group(gm, heads[0][0]), _rotary_group(gm, heads[1][0])
+    v_heads = heads[2][0]
+    if q is None or k is None or len(v_heads.users) != 1:
+        return None
+    (write,) = v_heads.users
+    k_items = list(k[0].users)
+    if write.target is not torch.ops.fusegen.paged_kv_write.default or len(k_items) != 1 \
+            or set(k_items[0].users) != {write} or write.args[2] is not k_items[0] or write.args[3] is not v_heads:
+        return None
+    if any(index[u] <= index[write] for g in q[0].users for u in g.users):
+        return None
+    return q[0], k[0], write, sizes, D, q[1], k[1]
+
+
 def _match_prologue(gm: fx.GraphModule, linear: fx.Node, index: dict, anchor: fx.Node):
     """(prologue call, getitem of x, output index) when the linear's input is an output of a
     row group used only by this linear, and the group's other outputs are used only after
@@ -446,7 +662,7 @@ def _match_prologue(gm: fx.GraphModule, linear: fx.Node, index: dict, anchor: fx
     return call, x, x.args[1]
 
 
-def fuse_gemms(gm: fx.GraphModule, prologues: bool = True) -> Counter:
+def fuse_gemms(gm: fx.GraphModule, prologues: bool = True, rotary: bool = True) -> Counter:
     """Rewrite ``gm`` (a routed step graph) in place; counters of what was fused."""
     stats: Counter = Counter()
     index = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -455,14 +671,21 @@ def fuse_gemms(gm: fx.GraphModule, prologues: bool = True) -> Counter:
         if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
             continue
         bias = linear.args[2] if len(linear.args) > 2 else None
-        ep = _match_epilogue(gm, linear)
-        anchor = ep[0] if ep is not None else linear
+        qkv = _match_qkv(gm, linear, index) if rotary else None
+        ep = _match_epilogue(gm, linear) if qkv is None else None
+        anchor = qkv[2] if qkv is not None else ep[0] if ep is not None else linear
         pro = _match_prologue(gm, linear, index, anchor) if prologues else None
-        if ep is None and pro is None:
+        if ep is None and pro is None and qkv is None:
             stats["linears_unfused"] += 1
             continue
         prologue = epilogue = None
         extra_args = []
+        if qkv is not None:
+            q_call, k_call, write, sizes, D, q_row, k_row = qkv
+            epilogue = QKVEpilogue(_group(gm, q_call), _group(gm, k_call), sizes, D, q_row, k_row)
+            extra_args = [a for i, a in enumerate(q_call.args) if i != q_row]
+            extra_args += [a for i, a in enumerate(k_call.args) if i != k_row]
+            extra_args += [write.args[0], write.args[1], write.args[4]]
         if ep is not None:
             e_call, split, segs = ep
             group = _group(gm, e_call)
@@ -478,15 +701,30 @@ def fuse_gemms(gm: fx.GraphModule, prologues: bool = True) -> Counter:
             head_args = list(p_call.args)
         else:
             head_args = [linear.args[0]]
-        name = "gemm_" + "_".join(str(c.target) for c in
-                                  ([pro[0]] if pro else []) + ([ep[0]] if ep else [])) + f"_{index[linear]}"
+        name = "gemm_" + "_".join(str(c.target) for c in ([pro[0]] if pro else []) + ([ep[0]] if ep else [])
+                                  + (list(qkv[:2]) if qkv else [])) + f"_{index[linear]}"
         fused = FusedGemm(name, linear.meta["val"].dtype, prologue, epilogue)
         with gm.graph.inserting_before(anchor):
             call = gm.graph.call_function(fused, (*head_args, weight, bias, *extra_args))
-        n_first = len(epilogue.out_dtypes) if epilogue else 1
+        n_first = len(epilogue.out_dtypes) if isinstance(epilogue, Epilogue) else 1
         # the epilogue's (or the linear's) outputs first, then the prologue's other outputs
         with gm.graph.inserting_after(call):
-            if ep is not None:
+            if qkv is not None:
+                q_call, k_call, write = qkv[:3]
+                for g in reversed(list(q_call.users)):
+                    g.args = (call, 0)
+                    call.append(g)
+                split = next(iter(linear.users))
+                gm.graph.erase_node(write)
+                for node in [*k_call.users, k_call, q_call]:
+                    gm.graph.erase_node(node)
+                for g in sorted(split.users, key=lambda g: -g.args[1]):
+                    view = next(iter(g.users))
+                    tr = next(iter(view.users))
+                    for node in (tr, view, g):
+                        gm.graph.erase_node(node)
+                gm.graph.erase_node(split)
+            elif ep is not None:
                 for g in list(ep[0].users):
                     g.args = (call, g.args[1])
                 gm.graph.erase_node(ep[0])
@@ -507,6 +745,8 @@ def fuse_gemms(gm: fx.GraphModule, prologues: bool = True) -> Counter:
                 call.append(g)   # the side output's getitem moves after the fused call
             gm.graph.erase_node(p_call)
             stats["gemm_prologues"] += 1
+        if qkv is not None:
+            stats["gemm_qkv_epilogues"] += 1
         if ep is not None:
             stats["gemm_epilogues"] += 1
             stats[f"gemm_epilogue_segments_{len(epilogue.offsets)}"] += 1

@@ -15,7 +15,7 @@ from torch import fx, nn
 from fusegen.capture import capture, mask_positions, model_class_name, position_convention
 from fusegen.codegen.lower import lower
 from fusegen.config import CompileConfig
-from fusegen.errors import UnsupportedModelError
+from fusegen.errors import ConfigError, UnsupportedModelError
 from fusegen.fidelity import check_compiled
 from fusegen.passes.dump import DumpWriter, PassRecord, op_table, resolve_dump_dir, summary_table
 from fusegen.passes.infra import PassContext
@@ -28,6 +28,7 @@ from fusegen.runtime.engine import Engine
 from fusegen.runtime.generate import greedy_dense
 from fusegen.runtime.kv_manager import KVCacheManager
 from fusegen.runtime.paged import Chunk, PagedRunner, packed_inputs
+from fusegen.runtime.speculative import NgramProposer
 
 
 @dataclass
@@ -136,28 +137,47 @@ class CompiledModel:
         out[real] = logits
         return out
 
-    def engine(self, num_blocks: int | None = None, cuda_graphs: bool = True, **kwargs) -> Engine:
+    def engine(self, num_blocks: int | None = None, cuda_graphs: bool = True, *, draft=None,
+               **kwargs) -> Engine:
         """A serving engine over this paged graph: continuous batching, chunked prefill,
         prefix caching, preemption, the host overlapped with the GPU (``overlap=False`` to
         turn that off). ``num_blocks`` defaults to ``config.kv_blocks`` or, when that is 0,
         to what fits (half the free GPU memory; on CPU, max_num_seqs full-length sequences
         capped at 1 GiB). On CUDA every step shape replays a CUDA graph (``engine.setup``
-        reports their capture time and memory)."""
+        reports their capture time and memory). With ``config.speculative`` the engine
+        decodes speculatively (runtime/speculative.py); ``draft``: the CompiledModel that
+        proposes with ``speculative=draft`` (else ``config.spec_draft`` is loaded), or
+        ``proposer=`` any proposer object."""
         if self.kind != "paged":
             raise ValueError(f"engine needs a paged graph, this one is {self.kind}; compile with paged_kv=1")
         with stage(f"setting up the engine on {self.device}"):
             runner = PagedRunner(self.graph_module, self.facts["kv"], num_blocks or self._auto_blocks(), self.device)
             kwargs.setdefault("max_num_batched_tokens", self.config.max_num_batched_tokens)
             kwargs.setdefault("max_num_seqs", self.config.max_num_seqs)
+            if "proposer" not in kwargs:
+                kwargs["proposer"] = self._proposer(draft, kwargs["max_num_seqs"], kwargs["max_num_batched_tokens"])
             engine = Engine(runner, sorted(_eos_set(self.facts.get("eos_token_id"))),
                             max_model_len=self._max_len(), vocab_size=self.facts.get("vocab_size"), **kwargs)
             if cuda_graphs and self.config.cuda_graphs and self.device.type == "cuda":
                 seqs, tokens = kwargs["max_num_seqs"], kwargs["max_num_batched_tokens"]
-                runner.capture_graphs(decode_buckets(seqs), token_buckets(seqs, tokens),
+                # a speculating decode enters the step as 1 + k one-token entries
+                entries = seqs * (1 + kwargs["proposer"].k) if kwargs["proposer"] is not None else seqs
+                runner.capture_graphs(decode_buckets(entries), token_buckets(entries, tokens),
                                       skinny_gemms=self.config.skinny_gemm, pdl=self.config.pdl,
                                       epilogues=self.config.gemm_epilogue)
             runner.step_graph()   # on the CPU its flat copy is made now, not in the first step
         return engine
+
+    def _proposer(self, draft, max_num_seqs: int, max_num_batched_tokens: int):
+        """The proposer ``config.speculative`` asks for (None for "none")."""
+        cfg = self.config
+        if cfg.speculative == "ngram":
+            return NgramProposer(cfg.spec_k, cfg.spec_ngram)
+        if cfg.speculative == "draft":
+            raise ConfigError("speculative=draft is not supported yet; use speculative=ngram")
+        if draft is not None:
+            raise ValueError(f"engine(draft=...) needs speculative=draft, the config has speculative={cfg.speculative}")
+        return None
 
     def _auto_blocks(self) -> int:
         kv = self.facts["kv"]

@@ -11,6 +11,8 @@ from fusegen.errors import ConfigError
 
 GQA_METHODS = ("mean", "lsq")
 WEIGHT_FORMATS = ("none", "int8", "fp8", "int4")   # see fusegen/quant.py
+SPECULATIVE = ("none", "ngram", "draft")           # see runtime/speculative.py
+MAX_SPEC_K = 16
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,14 @@ class CompileConfig:
     # Programmatic dependent launch between fusegen's kernels inside the CUDA graphs
     # (codegen/launch.py; Hopper or later, ignored elsewhere).
     pdl: bool = False
+    # Speculative decoding in the engine (runtime/speculative.py): "ngram" proposes the
+    # spec_k tokens that followed the latest earlier occurrence of the request's last
+    # spec_ngram tokens (prompt lookup); "draft" has a smaller model (spec_draft: its
+    # directory or artifact) propose them. One step verifies them all; outputs are exact.
+    speculative: str = "none"
+    spec_k: int = 4
+    spec_ngram: int = 3
+    spec_draft: str = ""
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -64,6 +74,20 @@ class CompileConfig:
             raise ConfigError("paged_kv needs insert_kv_cache")
         if self.insert_kv_cache and not self.fuse_attention:
             raise ConfigError("insert_kv_cache needs fuse_attention")
+        self._check_speculative()
+
+    def _check_speculative(self) -> None:
+        if self.speculative not in SPECULATIVE:
+            raise ConfigError(f"speculative must be one of {SPECULATIVE}, got {self.speculative!r}")
+        if not 1 <= self.spec_k <= MAX_SPEC_K:
+            raise ConfigError(f"spec_k must be in 1..{MAX_SPEC_K}, got {self.spec_k}")
+        if self.spec_ngram < 1:
+            raise ConfigError(f"spec_ngram must be >= 1, got {self.spec_ngram}")
+        if self.spec_draft and self.speculative != "draft":
+            raise ConfigError(f"spec_draft={self.spec_draft!r} is only used with speculative=draft, "
+                              f"got speculative={self.speculative}")
+        if self.speculative != "none" and not self.paged_kv:
+            raise ConfigError(f"speculative={self.speculative} runs in the paged engine: it needs paged_kv")
 
     @classmethod
     def preset(cls, name: str) -> "CompileConfig":

@@ -18,6 +18,14 @@ copies, one packed forward (a CUDA graph where one fits), sampling on the device
 sampled tokens scattered into the device token rows (the next step's decodes read them
 there) and copied to pinned host memory behind an event. The host reads them one step
 later. With ``overlap=False`` each step waits for its own tokens.
+
+With a proposer (speculative decoding, speculative.py), a decode may carry proposed tokens;
+its step verifies them and yields 1 + accepted tokens. Such a step is not left in flight:
+the next plan needs its acceptance (the sequence's length), so a speculating step waits for
+its own tokens, like ``overlap=False``. Steps without proposals stay overlapped, and the
+prompt-lookup proposer proposes while a step is in flight (``NgramProposer.overlaps``); a
+proposer that needs every token on the host (the draft model) has the engine take the step
+in flight before it schedules.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from fusegen.runtime.paged import PagedRunner
 from fusegen.runtime.requests import count, token_ids, token_list
 from fusegen.runtime.sampling import SamplingParams, SamplingRows, greedy_tokens, sample
 from fusegen.runtime.scheduler import Scheduler, StepPlan, TokenEvent, TokenLogprob
+from fusegen.runtime.speculative import accepted_prefix, split_entries
 
 log = logging.getLogger("fusegen.engine")
 
@@ -53,6 +62,8 @@ class StepRecord:
     graph: bool
     host_ms: float = 0.0        # time in step() for this step, waiting for the GPU excluded
     gpu_ms: float | None = None  # between events around its GPU work, once finished
+    proposed: int = 0           # speculative tokens it verified
+    accepted: int = 0           # ... and accepted (known once finished)
 
 
 @dataclass
@@ -63,19 +74,21 @@ class _InFlight:
     start: object
     record: StepRecord
     logprobs: torch.Tensor | None = None   # [entries, 1 + 2k]: chosen, then k (id, log-prob) pairs
+    offsets: list[int] | None = None       # each plan entry's first runner entry (speculating ones split)
 
 
 class Engine:
     def __init__(self, runner: PagedRunner, eos_token_ids=(), max_num_batched_tokens: int = 512,
                  max_num_seqs: int = 64, enable_prefix_caching: bool = True,
-                 max_model_len: int | None = None, overlap: bool = True, vocab_size: int | None = None):
+                 max_model_len: int | None = None, overlap: bool = True, vocab_size: int | None = None,
+                 proposer=None):
         self.runner = runner
         self.vocab_size = vocab_size if vocab_size is not None else runner.vocab_size
         self.max_model_len = max_model_len
         self.overlap = overlap
         self.eos_token_ids = frozenset(token_ids(eos_token_ids, vocab_size, "eos_token_ids"))
         self.kv = KVCacheManager(runner.num_blocks, runner.block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, max_num_batched_tokens, max_num_seqs)
+        self.scheduler = Scheduler(self.kv, max_num_batched_tokens, max_num_seqs, proposer)
         longest = max_model_len or runner.num_blocks * runner.block_size
         self.batch = runner.allocate_batch(max_num_seqs, longest)
         self._free_rows = list(range(self.batch.max_rows))[::-1]
@@ -90,7 +103,19 @@ class Engine:
 
     @property
     def stats(self):
+        """Counters: steps, tokens, preemptions, prefix hits, and with speculation
+        ``spec_steps``, ``spec_proposed``, ``spec_accepted`` (``step_log`` has them per step)."""
         return self.scheduler.stats
+
+    @property
+    def proposer(self):
+        """The speculative proposer (None: plain decoding); may be swapped between steps."""
+        return self.scheduler.proposer
+
+    @proposer.setter
+    def proposer(self, proposer) -> None:
+        with self._lock:
+            self.scheduler.proposer = proposer
 
     @property
     def setup(self) -> dict:
@@ -191,6 +216,11 @@ class Engine:
     def _step(self) -> list[TokenEvent]:
         with self._lock:
             begin = time.perf_counter()
+            events = []
+            proposer = self.scheduler.proposer
+            if self._inflight is not None and proposer is not None and not proposer.overlaps:
+                flight, self._inflight = self._inflight, None
+                events = self._deliver(flight)   # the proposer reads every token on the host
             plan = self.scheduler.schedule()
             for rid in plan.preempted:
                 self._release_row(rid)
@@ -204,11 +234,13 @@ class Engine:
             elif self._inflight is None and self.scheduler.has_unfinished():
                 raise RuntimeError(f"scheduler planned nothing for {len(self.scheduler.requests)} "
                                    f"unfinished requests ({self.kv.pool.num_free} blocks free)")
-            if self.overlap:
-                previous, self._inflight = self._inflight, launched
-            else:
-                previous = launched
-            events = self._deliver(previous) if previous is not None else []
+            if self.overlap and not any(plan.proposals):
+                flights, self._inflight = [self._inflight], launched
+            else:   # a speculating step's acceptance decides the next plan: wait for it
+                flights, self._inflight = [self._inflight, launched], None
+            for flight in flights:
+                if flight is not None:
+                    events += self._deliver(flight)
             if failure is not None:   # after the previous step's tokens are handed over
                 self._fail(plan, failure)
                 if not isinstance(failure, Exception):
@@ -264,16 +296,22 @@ class Engine:
         batch.write_blocks([(self._rows[u.request_id], u.first, u.blocks) for u in plan.tables])
         self.runner.copy_blocks(plan.copies)
         entries = [rows, plan.starts, plan.counts, [int(s) for s in plan.sampling]]
+        offsets = None
+        if any(plan.proposals):
+            # the proposed tokens go where the step's input gather reads them
+            batch.write_tokens([(row, start + 1, p) for row, start, p in zip(rows, plan.starts, plan.proposals) if p])
+            entries, offsets = split_entries(entries, plan.proposals)
         logits, device_entries, graphed = self.runner.forward(entries)
         sampled = self._sample(plan, logits, device_entries)
         batch.record_sampled(device_entries, sampled)
+        n = len(entries[0])
         top = max(r.logprobs for r in plan.requests)
-        logprobs = _logprobs(logits[:len(plan.requests)], sampled[:len(plan.requests)], top) if top else None
+        logprobs = _logprobs(logits[:n], sampled[:n], top) if top else None
         tokens, done = self._to_host(sampled, logprobs)
         record = StepRecord(_kind(plan), plan.num_tokens, len(plan.requests), graphed,
-                            host_ms=(time.perf_counter() - begin) * 1e3)
+                            host_ms=(time.perf_counter() - begin) * 1e3, proposed=plan.num_proposed)
         self.step_log.append(record)
-        return _InFlight(plan, tokens[0], done, start, record, tokens[1])
+        return _InFlight(plan, tokens[0], done, start, record, tokens[1], offsets)
 
     def _sample(self, plan: StepPlan, logits: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
         params = [r.sampling for r in plan.requests]
@@ -315,15 +353,32 @@ class Engine:
         waited = time.perf_counter()
         values = flight.tokens.tolist()
         plan = flight.plan
-        sampled = [values[i] if s else None for i, s in enumerate(plan.sampling)]
+        offsets = flight.offsets or range(len(plan.requests))
+        sampled = [values[i] if s else None for i, s in zip(offsets, plan.sampling)]
+        if flight.offsets is not None:
+            sampled = self._accept(plan, offsets, values, sampled, flight.record)
         events = self.scheduler.update(plan, sampled)
         if flight.logprobs is not None:
-            events = _with_logprobs(events, plan, flight.logprobs)
+            events = _with_logprobs(events, plan, flight.logprobs, offsets)
         for event in events:
             if event.finished:
                 self._release_row(event.request_id)
         flight.record.host_ms += (time.perf_counter() - waited) * 1e3
         return events
+
+    def _accept(self, plan: StepPlan, offsets, values: list[int], sampled: list, record: StepRecord) -> list:
+        """Each speculating entry's new tokens: its accepted proposed tokens, then the
+        target's token after them (see speculative.py)."""
+        for i, proposal in enumerate(plan.proposals):
+            if proposal:
+                chosen = values[offsets[i]:offsets[i] + len(proposal) + 1]
+                accepted = accepted_prefix(proposal, chosen)
+                sampled[i] = chosen[:accepted + 1]
+                record.accepted += accepted
+        self.stats["spec_steps"] += 1
+        self.stats["spec_proposed"] += record.proposed
+        self.stats["spec_accepted"] += record.accepted
+        return sampled
 
     def _release_row(self, request_id: int) -> None:
         row = self._rows.pop(request_id, None)
@@ -438,14 +493,19 @@ def _logprobs(logits: torch.Tensor, sampled: torch.Tensor, top: int) -> torch.Te
     return torch.cat([chosen, pairs], dim=-1)
 
 
-def _with_logprobs(events: list[TokenEvent], plan: StepPlan, table: torch.Tensor) -> list[TokenEvent]:
+def _with_logprobs(events: list[TokenEvent], plan: StepPlan, table: torch.Tensor, offsets) -> list[TokenEvent]:
+    """Each event's log-probs: the j-th event of a request in this step comes from its
+    entry's j-th runner entry (a speculating entry yields several tokens)."""
     rows = table.tolist()
     entry = {r.request_id: i for i, r in enumerate(plan.requests)}
+    seen: dict[int, int] = {}
     out = []
     for event in events:
-        req = plan.requests[entry[event.request_id]]
+        i = entry[event.request_id]
+        req = plan.requests[i]
+        j = seen[event.request_id] = seen.get(event.request_id, -1) + 1
         if req.logprobs:
-            row = rows[entry[event.request_id]]
+            row = rows[offsets[i] + j]
             top = tuple((int(row[1 + 2 * j]), row[2 + 2 * j]) for j in range(req.logprobs))
             event = event._replace(logprob=TokenLogprob(row[0], top))
         out.append(event)
@@ -453,9 +513,10 @@ def _with_logprobs(events: list[TokenEvent], plan: StepPlan, table: torch.Tensor
 
 
 def _kind(plan: StepPlan) -> str:
-    """A decode entry computes one generated token; everything else is prefill."""
-    decodes = sum(1 for r, s, c in zip(plan.requests, plan.starts, plan.counts)
-                  if c == 1 and s >= len(r.prompt))
+    """A decode entry computes one generated token (and its proposed ones); everything else
+    is prefill."""
+    decodes = sum(1 for r, s, c, p in zip(plan.requests, plan.starts, plan.counts, plan.proposals)
+                  if c == 1 + len(p) and s >= len(r.prompt))
     if decodes == len(plan.counts):
         return "decode"
     return "prefill" if decodes == 0 else "mixed"

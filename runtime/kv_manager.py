@@ -116,6 +116,30 @@ class KVCacheManager:
         self.stats["blocks_allocated"] += need
         return got
 
+    def shrink(self, request_id: int, num_tokens: int) -> list[int]:
+        """Keep only the blocks covering the first ``num_tokens`` tokens and free the rest (the
+        slots of rejected speculative tokens); returns the freed ids. The runner is told the
+        ids that replace them, from the first freed column on:
+
+            blocks   [ 7 | 2 | 9 | 4 ]    shrink(rid, 6), block_size 4 -> frees [9, 4]
+            after    [ 7 | 2 ]            the next grow's ids go to columns 2, 3, ...
+
+        The freed blocks lie past every committed token, so none is shared or cached."""
+        blocks = self._held(request_id)
+        keep = self.pool.blocks_for(num_tokens)
+        if num_tokens < 0 or keep > len(blocks):
+            raise ValueError(f"request {request_id}: cannot shrink {len(blocks)} blocks of "
+                             f"{self.block_size} tokens to {num_tokens} tokens")
+        if keep < self._registered[request_id]:
+            raise ValueError(f"request {request_id}: shrinking to {num_tokens} tokens would free "
+                             f"{self._registered[request_id] - keep} blocks offered to the prefix cache")
+        freed = blocks[keep:]
+        del blocks[keep:]
+        self.pool.free(freed[::-1])
+        self._reported[request_id] = min(self._reported[request_id], keep)
+        self.stats["blocks_rolled_back"] += len(freed)
+        return freed
+
     def free(self, request_id: int) -> None:
         """Give back every block of the request. Tail first: the free list evicts least
         recently freed blocks first, and a prefix's head is the part others likeliest share."""

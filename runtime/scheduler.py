@@ -31,6 +31,18 @@ is preempted: its blocks are freed and it waits at the head of the queue, to be
 recomputed as one prefill of prompt + generated tokens. The oldest request always makes
 progress, and a request that could never fit alone is rejected by ``add``.
 
+With a proposer (speculative decoding, see speculative.py), a decode entry carries the
+tokens it proposes after its input token and computes them all in one step:
+
+    tokens   [ ... t ] d1 d2 d3       entry: start c (t's position), count 1 + 3
+    update   t -> x0 = d1, x1 = d2, x2 != d3: d1 d2 accepted, x2 the correction
+             3 new tokens; num_computed c + 4 -> c + 3 (d3's slot rolled back, blocks
+             past c + 3 tokens freed)
+
+Proposals never cost another request its blocks (no preemption for them) and never take a
+request past ``max_new_tokens``; ``update`` appends accepted tokens one by one, so eos or the
+length limit inside an accepted run ends the request there.
+
 With prefix caching, full blocks are cached under chained hashes once their K/V are
 written; a request admitted later shares the leading blocks that match. At least its
 last token is computed (its logits give the next token); when that token falls inside a
@@ -69,6 +81,7 @@ class Request:
     finish_reason: str | None = None        # "eos", "length" or "abort"
     num_preemptions: int = 0
     logprobs: int = 0                       # > 0: report the chosen token's log-prob and this many top ones
+    spec: Any = None                        # the proposer's own state for this request, never read here
 
     @property
     def remaining(self) -> int:
@@ -93,9 +106,12 @@ class StepPlan:
     """What one step computes: ``counts[i]`` tokens of ``requests[i]`` starting at position
     ``starts[i]``; ``sampling[i]``: the entry's last token gives a new token. ``admitted``
     entered RUNNING in this plan (their block-table rows start empty), ``tables`` are the
-    block ids the runner has not seen, ``copies`` (src, dst) block copies come first."""
+    block ids the runner has not seen, ``copies`` (src, dst) block copies come first.
+    ``proposals[i]``: tokens the entry computes after its input token to verify them (the
+    last ``len(proposals[i])`` of its ``counts[i]``; empty without speculation)."""
     requests: list[Request] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)
+    proposals: list[list[int]] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)
     sampling: list[bool] = field(default_factory=list)
     admitted: list[Request] = field(default_factory=list)
@@ -107,14 +123,19 @@ class StepPlan:
     def num_tokens(self) -> int:
         return sum(self.counts)
 
-    def _add(self, req: Request, count: int) -> None:
+    @property
+    def num_proposed(self) -> int:
+        return sum(len(p) for p in self.proposals)
+
+    def _add(self, req: Request, count: int, proposal: list[int] | None = None) -> None:
         self.requests.append(req)
         self.counts.append(count)
+        self.proposals.append(proposal or [])
 
     def _drop(self, req: Request) -> None:
         for i, r in enumerate(self.requests):
             if r is req:
-                del self.requests[i], self.counts[i]
+                del self.requests[i], self.counts[i], self.proposals[i]
                 return
 
 
@@ -133,7 +154,12 @@ class TokenEvent(NamedTuple):
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int = 512, max_num_seqs: int = 64):
+    """``proposer`` (optional): an object with ``k`` (most tokens it proposes per request and
+    step) and ``propose(requests, caps) -> list[list[int]]`` giving each decode request at
+    most ``caps[i]`` tokens to verify after its input token (see speculative.py)."""
+
+    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int = 512, max_num_seqs: int = 64,
+                 proposer: Any = None):
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise ValueError(f"Scheduler needs max_num_batched_tokens >= 1 and max_num_seqs >= 1, "
                              f"got {max_num_batched_tokens} and {max_num_seqs}")
@@ -146,6 +172,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[int, Request] = {}      # unfinished requests by id
         self.stats: Counter = kv.stats
+        self.proposer = proposer
         self._next_id = 0
 
     # --- requests -----------------------------------------------------------------------
@@ -192,18 +219,56 @@ class Scheduler:
         active = [r for r in self.running if not r.out_of_budget]
         decodes = [r for r in active if r.remaining == 1]
         prefills = [r for r in active if r.remaining > 1]
+        proposals = self._propose(decodes)
         for req in decodes + prefills:
             budget = self.max_num_batched_tokens - plan.num_tokens
             if budget == 0:
                 break
             if req.status is Status.RUNNING:
-                self._schedule_running(req, min(req.remaining, budget), plan)
+                proposal = proposals.get(req.request_id, [])[:budget - 1]
+                if not (proposal and self._schedule_proposal(req, proposal, plan)):
+                    self._schedule_running(req, min(req.remaining, budget), plan)
         if not plan.preempted:   # just ran out of blocks: admitting now would only thrash
             self._admit_waiting(plan)
         self._finalize(plan)
         self.stats["steps"] += bool(plan.requests)
         self.stats["scheduled_tokens"] += plan.num_tokens
         return plan
+
+    def _propose(self, decodes: list[Request]) -> dict[int, list[int]]:
+        """The proposer's tokens for each decode, within the token budget (every decode keeps
+        its one token; proposals take what is left, oldest request first) and within the
+        request's ``max_new_tokens`` (the step yields at most 1 + len(proposal) tokens)."""
+        if self.proposer is None or not decodes:
+            return {}
+        spare = self.max_num_batched_tokens - len(decodes)
+        caps = []
+        for req in decodes:
+            cap = max(0, min(self.proposer.k, spare,
+                             req.max_new_tokens - len(req.output) - req.num_pending - 1))
+            caps.append(cap)
+            spare -= cap
+        if not any(caps):
+            return {}
+        chosen = [(r, c) for r, c in zip(decodes, caps) if c]
+        proposed = self.proposer.propose([r for r, _ in chosen], [c for _, c in chosen])
+        out = {}
+        for (req, cap), tokens in zip(chosen, proposed):
+            if len(tokens) > cap:
+                raise ValueError(f"request {req.request_id}: the proposer gave {len(tokens)} tokens, "
+                                 f"at most {cap} were asked for")
+            if tokens:
+                out[req.request_id] = list(tokens)
+        return out
+
+    def _schedule_proposal(self, req: Request, proposal: list[int], plan: StepPlan) -> bool:
+        """Schedule a decode with its proposal if the pool has the blocks now (False: it
+        does not, and nothing was taken; speculation never preempts)."""
+        if self.kv.grow(req.request_id, req.num_computed + 1 + len(proposal)) is None:
+            self.stats["spec_no_blocks"] += 1
+            return False
+        plan._add(req, 1 + len(proposal), proposal)
+        return True
 
     def _schedule_running(self, req: Request, count: int, plan: StepPlan) -> None:
         while self.kv.grow(req.request_id, req.num_computed + count) is None:
@@ -232,8 +297,8 @@ class Scheduler:
     def _finalize(self, plan: StepPlan) -> None:
         """Advance every entry's request past the tokens it computes (the plan's results
         come later) and collect the block ids the runner has not seen."""
-        for req, count in zip(plan.requests, plan.counts):
-            samples = req.num_computed + count == len(req.tokens) + req.num_pending
+        for req, count, proposal in zip(plan.requests, plan.counts, plan.proposals):
+            samples = req.num_computed + count - len(proposal) == len(req.tokens) + req.num_pending
             plan.starts.append(req.num_computed)
             plan.sampling.append(samples)
             self.stats["prefill_chunks_cut"] += not samples
@@ -256,9 +321,11 @@ class Scheduler:
 
     # --- after the step -----------------------------------------------------------------
 
-    def update(self, plan: StepPlan, sampled: list[int | None]) -> list[TokenEvent]:
+    def update(self, plan: StepPlan, sampled: list) -> list[TokenEvent]:
         """Record a step's results, in plan order: ``sampled[i]`` is the token of entry ``i``
-        if it samples, else None. Returns one event per new token."""
+        if it samples, else None; for an entry with a proposal, the list of its new tokens
+        (the accepted proposed tokens, then the target's own). Returns one event per new
+        token."""
         if len(sampled) != len(plan.requests):
             raise ValueError(f"update got {len(sampled)} sampled tokens for a plan of "
                              f"{len(plan.requests)} requests")
@@ -269,6 +336,9 @@ class Scheduler:
                                  f"{plan.starts[i]}..{plan.starts[i] + plan.counts[i]}, so it "
                                  f"{'needs a' if plan.sampling[i] else 'takes no'} sampled token, "
                                  f"got {sampled[i]}")
+            if plan.proposals[i]:
+                events += self._update_speculative(plan, i, list(sampled[i]))
+                continue
             if req.status is Status.FINISHED:
                 continue   # aborted, or finished while this step was in flight: dropped
             if req.status is Status.RUNNING:
@@ -276,6 +346,30 @@ class Scheduler:
             if plan.sampling[i]:
                 req.num_pending -= 1
                 events.append(self._append(req, int(sampled[i])))
+        return events
+
+    def _update_speculative(self, plan: StepPlan, i: int, new: list[int]) -> list[TokenEvent]:
+        """A verified entry: roll back the slots of its rejected tokens, then append the new
+        tokens up to eos or the length limit."""
+        req, proposal = plan.requests[i], plan.proposals[i]
+        accepted = len(new) - 1
+        if not 0 <= accepted <= len(proposal) or new[:accepted] != proposal[:accepted]:
+            raise ValueError(f"request {req.request_id}: entry {i} proposed {proposal}, so its new "
+                             f"tokens must be an accepted prefix of it and one token more, got {new}")
+        if req.status is Status.FINISHED:
+            return []
+        end = plan.starts[i] + plan.counts[i]
+        if req.status is Status.RUNNING and req.num_computed == end:
+            req.num_computed = end - (len(proposal) - accepted)
+            self.kv.shrink(req.request_id, req.num_computed)
+        req.num_pending -= 1
+        events = []
+        for token in new:
+            events.append(self._append(req, int(token)))
+            if req.status is Status.FINISHED:
+                return events
+        if req.status is Status.RUNNING:
+            self.kv.commit(req.request_id, req.tokens, req.num_computed)
         return events
 
     def _append(self, req: Request, token: int) -> TokenEvent:

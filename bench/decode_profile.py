@@ -46,12 +46,21 @@ def kernel_class(name: str) -> str:
 
 def linears(gm) -> list[tuple[int, int, int]]:
     """(N, K, weight bytes) of every linear in graph order (routed or not)."""
+    from fusegen.codegen.fused_gemm import FusedGemm
+
     out = []
     for node in gm.graph.nodes:
-        if node.op == "call_function" and getattr(node.target, "__name__", "") in ("linear", "linear.default") \
-                and isinstance(node.args[1], torch.fx.Node) and node.args[1].op == "get_attr":
+        if node.op != "call_function":
+            continue
+        if isinstance(node.target, FusedGemm):   # a linear with its prologue/epilogue groups
+            weight = node.target._split(node.args)[1]
+        elif getattr(node.target, "__name__", "") in ("linear", "linear.default"):
+            weight = node.args[1]
+        else:
+            continue
+        if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
             w = gm
-            for part in node.args[1].target.split("."):
+            for part in weight.target.split("."):
                 w = getattr(w, part)
             out.append((w.shape[0], w.shape[1], w.numel() * w.element_size()))
     return out
@@ -137,7 +146,11 @@ def main() -> None:
         compiled = fusegen.compile(model, config)
         engine = compiled.engine()
         gm = engine.runner.graph_gm
-        entry = {"config": config, "gemm_table": engine.setup.get("gemm", []), "batches": []}
+        entry = {"config": config, "gemm_table": engine.setup.get("gemm", []),
+                 "gemm_fusion": engine.setup.get("gemm_fusion", {}), "batches": []}
+        for row in entry["gemm_fusion"].get("calls", []):
+            print(f"  {row['call'][:40]:40s} M{row['M']:<3} fused {row['fused_us']:7.1f} us, unfused {row['unfused_us']:7.1f} us"
+                  f" -> {row['chosen']}", flush=True)
         for b in args.batches:
             r = profile_batch(engine, model.config, gm, b, copy)
             entry["batches"].append(r)

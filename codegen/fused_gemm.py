@@ -383,6 +383,8 @@ class FusedGemm:
         self.prologue, self.epilogue = prologue, epilogue
         self.source = _Source(f"_{name}_kernel", linear_dtype, prologue, epilogue).build()
         self.kernel = getattr(cache.load(self.source), f"_{name}_kernel")
+        self.kind = self.source.replace(f"_{name}_kernel", "_kernel")   # the same code at every layer
+        self.choice: dict[int, object] = {}   # M -> GemmConfig or None (unfused), from measure_fused
 
     def _split(self, args):
         n_in = len(self.prologue.group_inputs) if self.prologue else 1
@@ -423,30 +425,43 @@ class FusedGemm:
         group_args = [y[..., e.offsets[v]:e.offsets[v] + e.N] if kind == "seg" else extra[v] for kind, v in e.inputs]
         return (*e.group(*group_args), *side)
 
-    def __call__(self, *args):
-        ins, weight, bias, extra = self._split(args)
+    def _rows(self, ins) -> tuple[tuple, int]:
         row_input = self.prologue.group.input_layouts.index("row") if self.prologue else 0
-        lead = ins[row_input].shape[:-1]
-        K = weight.shape[1]
+        lead = tuple(ins[row_input].shape[:-1])
         M = 1
         for d in lead:
             M *= d
+        return lead, M
+
+    def __call__(self, *args):
+        ins, weight, bias, extra = self._split(args)
+        lead, M = self._rows(ins)
         config = None
         if kernels_wanted(ins) and M <= (PROLOGUE_MAX_M if self.prologue else skinny_gemm.MAX_M):
-            config = skinny_gemm.TABLE.lookup(M, weight.shape[0], K, weight.dtype, bias is not None)
+            if M in self.choice:   # measured at set-up against the unfused path (measure_fused)
+                config = self.choice[M]
+            else:
+                config = skinny_gemm.TABLE.lookup(M, weight.shape[0], weight.shape[1], weight.dtype, bias is not None)
         if config is None:
             return self.reference(*args)
+        return self.fused(config, *args)
+
+    def fused(self, config, *args):
+        """The fused kernel with ``config`` (the reference where the inputs do not allow it)."""
+        ins, weight, bias, extra = self._split(args)
+        lead, M = self._rows(ins)
+        K = weight.shape[1]
         try:
             p_views = [t.expand((*lead, K)).view(M, K) for t in ins] if self.prologue else [ins[0].reshape(M, K)]
             if isinstance(self.epilogue, QKVEpilogue):
                 if len(lead) != 2 or lead[0] != 1:
                     return self.reference(*args)
-                return self.launch_qkv(p_views, weight, bias, extra, config, M, tuple(lead))
+                return self.launch_qkv(p_views, weight, bias, extra, config, M, lead)
             e_views = [t.expand((*lead, self.epilogue.N)).view(M, self.epilogue.N) for t in extra] \
                 if self.epilogue else []
         except RuntimeError:   # a broadcast that is not one [M, columns] stride pattern
             return self.reference(*args)
-        return self.launch(p_views, weight, bias, e_views, config, M, tuple(lead))
+        return self.launch(p_views, weight, bias, e_views, config, M, lead)
 
     def launch_qkv(self, p_views, weight, bias, extra, config, M, lead):
         e = self.epilogue
@@ -754,3 +769,64 @@ def fuse_gemms(gm: fx.GraphModule, prologues: bool = True, rotary: bool = True) 
     gm.graph.lint()
     gm.recompile()
     return stats
+
+
+def _sample(node: fx.Node, gm: fx.GraphModule, M: int, device, kv_pool, gen):
+    """Arguments of a fused call at M tokens: graph weights as they are, the KV pool given,
+    distinct random slots, random activations of the recorded shapes (token dim = M)."""
+    args = []
+    for a in node.args:
+        if not isinstance(a, fx.Node):
+            args.append(a)
+        elif a.op == "get_attr":
+            t = gm
+            for part in a.target.split("."):
+                t = getattr(t, part)
+            args.append(t)
+        elif a.op == "placeholder" and a.target == "kv_pool":
+            args.append(kv_pool)
+        elif a.op == "placeholder" and a.target == "slot_mapping":
+            slots = kv_pool.shape[2] * kv_pool.shape[3]
+            args.append(torch.randperm(slots, device=device, generator=gen)[:M].to(torch.int32))
+        else:
+            v = a.meta["val"]
+            shape = [d if isinstance(d, int) else M for d in v.shape]
+            args.append(torch.randn(shape, device=device, dtype=v.dtype, generator=gen))
+    return args
+
+
+def measure_fused(gm: fx.GraphModule, ms, device, kv_pool, margin: float = 0.97) -> list[dict]:
+    """For every kind of fused call in ``gm`` and every M in ``ms``: the fused kernel with
+    the template's best configuration for its linear, against the unfused path (groups'
+    kernels and the linear the table chose), both replayed from one CUDA graph over weight
+    copies larger than the L2. Each call then runs whichever was faster (``choice``)."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(1)
+    sites = [n for n in gm.graph.nodes if isinstance(n.target, FusedGemm)]
+    done: dict = {}
+    rows = []
+    for node in sites:
+        fused = node.target
+        for M in ms:
+            key = (fused.kind, M)
+            if key in done:
+                fused.choice[M] = done[key]
+                continue
+            limit = PROLOGUE_MAX_M if fused.prologue else skinny_gemm.MAX_M
+            args = _sample(node, gm, M, device, kv_pool, gen)
+            ins, weight, bias, _ = fused._split(args)
+            best = skinny_gemm.TABLE.best_template(M, weight.shape[0], weight.shape[1], weight.dtype, bias is not None)
+            if best is None or M > limit:
+                done[key] = fused.choice[M] = None
+                continue
+            w_at = len(ins)
+            copies = max(1, min(32, -(-skinny_gemm.L2_FLUSH_BYTES // (weight.numel() * weight.element_size()))))
+            weights = [weight] + [weight.clone() for _ in range(copies - 1)]
+            with_w = [args[:w_at] + [w] + args[w_at + 1:] for w in weights]
+            unfused = skinny_gemm._time_us([lambda a=a: fused.reference(*a) for a in with_w])
+            fast = skinny_gemm._time_us([lambda a=a: fused.fused(best, *a) for a in with_w])
+            done[key] = fused.choice[M] = best if fast < margin * unfused else None
+            rows.append({"call": fused.__name__, "M": M, "fused_us": fast, "unfused_us": unfused,
+                         "config": str(best), "chosen": "fused" if fused.choice[M] else "unfused"})
+            del weights, with_w
+    return rows

@@ -234,6 +234,11 @@ class GemmTable:
         self.choices: dict[tuple, Choice] = {}
         self.trace: dict[tuple, dict[GemmConfig, float]] = {}   # every candidate's time
 
+    def best_template(self, M: int, N: int, K: int, dtype, has_bias: bool) -> GemmConfig | None:
+        """The template's fastest measured configuration, whether or not it beat cuBLAS."""
+        trace = self.trace.get((M, N, K, dtype, has_bias))
+        return min(trace, key=trace.get) if trace else None
+
     def lookup(self, M: int, N: int, K: int, dtype, has_bias: bool) -> GemmConfig | None:
         choice = self.choices.get((M, N, K, dtype, has_bias))
         return None if choice is None else choice.config
@@ -289,6 +294,7 @@ class GemmTable:
 
 
 TABLE = GemmTable()
+FUSED_REPORT: list[dict] = []   # the last measure_fused rows (fused vs unfused per call kind and M)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -303,7 +309,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.nn.functional.linear(x, weight, bias)
 
 
-def route_linears(gm, ms, device, epilogues: bool = True) -> tuple:
+def route_linears(gm, ms, device, epilogues: bool = True, kv_pool=None) -> tuple:
     """A copy of ``gm``'s graph (sharing its weights) whose ``aten.linear`` nodes call
     ``linear``, with the table measured for their shapes at every M in ``ms``, and (with
     ``epilogues``) the pointwise groups that consume a linear fused into it
@@ -338,8 +344,17 @@ def route_linears(gm, ms, device, epilogues: bool = True) -> tuple:
         from fusegen.codegen.fused_gemm import fuse_gemms
 
         stats = dict(fuse_gemms(routed))
+        if kv_pool is not None and torch.device(device).type == "cuda" and ms:
+            from fusegen.codegen.fused_gemm import measure_fused
+
+            FUSED_REPORT[:] = measure_fused(routed, ms, device, kv_pool)
+            stats["fused_calls_chosen"] = sum(r["chosen"] == "fused" for r in FUSED_REPORT)
+            stats["fused_calls_measured"] = len(FUSED_REPORT)
     log = logging.getLogger("fusegen.gemm")
     if choices:
         log.info("skinny GEMM table:\n%s", TABLE.report())
-    log.info("GEMM epilogues: %s", stats)
+    log.info("GEMM fusion: %s", stats)
+    for row in FUSED_REPORT if kv_pool is not None else []:
+        log.info("fused %s M%d: %.1f us fused, %.1f us unfused -> %s", row["call"], row["M"], row["fused_us"],
+                 row["unfused_us"], row["chosen"])
     return routed, choices, stats

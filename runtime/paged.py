@@ -42,7 +42,8 @@ class PagedRunner:
         self.graphs = None  # StepGraphs once capture_graphs ran
         self.graph_gm = gm   # what the CUDA graphs capture: gm with its linears routed (gemm_routing)
         self.gemm_choices: list = []   # skinny_gemm.Choice per (M, N, K) measured at capture
-        self.gemm_fusion: dict = {}   # counters of codegen/gemm_epilogue.fuse_epilogues
+        self.gemm_fusion: dict = {}   # counters of codegen/fused_gemm.fuse_gemms, and "calls":
+        # fused vs unfused per call kind and M, as measured at capture
         self.pdl = False   # whether the captured graphs use programmatic dependent launch
         self._cpu_graph: fx.GraphModule | None = None  # see cpu_graph.py; made at the first CPU step
 
@@ -81,7 +82,9 @@ class PagedRunner:
             raise ValueError("capture_graphs needs the batch state: call allocate_batch first")
         if skinny_gemms:
             self.graph_gm, self.gemm_choices, self.gemm_fusion = route_linears(
-                self.gm, [b for b in decode_buckets if b <= skinny_gemm.MAX_M], self.device, epilogues)
+                self.gm, [b for b in decode_buckets if b <= skinny_gemm.MAX_M], self.device, epilogues,
+                kv_pool=self.kv_pool)
+            self.gemm_fusion["calls"] = list(skinny_gemm.FUSED_REPORT)
         self.pdl = pdl and launch.supported(self.device)
         with launch.dependent_launches(self.pdl):
             self.graphs = StepGraphs(self, decode_buckets, token_buckets)

@@ -28,6 +28,7 @@ from fusegen.runtime.engine import Engine
 from fusegen.runtime.generate import greedy_dense
 from fusegen.runtime.kv_manager import KVCacheManager
 from fusegen.runtime.paged import Chunk, PagedRunner, packed_inputs
+from fusegen.runtime.draft import DraftProposer
 from fusegen.runtime.speculative import NgramProposer
 
 
@@ -155,9 +156,12 @@ class CompiledModel:
             kwargs.setdefault("max_num_batched_tokens", self.config.max_num_batched_tokens)
             kwargs.setdefault("max_num_seqs", self.config.max_num_seqs)
             if "proposer" not in kwargs:
-                kwargs["proposer"] = self._proposer(draft, kwargs["max_num_seqs"], kwargs["max_num_batched_tokens"])
+                kwargs["proposer"] = self._proposer(draft, runner, kwargs.get("max_model_len") or self._max_len(),
+                                                    kwargs["max_num_seqs"], kwargs["max_num_batched_tokens"],
+                                                    cuda_graphs)
+            kwargs.setdefault("max_model_len", self._max_len())
             engine = Engine(runner, sorted(_eos_set(self.facts.get("eos_token_id"))),
-                            max_model_len=self._max_len(), vocab_size=self.facts.get("vocab_size"), **kwargs)
+                            vocab_size=self.facts.get("vocab_size"), **kwargs)
             if cuda_graphs and self.config.cuda_graphs and self.device.type == "cuda":
                 seqs, tokens = kwargs["max_num_seqs"], kwargs["max_num_batched_tokens"]
                 # a speculating decode enters the step as 1 + k one-token entries
@@ -168,16 +172,52 @@ class CompiledModel:
             runner.step_graph()   # on the CPU its flat copy is made now, not in the first step
         return engine
 
-    def _proposer(self, draft, max_num_seqs: int, max_num_batched_tokens: int):
+    def _proposer(self, draft, runner: PagedRunner, max_model_len: int, max_num_seqs: int,
+                  max_num_batched_tokens: int, cuda_graphs: bool):
         """The proposer ``config.speculative`` asks for (None for "none")."""
         cfg = self.config
+        if draft is not None and cfg.speculative != "draft":
+            raise ValueError(f"engine(draft=...) needs speculative=draft, the config has speculative={cfg.speculative}")
         if cfg.speculative == "ngram":
             return NgramProposer(cfg.spec_k, cfg.spec_ngram)
-        if cfg.speculative == "draft":
-            raise ConfigError("speculative=draft is not supported yet; use speculative=ngram")
-        if draft is not None:
-            raise ValueError(f"engine(draft=...) needs speculative=draft, the config has speculative={cfg.speculative}")
-        return None
+        if cfg.speculative != "draft":
+            return None
+        if draft is None:
+            if not cfg.spec_draft:
+                raise ConfigError("speculative=draft needs spec_draft=PATH (a model directory or a fusegen "
+                                  "artifact) or engine(draft=compiled_draft)")
+            draft = self._load_draft(cfg.spec_draft)
+        if draft.kind != "paged":
+            raise ConfigError(f"the draft model is compiled {draft.kind}; speculative=draft needs its paged graph")
+        vocab, draft_vocab = self.facts.get("vocab_size"), draft.facts.get("vocab_size")
+        if vocab != draft_vocab:
+            raise ConfigError(f"the draft model ({draft.report.model_class}) has a vocabulary of {draft_vocab}, "
+                              f"the target ({self.report.model_class}) {vocab}: they must share the tokenizer")
+        # as many tokens in the draft's pool as in the target's
+        tokens = runner.num_blocks * runner.block_size
+        geometry = draft.facts["kv"]
+        draft_runner = PagedRunner(draft.graph_module, geometry, -(-tokens // geometry.block_size), draft.device)
+        proposer = DraftProposer(draft_runner, cfg.spec_k, max_num_seqs, min(max_model_len, draft.max_len),
+                                 max_num_batched_tokens)
+        if cuda_graphs and draft.config.cuda_graphs and draft.device.type == "cuda":
+            draft_runner.capture_graphs(decode_buckets(max_num_seqs), token_buckets(max_num_seqs, max_num_batched_tokens),
+                                        skinny_gemms=draft.config.skinny_gemm, pdl=draft.config.pdl,
+                                        epilogues=draft.config.gemm_epilogue)
+        draft_runner.step_graph()
+        return proposer
+
+    def _load_draft(self, path: str) -> "CompiledModel":
+        """``spec_draft``: a fusegen artifact (loaded as it is) or a model directory (compiled
+        with this config, speculation off), on this model's device."""
+        from pathlib import Path
+
+        from fusegen.artifact import MANIFEST, load
+        from fusegen.models import load_model
+
+        if (Path(path) / MANIFEST).is_file():
+            return load(path, self.device)
+        model = load_model(path, dtype=self.facts.get("dtype", torch.float32)).to(self.device)
+        return compile(model, self.config.replace(speculative="none", spec_draft=""))
 
     def _auto_blocks(self) -> int:
         kv = self.facts["kv"]

@@ -40,13 +40,14 @@ from dataclasses import dataclass
 import torch
 
 from fusegen.errors import RequestAbortedError, RequestFailedError
+from fusegen.runtime.batch import staged
 from fusegen.runtime.kv_manager import KVCacheManager
 from fusegen.runtime.outputs import RequestOutput
 from fusegen.runtime.paged import PagedRunner
 from fusegen.runtime.requests import count, token_ids, token_list
-from fusegen.runtime.sampling import SamplingParams, SamplingRows, greedy_tokens, sample
+from fusegen.runtime.sampling import SamplingParams, SamplingRows, greedy_tokens, probabilities, sample, uniform
 from fusegen.runtime.scheduler import Scheduler, StepPlan, TokenEvent, TokenLogprob
-from fusegen.runtime.speculative import accepted_prefix, split_entries
+from fusegen.runtime.speculative import ACCEPT_SALT, accepted_prefix, rejection_sample, split_entries
 
 log = logging.getLogger("fusegen.engine")
 
@@ -303,8 +304,10 @@ class Engine:
             entries, offsets = split_entries(entries, plan.proposals)
         logits, device_entries, graphed = self.runner.forward(entries)
         sampled = self._sample(plan, logits, device_entries)
-        batch.record_sampled(device_entries, sampled)
         n = len(entries[0])
+        if offsets is not None:
+            sampled = self._against_draft(plan, offsets, logits, device_entries, sampled)
+        batch.record_sampled(device_entries, sampled)
         top = max(r.logprobs for r in plan.requests)
         logprobs = _logprobs(logits[:n], sampled[:n], top) if top else None
         tokens, done = self._to_host(sampled, logprobs)
@@ -327,6 +330,38 @@ class Engine:
                                 any_random=any_random, any_penalty=any_penalty)
         history = batch.history(rows) if any_penalty else None
         return sample(logits, sampling, history, lengths)
+
+    def _against_draft(self, plan: StepPlan, offsets: list[int], logits: torch.Tensor, entries: torch.Tensor,
+                       sampled: torch.Tensor) -> torch.Tensor:
+        """Sampling requests whose proposal a draft drew from its distributions q: each
+        verified position's token by the rejection rule against the target's p (see
+        speculative.rejection_sample) instead of a plain draw from p. Prompt lookup's point
+        masses need nothing here (speculative.py), nor do greedy requests."""
+        get = getattr(self.scheduler.proposer, "distributions", None)
+        if get is None:
+            return sampled
+        picks, qs = [], []
+        for i, (req, proposal) in enumerate(zip(plan.requests, plan.proposals)):
+            q = get(req.request_id) if proposal and not req.sampling.greedy else None
+            if q is not None:
+                picks.extend(range(offsets[i], offsets[i] + len(proposal)))
+                qs.append(q[:len(proposal)])
+        if not picks:
+            return sampled
+        batch = self.batch
+        index = staged(picks, torch.long, logits.device)
+        rows = entries[0].long()[index]
+        lengths = (entries[1] + entries[2]).long()[index]     # the positions being chosen
+        params = [r.sampling for r in plan.requests]
+        any_penalty = any(p.repetition_penalty != 1.0 for p in params)
+        target = SamplingRows(batch.temperature[rows], batch.top_k[rows], batch.top_p[rows],
+                              batch.repetition_penalty[rows], batch.seed[rows], lengths, any_random=True,
+                              any_penalty=any_penalty)
+        p = probabilities(logits[index], target, batch.history(rows) if any_penalty else None, lengths)
+        proposed = batch.tokens[rows, lengths]                 # written there before the step
+        chosen = rejection_sample(p, torch.cat(qs), proposed, uniform(target.seed ^ ACCEPT_SALT, lengths),
+                                  uniform(target.seed, lengths))
+        return sampled.index_copy(0, index, chosen)
 
     def _to_host(self, *tensors: torch.Tensor | None):
         """Pinned host copies of ``tensors`` behind one event (the tensors themselves on CPU)."""
@@ -373,7 +408,7 @@ class Engine:
             if proposal:
                 chosen = values[offsets[i]:offsets[i] + len(proposal) + 1]
                 accepted = accepted_prefix(proposal, chosen)
-                sampled[i] = chosen[:accepted + 1]
+                sampled[i] = proposal[:accepted] + [chosen[accepted]]
                 record.accepted += accepted
         self.stats["spec_steps"] += 1
         self.stats["spec_proposed"] += record.proposed
@@ -381,6 +416,9 @@ class Engine:
         return sampled
 
     def _release_row(self, request_id: int) -> None:
+        release = getattr(self.scheduler.proposer, "release", None)
+        if release is not None:
+            release(request_id)
         row = self._rows.pop(request_id, None)
         if row is not None:
             self._free_rows.append(row)

@@ -155,7 +155,9 @@ def sample(logits: torch.Tensor, rows: SamplingRows, history: torch.Tensor | Non
     return torch.where(rows.temperature > 0, drawn, greedy)
 
 
-def _draw(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
+def _filtered(logits: torch.Tensor, rows: SamplingRows) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities in descending order, unnormalised after top-k and top-p, and the
+    vocabulary ids in that order)."""
     B, V = logits.shape
     temperature = torch.where(rows.temperature > 0, rows.temperature, 1.0)[:, None]
     top_k = torch.where(rows.top_k > 0, rows.top_k, V)[:, None]
@@ -166,9 +168,43 @@ def _draw(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
     probs = sorted_logits.softmax(-1)
     cdf = probs.cumsum(-1)
     nucleus = (cdf - probs) < rows.top_p[:, None]    # the smallest head whose mass reaches top_p
-    probs = probs * nucleus
+    return probs * nucleus, order
+
+
+def _draw(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
+    probs, order = _filtered(logits, rows)
     cdf = probs.cumsum(-1)
     kept = (probs > 0).sum(-1, keepdim=True).clamp(min=1)
     u = uniform(rows.seed, rows.position)[:, None]
     pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=kept - 1)
     return order.gather(1, pick)[:, 0]
+
+
+def probabilities(logits: torch.Tensor, rows: SamplingRows, history: torch.Tensor | None = None,
+                  lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """The distribution ``sample`` draws from, [B, V] float32 in vocabulary order, summing
+    to 1: after the repetition penalty, temperature, top-k and top-p; a greedy row is one-hot
+    at its argmax. (Speculative verification compares a target's and a draft's.)"""
+    if rows.any_penalty:
+        if history is None or lengths is None:
+            raise ValueError("probabilities: repetition_penalty needs the token history of each row")
+        logits = apply_repetition_penalty(logits, rows.repetition_penalty, history, lengths)
+    B, V = logits.shape
+    onehot = torch.nn.functional.one_hot(greedy_tokens(logits), V).to(torch.float32)
+    if not rows.any_random:
+        return onehot
+    sorted_probs, order = _filtered(logits.float(), rows)
+    probs = torch.zeros_like(sorted_probs).scatter_(1, order, sorted_probs)
+    probs = probs / probs.sum(-1, keepdim=True)
+    return torch.where(rows.temperature[:, None] > 0, probs, onehot)
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """A token per row of ``probs`` [B, V] (non-negative, not necessarily normalised) by the
+    inverse CDF in vocabulary order at ``u`` [B] in [0, 1); never a zero-probability token
+    (a row of zeros gives token 0)."""
+    B, V = probs.shape
+    cdf = probs.cumsum(-1)
+    pick = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)[:, 0]
+    last = V - 1 - (probs.flip(-1) > 0).to(torch.int32).argmax(-1)   # the last token it may pick
+    return torch.minimum(pick, last)

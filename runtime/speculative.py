@@ -34,6 +34,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
+from fusegen.runtime.sampling import draw
+
+ACCEPT_SALT = 0x2545F4914F6CDD1D   # acceptance tests use seed ^ ACCEPT_SALT, not the draws' uniforms
+
 
 def accepted_prefix(proposal: list[int], chosen: list[int]) -> int:
     """How many proposed tokens the target accepts: ``chosen[j]`` is its token after the
@@ -43,6 +49,23 @@ def accepted_prefix(proposal: list[int], chosen: list[int]) -> int:
     while n < len(proposal) and chosen[n] == proposal[n]:
         n += 1
     return n
+
+
+def rejection_sample(p: torch.Tensor, q: torch.Tensor, proposed: torch.Tensor, u_accept: torch.Tensor,
+                     u_draw: torch.Tensor) -> torch.Tensor:
+    """The standard speculative-sampling rule (Leviathan et al. 2023, Chen et al. 2023) per
+    row: the proposed token d, drawn from q, is kept with probability min(1, p(d) / q(d))
+    (``u_accept`` < p(d) / q(d)); otherwise the token is drawn at ``u_draw`` from the
+    residual max(0, p - q), normalised. The result follows p exactly. A kept token is
+    always d and a redrawn one never is (the residual is 0 at d whenever d can be
+    rejected), so the accepted run is read back as the prefix equal to the proposal.
+
+    p, q [B, V] float32 (each row summing to 1); proposed, [B] long; uniforms [B]."""
+    p_d = p.gather(1, proposed[:, None])[:, 0]
+    q_d = q.gather(1, proposed[:, None])[:, 0]
+    keep = u_accept * q_d < p_d
+    residual = (p - q).clamp(min=0)
+    return torch.where(keep, proposed, draw(residual, u_draw))
 
 
 def split_entries(entries: list[list[int]], proposals: list[list[int]]) -> tuple[list[list[int]], list[int]]:

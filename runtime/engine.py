@@ -64,6 +64,7 @@ class StepRecord:
     host_ms: float = 0.0        # time in step() for this step, waiting for the GPU excluded
     gpu_ms: float | None = None  # between events around its GPU work, once finished
     proposed: int = 0           # speculative tokens it verified
+    speculating: int = 0        # ... for this many sequences
     accepted: int = 0           # ... and accepted (known once finished)
 
 
@@ -312,7 +313,8 @@ class Engine:
         logprobs = _logprobs(logits[:n], sampled[:n], top) if top else None
         tokens, done = self._to_host(sampled, logprobs)
         record = StepRecord(_kind(plan), plan.num_tokens, len(plan.requests), graphed,
-                            host_ms=(time.perf_counter() - begin) * 1e3, proposed=plan.num_proposed)
+                            host_ms=(time.perf_counter() - begin) * 1e3, proposed=plan.num_proposed,
+                            speculating=sum(1 for p in plan.proposals if p))
         self.step_log.append(record)
         return _InFlight(plan, tokens[0], done, start, record, tokens[1], offsets)
 

@@ -1,7 +1,7 @@
 """Speculative decoding against plain decode, both measured in this one run.
 
     python bench/speculative.py [--models 7b 1b] [--batches 1 4 16] [--k 4] [--out bench/results/speculative.json]
-    python bench/speculative.py --cpu [--k 4] [--ngram 3] [--out bench/results/speculative_cpu.json]
+    python bench/speculative.py --cpu [--k 4] [--ngram 3] [--threads N] [--out bench/results/speculative_cpu.json]
 
 GPU (the default): random-weight bf16 Llama configs (bench/e2e.py's CONFIGS), one engine per
 model with CUDA graphs for the speculating step shapes; plain decode is the same engine with
@@ -29,7 +29,9 @@ roofline (weight bytes / measured copy bandwidth).
 CPU (--cpu): SmolLM2-135M-Instruct (the bundled real weights, fp32) summarises a passage of
 fusegen/data/heldout.txt, greedily; prompt lookup's acceptance rate (accepted / proposed
 tokens), output tokens per decode step, both wall times, and whether the tokens equal plain
-decoding's.
+decoding's. The acceptance rate does not depend on the machine; the wall times do (a busy
+machine slows both, and a 2-core one shared with other work slows many-thread steps most:
+--threads 1 then gives steadier times).
 """
 
 from __future__ import annotations
@@ -241,9 +243,12 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--ngram", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=160, help="--cpu: most tokens of the summary")
+    parser.add_argument("--threads", type=int, default=None, help="--cpu: torch threads (default: torch's own)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.cpu:
+        if args.threads:
+            torch.set_num_threads(args.threads)   # a benchmark script, not the library
         result = cpu(args)
         out = Path(args.out or RESULTS / "speculative_cpu.json")
     else:

@@ -543,9 +543,9 @@ def _with_logprobs(events: list[TokenEvent], plan: StepPlan, table: torch.Tensor
     for event in events:
         i = entry[event.request_id]
         req = plan.requests[i]
-        j = seen[event.request_id] = seen.get(event.request_id, -1) + 1
+        nth = seen[event.request_id] = seen.get(event.request_id, -1) + 1
         if req.logprobs:
-            row = rows[offsets[i] + j]
+            row = rows[offsets[i] + nth]
             top = tuple((int(row[1 + 2 * j]), row[2 + 2 * j]) for j in range(req.logprobs))
             event = event._replace(logprob=TokenLogprob(row[0], top))
         out.append(event)

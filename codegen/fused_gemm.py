@@ -771,9 +771,31 @@ def fuse_gemms(gm: fx.GraphModule, prologues: bool = True, rotary: bool = True) 
     return stats
 
 
+def _packed_sizes(gm: fx.GraphModule, M: int) -> dict:
+    """Values for the graph's symbolic sizes when the runtime packs M tokens as one row:
+    the batch symbol (input_ids' dim 0) is 1 and the sequence symbol (dim 1) is M."""
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() == 2:
+            subs = {}
+            for d, value in zip(n.meta["val"].shape, (1, M)):
+                if isinstance(d, torch.SymInt):
+                    subs.update({sym: value for sym in d.node.expr.free_symbols})
+            return subs
+    return {}
+
+
+def _concrete(d, subs: dict, M: int) -> int:
+    if isinstance(d, int):
+        return d
+    expr = d.node.expr.subs(subs)
+    return int(expr) if expr.is_number else M
+
+
 def _sample(node: fx.Node, gm: fx.GraphModule, M: int, device, kv_pool, gen):
     """Arguments of a fused call at M tokens: graph weights as they are, the KV pool given,
-    distinct random slots, random activations of the recorded shapes (token dim = M)."""
+    distinct random slots, random activations of the recorded shapes with the tokens packed
+    as the runtime packs them (batch 1, sequence M)."""
+    subs = _packed_sizes(gm, M)
     args = []
     for a in node.args:
         if not isinstance(a, fx.Node):
@@ -790,7 +812,7 @@ def _sample(node: fx.Node, gm: fx.GraphModule, M: int, device, kv_pool, gen):
             args.append(torch.randperm(slots, device=device, generator=gen)[:M].to(torch.int32))
         else:
             v = a.meta["val"]
-            shape = [d if isinstance(d, int) else M for d in v.shape]
+            shape = [_concrete(d, subs, M) for d in v.shape]
             args.append(torch.randn(shape, device=device, dtype=v.dtype, generator=gen))
     return args
 

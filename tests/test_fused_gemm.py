@@ -310,6 +310,31 @@ def test_whole_model_with_fused_gemms_matches_the_graph(table_entry, family, con
     assert len(launches) == 2 * 2 * 2   # per step and layer: q/k/v and gate/up fused kernels
 
 
+@pytest.mark.parametrize("M", [1, 3])
+def test_measurement_samples_are_packed_like_the_runtime(M):
+    """measure_fused's arguments at M tokens have the runtime's packed shapes (batch 1,
+    sequence M), so every fused call's reference, the q/k/v one with its paged KV write
+    included, runs on them."""
+    import fusegen
+    from families import mini_model
+    from fusegen.codegen import fused_gemm
+    from fusegen.runtime.paged import PagedRunner
+
+    compiled = fusegen.compile(mini_model("llama"))
+    routed, _, stats = skinny_gemm.route_linears(compiled.graph_module, [], "cpu")
+    assert stats["gemm_qkv_epilogues"] == 2
+    runner = PagedRunner(compiled.graph_module, compiled.facts["kv"], 8, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    sites = [n for n in routed.graph.nodes if isinstance(n.target, FusedGemm)]
+    assert sites
+    for node in sites:
+        args = fused_gemm._sample(node, routed, M, "cpu", runner.kv_pool, gen)
+        ins, weight, _, _ = node.target._split(args)
+        assert all(t.shape[:-1] == (1, M) for t in ins if isinstance(t, torch.Tensor) and t.dim() == 3)
+        out = node.target.reference(*args)[0]
+        assert out.shape[0] == 1 and M in out.shape
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

@@ -28,11 +28,12 @@ from fusegen.codegen.attention_common import (_TL_DTYPES, _attend_tiles, _dot_pr
                                               head_dim_pad)
 from fusegen.codegen.launch import pdl
 
-# Split-KV decode: a split gets at least this many keys, and the split count aims at a few
-# programs per multiprocessor.
-DECODE_MIN_KEYS_PER_SPLIT = 256
+# Split-KV decode: a split gets at least this many keys (one BLOCK_N tile), and the split
+# count aims at DECODE_PROGRAMS_PER_SM programs per multiprocessor while the (token, KV head)
+# programs alone fill less than one wave, and at half as many once they fill one.
+DECODE_MIN_KEYS_PER_SPLIT = 64
 DECODE_MAX_SPLITS = 64
-DECODE_PROGRAMS_PER_SM = 2
+DECODE_PROGRAMS_PER_SM = 4
 
 
 @triton.jit
@@ -178,9 +179,9 @@ def _decode_reduce_kernel(PartOut, PartLse, Out, stride_pt, stride_ph, stride_ps
 
 
 def default_decode_config(head_dim: int, on_cuda: bool) -> dict:
-    """Tiles of _decode_split_kernel. H100, bf16 GQA 32/8 D128, block_size 16, CUDA graph:
-    B1 L8k 2.1 TB/s, B1 L32k 2.45, B32 L4k 2.9 (BLOCK_N 32/128 and 4 warps measured no faster).
-    Chosen by the padded head dim (80 and 96 run as 128)."""
+    """Tiles of _decode_split_kernel, chosen by the padded head dim (80 and 96 run as 128).
+    H200, bf16 GQA 32/8 D128, block_size 16, CUDA graph: BLOCK_N 32/128 and 4/8 warps were
+    within 3% of this everywhere but B32 L4k (BLOCK_N 128, 4 warps, no split: +1%)."""
     if not on_cuda:
         return dict(BLOCK_N=16, num_warps=1, num_stages=1)
     return dict(BLOCK_N=64 if head_dim_pad(head_dim) <= 128 else 32, num_warps=2, num_stages=3)
@@ -192,11 +193,20 @@ def _multiprocessors(device_index: int) -> int:
 
 
 def decode_num_splits(num_tokens: int, kv_heads: int, max_keys: int, multiprocessors: int) -> int:
-    """Split count from shapes only: about DECODE_PROGRAMS_PER_SM (token, KV head, split)
-    programs per multiprocessor, no split shorter than DECODE_MIN_KEYS_PER_SPLIT keys of the
-    longest possible context ``max_keys`` (block_tables width * block_size), rounded down to a
-    power of two. (H100, GQA 32/8, D 128: B1 L8k -> 32, B1 L32k -> 32, B32 L4k -> 2.)"""
-    want = triton.cdiv(DECODE_PROGRAMS_PER_SM * multiprocessors, max(1, num_tokens * kv_heads))
+    """Split count from shapes only, so the launch can be captured: about
+    DECODE_PROGRAMS_PER_SM (token, KV head, split) programs per multiprocessor (half that
+    when the tokens' KV heads already make one wave), no split shorter than
+    DECODE_MIN_KEYS_PER_SPLIT keys of the longest possible context ``max_keys``
+    (block_tables width * block_size), rounded down to a power of two.
+
+    Chosen from a sweep on the H200 (132 SMs, bf16 GQA 32/8, block 16, CUDA-graph replays,
+    splits 1..128 x BLOCK_N 32/64/128 x 2..8 warps): at batch 1 and short contexts the
+    kernel is latency-bound (B1 L1024 D64 takes 10.9 us with 16 splits, 15.2 us with the
+    earlier 256-keys minimum's 4), so short contexts split down to one tile; B1 L8k -> 64,
+    B8 L1k -> 8, B32 L4k -> 2 and B64 L512 -> 1 are each within 2% of the sweep's best."""
+    programs = max(1, num_tokens * kv_heads)
+    per_sm = DECODE_PROGRAMS_PER_SM if programs < multiprocessors else DECODE_PROGRAMS_PER_SM // 2
+    want = triton.cdiv(per_sm * multiprocessors, programs)
     by_length = triton.cdiv(max(1, max_keys), DECODE_MIN_KEYS_PER_SPLIT)
     return min(_prev_pow2(min(want, by_length)), DECODE_MAX_SPLITS)
 

@@ -206,13 +206,15 @@ def test_paged_decode_matches_reference(case, dtype, nan_outputs):
 
 
 def test_decode_split_heuristic_uses_shapes_only():
-    h100 = 132  # multiprocessors; GQA 32/8 -> 8 KV heads
-    assert attn.decode_num_splits(1, 8, 32768, h100) == 32
-    assert attn.decode_num_splits(1, 8, 8192, h100) == 32
-    assert attn.decode_num_splits(32, 8, 4096, h100) == 2
-    assert attn.decode_num_splits(1, 8, 16, h100) == 1  # never a split shorter than the minimum
+    sms = 132  # H100 / H200 multiprocessors; GQA 32/8 -> 8 KV heads
+    assert attn.decode_num_splits(1, 8, 32768, sms) == 64     # capped at DECODE_MAX_SPLITS
+    assert attn.decode_num_splits(1, 8, 1024, sms) == 16      # one 64-key tile per split
+    assert attn.decode_num_splits(8, 8, 1024, sms) == 8       # 64 programs: under one wave
+    assert attn.decode_num_splits(32, 8, 4096, sms) == 2      # 256 programs: a wave already
+    assert attn.decode_num_splits(64, 8, 512, sms) == 1
+    assert attn.decode_num_splits(1, 8, 16, sms) == 1  # never a split shorter than the minimum
     for T in (1, 3, 64, 4096):
-        s = attn.decode_num_splits(T, 8, 1 << 20, h100)
+        s = attn.decode_num_splits(T, 8, 1 << 20, sms)
         assert s & (s - 1) == 0 and 1 <= s <= attn.DECODE_MAX_SPLITS
 
 

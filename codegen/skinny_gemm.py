@@ -68,10 +68,26 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr,
                 acc = tl.dot(a, tl.trans(b), acc)
         else:
             acc += tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)
+    _finish_tile(acc, pid_n, pid_k, M, N, y_ptr, stride_ym, bias_ptr, bias_ptr, part_ptr, count_ptr,
+                 HAS_BIAS, False, BLOCK_M, BLOCK_N, SPLIT_K)
+
+
+@triton.jit
+def _finish_tile(acc, pid_n, pid_k, M, N, y_ptr, stride_ym, bias_ptr, scale_ptr, part_ptr, count_ptr,
+                 HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+    """y[m, n] = acc[m, n] * scale[n] (with HAS_SCALE) + bias[n] for the program's fp32 tile
+    of output columns pid_n * BLOCK_N + [0, BLOCK_N), its K range pid_k. With SPLIT_K > 1 the
+    tile's partial sums meet in the workspace and the last of its programs finishes them
+    (the ticket reduction in the module docstring); the scale and bias apply once, to the
+    sum. Shared by the quantized-weight template (quant_gemm.py)."""
+    rm = tl.arange(0, BLOCK_M)
     cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     y_ptrs = y_ptr + rm[:, None] * stride_ym + cn[None, :]
-    y_mask = m_ok & (cn[None, :] < N)
+    y_mask = (rm[:, None] < M) & (cn[None, :] < N)
     if SPLIT_K == 1:
+        if HAS_SCALE:
+            acc *= tl.load(scale_ptr + cn, mask=cn < N, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cn, mask=cn < N, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
@@ -85,6 +101,8 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr,
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in tl.static_range(SPLIT_K):
                 total += tl.load(tile + s * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
+            if HAS_SCALE:
+                total *= tl.load(scale_ptr + cn, mask=cn < N, other=0.0).to(tl.float32)[None, :]
             if HAS_BIAS:
                 total += tl.load(bias_ptr + cn, mask=cn < N, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=y_mask)
@@ -217,35 +235,84 @@ class Choice:
     M: int
     N: int
     K: int
-    config: GemmConfig | None   # None: cuBLAS
+    config: GemmConfig | None   # None: the baseline (cuBLAS, or dequantize + cuBLAS)
     us: float
-    cublas_us: float
+    cublas_us: float            # the baseline's time
+    fmt: str = "none"           # the weight's storage format (fusegen/quant.py)
 
     @property
     def kernel(self) -> str:
-        return "cublas" if self.config is None else f"triton {self.config}"
+        if self.config is None:
+            return "cublas" if self.fmt == "none" else "dequant+cublas"
+        return f"triton {self.config}"
+
+
+class PlainWeight:
+    """What the table times for a linear whose weight is a plain [N, K] tensor: this
+    template against cuBLAS. A stored format brings its own (quant_gemm.QuantizedWeight):
+    ``weight`` makes the operands a call takes after x, ``template``/``baseline`` run one."""
+
+    fmt = "none"
+
+    def weight(self, N: int, K: int, dtype, device, gen) -> tuple:
+        return (torch.randn(N, K, device=device, dtype=dtype, generator=gen) * K ** -0.5,)
+
+    def weight_bytes(self, N: int, K: int, dtype) -> int:
+        return N * K * torch.empty((), dtype=dtype).element_size()
+
+    def candidates(self, M: int, N: int, K: int, sms: int) -> list[GemmConfig]:
+        return candidates(M, N, K, sms)
+
+    def template(self, x, weight: tuple, bias, config: GemmConfig):
+        return skinny_linear(x, *weight, bias, config)
+
+    def baseline(self, x, weight: tuple, bias):
+        return torch.nn.functional.linear(x, *weight, bias)
+
+    def exact(self, x, weight: tuple, bias):
+        """The product in fp32, to check the chosen configuration against."""
+        return torch.nn.functional.linear(x.float(), weight[0].float(), None if bias is None else bias.float())
+
+
+PLAIN = PlainWeight()
+
+
+def operand_for(fmt: str):
+    """The table's operand for weights stored in ``fmt`` ("none": a plain weight)."""
+    if fmt == "none":
+        return PLAIN
+    from fusegen.codegen.quant_gemm import OPERANDS
+
+    return OPERANDS[fmt]
+
+
+def table_key(M: int, N: int, K: int, dtype, has_bias: bool, fmt: str = "none") -> tuple:
+    """The table's key; a plain weight's is (M, N, K, dtype, has_bias)."""
+    return (M, N, K, dtype, has_bias) if fmt == "none" else (M, N, K, dtype, has_bias, fmt)
 
 
 class GemmTable:
-    """Per (M, N, K, dtype, bias): the faster of the template's best configuration and
-    cuBLAS, measured on the device with random data."""
+    """Per (M, N, K, dtype, bias[, weight format]): the faster of the template's best
+    configuration and the baseline (cuBLAS; for a stored format, dequantize + cuBLAS),
+    measured on the device with random data."""
 
     def __init__(self):
         self.choices: dict[tuple, Choice] = {}
         self.trace: dict[tuple, dict[GemmConfig, float]] = {}   # every candidate's time
 
-    def best_template(self, M: int, N: int, K: int, dtype, has_bias: bool) -> GemmConfig | None:
-        """The template's fastest measured configuration, whether or not it beat cuBLAS."""
-        trace = self.trace.get((M, N, K, dtype, has_bias))
+    def best_template(self, M: int, N: int, K: int, dtype, has_bias: bool, fmt: str = "none") -> GemmConfig | None:
+        """The template's fastest measured configuration, whether or not it beat the baseline."""
+        trace = self.trace.get(table_key(M, N, K, dtype, has_bias, fmt))
         return min(trace, key=trace.get) if trace else None
 
-    def lookup(self, M: int, N: int, K: int, dtype, has_bias: bool) -> GemmConfig | None:
-        choice = self.choices.get((M, N, K, dtype, has_bias))
+    def lookup(self, M: int, N: int, K: int, dtype, has_bias: bool, fmt: str = "none") -> GemmConfig | None:
+        choice = self.choices.get(table_key(M, N, K, dtype, has_bias, fmt))
         return None if choice is None else choice.config
 
-    def measure(self, shapes, ms, dtype, device, margin: float = 0.97) -> list[Choice]:
-        """Time every (M, N, K) for M in ``ms`` and (N, K, has_bias) in ``shapes``; the
-        template is chosen when it beats cuBLAS by ``1 - margin`` at least."""
+    def measure(self, shapes, ms, dtype, device, margin: float = 0.97, operand=PLAIN) -> list[Choice]:
+        """Time every (M, N, K) for M in ``ms`` and (N, K, has_bias) in ``shapes``, the weight
+        stored as ``operand`` says; the template is chosen when it beats the baseline by
+        ``1 - margin`` at least."""
         device = torch.device(device)
         if not ms or not shapes:
             return []
@@ -253,43 +320,47 @@ class GemmTable:
         made = []
         gen = torch.Generator(device=device).manual_seed(0)
         for N, K, has_bias in shapes:
-            copies = max(1, min(32, -(-L2_FLUSH_BYTES // (N * K * torch.empty((), dtype=dtype).element_size()))))
-            ws = [torch.randn(N, K, device=device, dtype=dtype, generator=gen) * K ** -0.5 for _ in range(copies)]
-            w = ws[0]
+            copies = max(1, min(32, -(-L2_FLUSH_BYTES // operand.weight_bytes(N, K, dtype))))
+            ws = [operand.weight(N, K, dtype, device, gen) for _ in range(copies)]
             b = torch.randn(N, device=device, dtype=dtype, generator=gen) if has_bias else None
             for M in ms:
-                key = (M, N, K, dtype, has_bias)
+                key = table_key(M, N, K, dtype, has_bias, operand.fmt)
                 if key in self.choices or M > MAX_M:
                     continue
                 x = torch.randn(M, K, device=device, dtype=dtype, generator=gen)
-                cublas = _time_us([lambda w=w: torch.nn.functional.linear(x, w, b) for w in ws])
+                base_us = _time_us([lambda w=w: operand.baseline(x, w, b) for w in ws])
                 timings = self.trace[key] = {}
-                for cfg in candidates(M, N, K, sms):
+                for cfg in operand.candidates(M, N, K, sms):
                     try:
-                        timings[cfg] = _time_us([lambda w=w, cfg=cfg: skinny_linear(x, w, b, cfg) for w in ws])
+                        timings[cfg] = _time_us([lambda w=w, cfg=cfg: operand.template(x, w, b, cfg) for w in ws])
                     except (triton.CompilationError, OutOfResources):   # a tile that does not build or fit
                         continue
                 best = min(timings, key=timings.get) if timings else None
                 best_us = timings[best] if timings else float("inf")
                 if best is not None:
-                    want = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
-                    got = skinny_linear(x, w, b, best).float()
-                    if not torch.allclose(got, want, rtol=3e-2, atol=3e-2):
-                        raise RuntimeError(f"skinny GEMM {best} disagrees with F.linear at M{M} N{N} K{K}")
-                config = best if best_us < margin * cublas else None
-                choice = Choice(M, N, K, config, best_us if config else cublas, cublas)
+                    got = operand.template(x, ws[0], b, best).float()
+                    if not torch.allclose(got, operand.exact(x, ws[0], b), rtol=3e-2, atol=3e-2):
+                        raise RuntimeError(f"skinny GEMM {best} disagrees with F.linear at M{M} N{N} K{K} "
+                                           f"(weights {operand.fmt})")
+                config = best if best_us < margin * base_us else None
+                choice = Choice(M, N, K, config, best_us if config else base_us, base_us, operand.fmt)
                 self.choices[key] = choice
                 made.append(choice)
         return made
 
     def report(self, copy_tbps: float | None = None) -> str:
-        """One line per shape: the kernel chosen, its time, cuBLAS's, and % of ``copy_tbps``."""
+        """One line per shape: the kernel chosen, its time, the baseline's, and % of ``copy_tbps``
+        (bytes read: the weight as stored, x and y)."""
         lines = []
-        for (M, N, K, dtype, _), c in sorted(self.choices.items(), key=lambda kv: kv[0][:3]):
-            bytes_ = (N * K + M * K + M * N) * torch.empty((), dtype=dtype).element_size()
+        for key, c in sorted(self.choices.items(), key=lambda kv: (kv[1].fmt, kv[0][:3])):
+            dtype = key[3]
+            size = torch.empty((), dtype=dtype).element_size()
+            bytes_ = operand_for(c.fmt).weight_bytes(c.N, c.K, dtype) + (c.M * c.K + c.M * c.N) * size
             share = f"  {bytes_ / c.us / 1e6 / copy_tbps:5.0%} of copy" if copy_tbps else ""
-            lines.append(f"M{M:<3} N{N:<6} K{K:<6} {c.kernel:<34} {c.us:8.1f} us  "
-                         f"(cuBLAS {c.cublas_us:8.1f} us){share}")
+            base = "cuBLAS" if c.fmt == "none" else "dequant"
+            weights = "" if c.fmt == "none" else f" {c.fmt}"
+            lines.append(f"M{c.M:<3} N{c.N:<6} K{c.K:<6}{weights:<5} {c.kernel:<34} {c.us:8.1f} us  "
+                         f"({base} {c.cublas_us:8.1f} us){share}")
         return "\n".join(lines)
 
 
@@ -311,7 +382,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def route_linears(gm, ms, device, epilogues: bool = True, kv_pool=None) -> tuple:
     """A copy of ``gm``'s graph (sharing its weights) whose ``aten.linear`` nodes call
-    ``linear``, with the table measured for their shapes at every M in ``ms``, and (with
+    ``linear`` and whose quantized linears call ``quant_gemm.linear``, with the table
+    measured for their shapes at every M in ``ms``, and (with
     ``epilogues``) the pointwise groups that consume a linear fused into it
     (codegen/fused_gemm.py); returns the copy, the choices for its shapes and the
     fusion counters. The table's report is logged."""
@@ -337,8 +409,11 @@ def route_linears(gm, ms, device, epilogues: bool = True, kv_pool=None) -> tuple
     routed = fx.GraphModule(gm, graph)
     for dtype in {s[3] for s in shapes}:
         TABLE.measure(sorted(s[:3] for s in shapes if s[3] == dtype), ms, dtype, device)
-    choices = [c for (M, N, K, dtype, bias), c in TABLE.choices.items()
-               if M in ms and (N, K, bias, dtype) in shapes]
+    choices = [c for key, c in TABLE.choices.items()
+               if c.fmt == "none" and c.M in ms and (c.N, c.K, key[4], key[3]) in shapes]
+    from fusegen.codegen.quant_gemm import route_quantized   # its weights' linears, on the same table
+
+    choices += route_quantized(routed, ms, device)
     stats = {}
     if epilogues:
         from fusegen.codegen.fused_gemm import fuse_gemms

@@ -355,16 +355,19 @@ def _(x):
 # --- weight-only quantized linear ------------------------------------------------------------
 
 @torch.library.custom_op("fusegen::quantized_linear", mutates_args=())
-def quantized_linear(x: Tensor, data: Tensor, scale: Tensor, bias: Optional[Tensor], weight_format: str) -> Tensor:
-    """``F.linear(x, W, bias)`` with W stored by ``fusegen.quant`` in ``weight_format``
-    (int8, fp8, int4): the weight is dequantized to x's dtype, then multiplied."""
-    from fusegen.quant import dequantize
+def quantized_linear(x: Tensor, data: Tensor, scale: Tensor, bias: Optional[Tensor], weight_format: str,
+                     act_scale: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(x * act_scale, W, bias)`` with W stored by ``fusegen.quant`` in
+    ``weight_format`` (int8, fp8, int4): the weight is dequantized (and, with the per input
+    channel ``act_scale`` of AWQ, scaled by it: ``W[:, k] * act_scale[k]``) to x's dtype,
+    then multiplied. See ``fusegen.quant.effective_weight``."""
+    from fusegen.quant import effective_weight
 
-    return torch.nn.functional.linear(x, dequantize(data, scale, weight_format, x.dtype), bias)
+    return torch.nn.functional.linear(x, effective_weight(data, scale, weight_format, x.dtype, act_scale), bias)
 
 
 @quantized_linear.register_fake
-def _(x, data, scale, bias, weight_format):
+def _(x, data, scale, bias, weight_format, act_scale=None):
     return x.new_empty((*x.shape[:-1], scale.shape[0]))
 
 

@@ -456,19 +456,21 @@ def compile(model: nn.Module, config: CompileConfig | str | None = None, *, dump
     report = CompileReport(model_class_name(model), config, records, str(directory) if directory else None)
     compiled = CompiledModel(gm, report, ctx.facts)
     if not config.gqa_kv_heads:   # the lossy conversion measures and reports its own change
-        with stage("checking the compiled graph against the model"), _reference(model, config):
+        with stage("checking the compiled graph against the model"), \
+                _reference(model, config, ctx.reference_changes):
             check_compiled(compiled, model)
     return compiled
 
 
-def _reference(model: nn.Module, config: CompileConfig):
+def _reference(model: nn.Module, config: CompileConfig, changes: dict):
     """What the compiled graph must compute: the model itself, or with quantized weights the
-    model with its linear weights replaced by their dequantized values."""
+    model with its linear weights replaced by their dequantized values (with AWQ, the
+    effective weights of the scales the pass chose: ``changes``)."""
     if config.weights == "none":
         return contextlib.nullcontext(model)
     from fusegen.quant import dequantized_linears
 
-    return dequantized_linears(model, config.weights, config.quantize_lm_head)
+    return dequantized_linears(model, config.weights, config.quantize_lm_head, act_scales=changes)
 
 
 def _check_kernels_serve(model: nn.Module, facts: dict) -> None:

@@ -33,6 +33,8 @@ class CompileConfig:
     # Lossy, opt-in: linear weights stored as int8 / fp8 / int4 (the LM head too if asked).
     weights: str = "none"
     quantize_lm_head: bool = False
+    # int4 with AWQ's per-input-channel scales where calibration tokens are given (fusegen/quant.py).
+    int4_awq: bool = True
     # Runtime shape of the paged KV pool.
     block_size: int = 16
     # Longest sequence (prompt + generated) the compiled model serves.

@@ -114,7 +114,7 @@ def awq_search(weight: Tensor, x: Tensor, fmt: str = "int4", grid: int = AWQ_GRI
     norm = want.pow(2).sum().clamp_min(_TINY)
     best, plain = None, None
     for step in range(grid + 1):
-        alpha = step / grid
+        alpha = step / grid if grid else 0.0
         s = mean_abs.pow(alpha).clamp_min(1e-4)
         s = s / (s.max() * s.min()).sqrt()
         got = rows @ effective_weight(*quantize_scaled(w, fmt, 1 / s), fmt, torch.float32, 1 / s).T
@@ -138,16 +138,19 @@ def dequantized_linears(model: nn.Module, fmt: str, lm_head: bool, act_scales: d
     ``act_scales`` maps a weight's parameter name to the AWQ input scale r its linear was
     stored with: that weight is replaced by ``effective_weight`` of Q(W / r)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {}   # a tied weight has several names; any of them may be the graph's
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
     act_scales = act_scales or {}
     saved = []
     try:
-        for name, module in model.named_modules():
+        for module in model.modules():
             if not isinstance(module, nn.Linear) or (module is head and not lm_head) \
                     or not supported(module.weight, fmt):
                 continue
             w = module.weight
             saved.append((module, w))
-            r = act_scales.get(f"{name}.weight" if name else "weight")
+            r = next((act_scales[n] for n in names.get(id(w), ()) if n in act_scales), None)
             r = None if r is None else r.to(w.device)
             module.weight = nn.Parameter(effective_weight(*quantize_scaled(w, fmt, r), fmt, w.dtype, r),
                                          requires_grad=False)

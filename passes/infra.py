@@ -31,6 +31,10 @@ class PassContext:
     calibration_ids: Optional[torch.Tensor] = None
     # Free-form facts passes hand to later passes and to the runtime (e.g. model geometry).
     facts: dict = field(default_factory=dict)
+    # What a lossy pass changed that the compile-time check's reference must change too, by
+    # parameter name of the user's model (quantize_weights: a weight's AWQ input scale). Not
+    # part of the compiled model.
+    reference_changes: dict = field(default_factory=dict)
 
 
 @dataclass

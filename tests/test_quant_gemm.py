@@ -105,7 +105,10 @@ def test_linear_falls_back_to_the_op_without_a_table_entry(monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_route_linears_routes_quantized_linears_and_keeps_the_results():
+def test_route_linears_routes_quantized_linears_through_the_template(monkeypatch):
+    """A compiled int4 model with AWQ (two of its linears apply an activation scale): the
+    routed graph calls quant_gemm.linear, which is the op without a table entry and the
+    template (in the interpreter) with one, the same logits either way."""
     import fusegen
     from fusegen.runtime.paged import Chunk, PagedRunner, packed_inputs
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -114,16 +117,30 @@ def test_route_linears_routes_quantized_linears_and_keeps_the_results():
     model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=256,
                                          num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                                          max_position_embeddings=64)).eval()
-    compiled = fusegen.compile(model, "weights=int4")
+    calibration = torch.randint(0, 96, (2, 32), generator=torch.Generator().manual_seed(3))
+    compiled = fusegen.compile(model, "weights=int4", calibration_ids=calibration)
     gm = compiled.graph_module
+    monkeypatch.setattr(quant_gemm, "TABLE", skinny_gemm.GemmTable())
     routed, choices, _ = skinny_gemm.route_linears(gm, [], "cpu", epilogues=False)
     op = torch.ops.fusegen.quantized_linear.default
     assert choices == [] and sum(n.target is op for n in routed.graph.nodes) == 0
-    assert sum(n.target is quant_gemm.linear for n in routed.graph.nodes) == 4
+    calls = [n for n in routed.graph.nodes if n.target is quant_gemm.linear]
+    assert len(calls) == 4 and sum(len(n.args) > 5 for n in calls) == 2
     assert sum(n.target is op for n in gm.graph.nodes) == 4          # the engine's graph is left as it was
     runner = PagedRunner(gm, compiled.facts["kv"], 8, "cpu")
     inputs = packed_inputs(runner, [Chunk([5, 6, 7], [0, 1, 2], 0, [1])])
-    torch.testing.assert_close(routed(**inputs)[0], gm(**inputs)[0], rtol=0, atol=0)
+    want = gm(**inputs)[0]
+    torch.testing.assert_close(routed(**inputs)[0], want, rtol=0, atol=0)
+    for n in calls:   # a table entry for every quantized shape at M = 3
+        N, K = n.meta["val"].shape[-1], n.args[0].meta["val"].shape[-1]
+        key = skinny_gemm.table_key(3, N, K, torch.float32, False, "int4")
+        quant_gemm.TABLE.choices[key] = skinny_gemm.Choice(3, N, K, GemmConfig(16, 128, split_k=2), 1.0, 2.0, "int4")
+    launched = []
+    monkeypatch.setattr(quant_gemm, "kernels_wanted", lambda tensors: True)
+    real = quant_gemm.quant_linear
+    monkeypatch.setattr(quant_gemm, "quant_linear", lambda *a: launched.append(a[4]) or real(*a))
+    torch.testing.assert_close(routed(**inputs)[0], want, rtol=1e-4, atol=1e-4)
+    assert launched == ["int4"] * 4
 
 
 # --- GPU ----------------------------------------------------------------------------------------

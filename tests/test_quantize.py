@@ -144,3 +144,118 @@ def test_quantized_artifact_round_trip(int4_model, fmt, tmp_path):
         assert torch.equal(data.view(torch.uint8), compiled.graph_module.get_buffer(target).view(torch.uint8))
     ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(4))
     assert torch.equal(loaded(ids), compiled(ids))
+
+
+def test_int4_packing_round_trips_exactly():
+    w = torch.tensor([[1.0, -2.0, 3.0, -4.0, 5.0, -6.0, 7.0, 0.0] * 16])   # one group, scale 1
+    data, scale = quantize(w, "int4")
+    assert scale.tolist() == [[1.0]]
+    assert data[0, :4].tolist() == [(1 + 8) | (-2 + 8) << 4, (3 + 8) | (-4 + 8) << 4,
+                                     (5 + 8) | (-6 + 8) << 4, (7 + 8) | (0 + 8) << 4]
+    assert torch.equal(dequantize(data, scale, "int4", torch.float32), w)
+    for fmt in FORMATS:   # what dequantize gives back is stored as the same codes
+        data, scale = quantize(_weight(9, 256), fmt)
+        again = quantize(dequantize(data, scale, fmt, torch.float32), fmt)
+        assert torch.equal(again[0].view(torch.uint8), data.view(torch.uint8)), fmt
+        torch.testing.assert_close(again[1], scale, rtol=1e-6, atol=0)
+
+
+# --- AWQ ------------------------------------------------------------------------------------------
+
+def _outlier_inputs(T: int, K: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, K, generator=g)
+    x[:, :4] *= 30.0          # a few input channels carry most of the activation
+    return x
+
+
+def test_awq_search_protects_the_salient_channels():
+    from fusegen.quant import awq_search
+
+    x, w = _outlier_inputs(256, 256), torch.randn(48, 256, generator=torch.Generator().manual_seed(1))
+    fit = awq_search(w, x)
+    assert fit.scale.shape == (256,) and fit.alpha > 0
+    assert fit.error < 0.7 * fit.plain_error
+    assert fit.scale[:4].min() > fit.scale[4:].max()   # the outlier channels are scaled up
+    assert awq_search(w, x, grid=0).alpha == 0.0 and awq_search(w, x, grid=0).error == fit.plain_error
+
+
+@pytest.fixture(scope="module")
+def outlier_model():
+    """The int4 mini model with outlier channels: a few hidden channels of every norm's weight
+    scaled up, as in real LLMs' activations."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=128,   # 4096
+                                         intermediate_size=256,             # 11008
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=128)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[:3] = 25.0
+            layer.post_attention_layernorm.weight[5:8] = 25.0
+    return model
+
+
+CALIBRATION = torch.randint(0, 96, (4, 48), generator=torch.Generator().manual_seed(7))
+HELDOUT = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(8))
+
+
+@pytest.fixture(scope="module")
+def awq_compiled(outlier_model):
+    """int4 with AWQ (the compile-time check passed) and without."""
+    return (fusegen.compile(outlier_model, "weights=int4", calibration_ids=CALIBRATION),
+            fusegen.compile(outlier_model, "weights=int4,int4_awq=0", calibration_ids=CALIBRATION))
+
+
+def test_awq_lowers_the_output_error_of_int4(outlier_model, awq_compiled):
+    model = outlier_model
+    layers = model.config.num_hidden_layers
+    awq, plain = awq_compiled
+    counters = awq.report.counters
+    assert counters["quantize_weights.awq_linears"] == 4 * layers
+    assert counters["quantize_weights.awq_folded"] == 2 * layers        # q/k/v and gate/up: into the norm
+    assert counters["quantize_weights.awq_act_scales"] == 2 * layers    # o and down: applied by the linear
+    assert counters["quantize_weights.awq_output_error"] < counters["quantize_weights.plain_output_error"]
+    assert "quantize_weights.awq_linears" not in plain.report.counters
+    act = [n for n in awq.graph_module.graph.nodes
+           if n.target is torch.ops.fusegen.quantized_linear.default and len(n.args) > 5]
+    assert len(act) == 2 * layers
+    with torch.no_grad():
+        want = model(HELDOUT).logits
+    err_awq = (awq(HELDOUT) - want).pow(2).mean().item()
+    err_plain = (plain(HELDOUT) - want).pow(2).mean().item()
+    assert err_awq < 0.8 * err_plain, (err_awq, err_plain)
+
+
+def test_awq_graph_computes_its_effective_weights(outlier_model):
+    """The AWQ graph against the model with each linear's weight replaced by
+    effective_weight(Q(W / r), r) for the r the pass chose: the exact reference, 1e-4."""
+    from fusegen.capture import capture
+    from fusegen.compiler import _model_facts
+    from fusegen.passes.infra import PassContext
+    from fusegen.passes.pipeline import run_pipeline
+
+    model = outlier_model
+    config = fusegen.CompileConfig.from_string("preset=stateless,weights=int4,fuse_pointwise=0")
+    ctx = PassContext(config=config, calibration_ids=CALIBRATION, facts=_model_facts(model))
+    gm, _ = run_pipeline(capture(model), ctx)
+    assert len(ctx.reference_changes) == 7 * model.config.num_hidden_layers   # q, k, v, o, gate, up, down
+    B, S = HELDOUT.shape
+    got = gm(HELDOUT, torch.ones_like(HELDOUT), torch.arange(S).expand(B, S))
+    got = got[0] if isinstance(got, (tuple, list)) else got
+    with dequantized_linears(model, "int4", False, act_scales=ctx.reference_changes), torch.no_grad():
+        want = model(HELDOUT).logits
+    assert_close_report(got, want, atol=1e-4, rtol=0)
+    assert (got - _reference_logits(model, HELDOUT, "int4")).abs().max() > 1e-3   # not plain int4
+
+
+def test_awq_artifact_round_trip(outlier_model, awq_compiled, tmp_path):
+    compiled = awq_compiled[0]
+    compiled.save(tmp_path / "artifact")
+    loaded = fusegen.load(tmp_path / "artifact")
+    assert torch.equal(loaded(HELDOUT), compiled(HELDOUT))
+    act = [n for n in loaded.graph_module.graph.nodes
+           if n.target is torch.ops.fusegen.quantized_linear.default and len(n.args) > 5]
+    assert len(act) == 2 * outlier_model.config.num_hidden_layers

@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from fusegen.codegen.launch import pdl
-from fusegen.codegen.skinny_gemm import MAX_M, TABLE, WORKSPACE, Choice, GemmConfig, _finish_tile, candidates
+from fusegen.codegen import skinny_gemm
+from fusegen.codegen.skinny_gemm import MAX_M, WORKSPACE, Choice, GemmConfig, _finish_tile, candidates
 from fusegen.fused_group import kernels_wanted
 from fusegen.quant import FORMATS, GROUP, dequantize
 
@@ -53,6 +54,14 @@ def _mma(acc, a, b, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _small_int_to_float(u, OFFSET: tl.constexpr):
+    """float(u - OFFSET) for int32 0 <= u < 2^23 without an int-to-float conversion (a
+    quarter-rate instruction on NVIDIA GPUs, which would bound the weight stream): u's bits
+    under the exponent of 2^23 make the float 2^23 + u exactly."""
+    return (u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
+
+
+@triton.jit
 def _load_x(x_ptr, a_ptr, rm, cols, M, K, stride_xm, stride_xk, HAS_ACT: tl.constexpr, MASK_K: tl.constexpr):
     """x[rm, cols] (times the activation scale a[cols]) in x's dtype; zero outside."""
     mask = rm[:, None] < M
@@ -69,15 +78,16 @@ def _load_x(x_ptr, a_ptr, rm, cols, M, K, stride_xm, stride_xk, HAS_ACT: tl.cons
 def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, a_ptr, bias_ptr, y_ptr, part_ptr, count_ptr,
                        M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_ym,
                        FMT: tl.constexpr, GROUP_K: tl.constexpr, SUB_K: tl.constexpr,
-                       HAS_ACT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
-                       EVEN_K: tl.constexpr, USE_GDC: tl.constexpr):
+                       HAS_ACT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
+                       USE_GDC: tl.constexpr):
     """y[m, n] = sum_k x[m, k] a[k] W[n, k] + bias[n], W dequantized from q and s per FMT
     (0 int8, 1 fp8, 2 int4 in groups of GROUP_K, unpacked SUB_K = min(BLOCK_K, GROUP_K) at a
     time); IEEE keeps fp32 dots out of tf32. See the module docstring."""
-    if FMT == 2:
-        tl.static_assert(BLOCK_K % GROUP_K == 0 or GROUP_K % BLOCK_K == 0,
-                         "int4: a K block is one group or a whole number of groups")
+    if FMT == 2:   # a K block lies in one group or is a whole number of groups
+        tl.static_assert(BLOCK_K % SUB_K == 0, "int4: BLOCK_K must be a multiple of SUB_K")
+        tl.static_assert(GROUP_K % SUB_K == 0, "int4: SUB_K must divide the group")
     if USE_GDC:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -97,8 +107,10 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, a_ptr, bias_ptr, y_ptr, part_ptr, co
                 even = k0 + 2 * half
                 w_mask = n_ok if EVEN_K else n_ok & (even[None, :] < K)
                 packed = tl.load(q_ptr + rn[:, None] * stride_qn + (k0 // 2 + half)[None, :], mask=w_mask, other=0)
-                low = ((packed & 0xF).to(tl.int32) - 8).to(x_ptr.dtype.element_ty)
-                high = ((packed >> 4).to(tl.int32) - 8).to(x_ptr.dtype.element_ty)
+                low = _small_int_to_float((packed & 0xF).to(tl.int32), 8)
+                high = _small_int_to_float((packed >> 4).to(tl.int32), 8)
+                if USE_DOT:
+                    low, high = low.to(x_ptr.dtype.element_ty), high.to(x_ptr.dtype.element_ty)
                 part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 part = _mma(part, _load_x(x_ptr, a_ptr, rm, even, M, K, stride_xm, stride_xk, HAS_ACT, not EVEN_K),
                             low, USE_DOT, IEEE)
@@ -113,7 +125,11 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, a_ptr, bias_ptr, y_ptr, part_ptr, co
             w_mask = n_ok if EVEN_K else n_ok & (cols[None, :] < K)
             w = tl.load(q_ptr + rn[:, None] * stride_qn + cols[None, :], mask=w_mask, other=0.0)
             a = _load_x(x_ptr, a_ptr, rm, cols, M, K, stride_xm, stride_xk, HAS_ACT, not EVEN_K)
-            acc = _mma(acc, a, w.to(x_ptr.dtype.element_ty), USE_DOT, IEEE)
+            if FMT == 0:
+                w = _small_int_to_float(w.to(tl.int32) + 128, 128)
+            if USE_DOT or FMT == 1:
+                w = w.to(x_ptr.dtype.element_ty if USE_DOT else tl.float32)
+            acc = _mma(acc, a, w, USE_DOT, IEEE)
     # int8/fp8: the per-channel scale once, on the finished sum; int4 was scaled per group
     _finish_tile(acc, pid_n, pid_k, M, N, y_ptr, stride_ym, bias_ptr, s_ptr, part_ptr, count_ptr,
                  HAS_BIAS, FMT != 2, BLOCK_M, BLOCK_N, SPLIT_K)
@@ -221,7 +237,7 @@ def linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, bias: torch
     if kernels_wanted([x]):
         M = x.numel() // x.shape[-1]
         if M <= MAX_M:
-            config = TABLE.lookup(M, data.shape[0], packed_k(data, weight_format), x.dtype, bias is not None,
+            config = skinny_gemm.TABLE.lookup(M, data.shape[0], packed_k(data, weight_format), x.dtype, bias is not None,
                                   weight_format)
             if config is not None:
                 return quant_linear(x, data, scale, bias, weight_format, config, act_scale)
@@ -283,7 +299,7 @@ def route_quantized(routed, ms, device) -> list[Choice]:
     if not ms or torch.device(device).type != "cuda":
         return []
     for fmt, dtype in sorted({s[:2] for s in shapes}, key=str):
-        TABLE.measure(sorted(s[2:] for s in shapes if s[:2] == (fmt, dtype)), ms, dtype, device,
+        skinny_gemm.TABLE.measure(sorted(s[2:] for s in shapes if s[:2] == (fmt, dtype)), ms, dtype, device,
                       operand=OPERANDS[fmt])
-    return [c for key, c in TABLE.choices.items()
+    return [c for key, c in skinny_gemm.TABLE.choices.items()
             if c.fmt != "none" and c.M in ms and (c.fmt, key[3], c.N, c.K, key[4]) in shapes]

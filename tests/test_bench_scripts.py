@@ -8,7 +8,8 @@ import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-GPU_ONLY = ("cold_start.py", "e2e.py", "kernels.py", "profile_engine.py", "serving.py", "speculative.py")
+GPU_ONLY = ("cold_start.py", "e2e.py", "kernels.py", "profile_engine.py", "quant_gemm.py", "serving.py",
+            "speculative.py")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU prints")

@@ -264,7 +264,22 @@ class QuantizedWeight:
         return N * K + N * 4
 
     def candidates(self, M: int, N: int, K: int, sms: int) -> list[GemmConfig]:
-        return candidates(M, N, K, sms)   # every depth there divides 128 or is a multiple of it
+        """The bf16 template's configurations (every depth there divides 128 or is a multiple
+        of it), and for the fma variant deeper K blocks: a packed row holds fewer bytes per
+        BLOCK_K, so as many bytes in flight need a deeper block. int4 multiplies 128 columns
+        at a time, so only its weight tile grows with the depth."""
+        base = candidates(M, N, K, sms)
+        deeper = (1024, 2048) if self.fmt == "int4" else (1024,)
+        extra = []
+        for c in base:
+            if c.dot or c.block_k != 512:
+                continue
+            for bk in deeper:
+                split = max(1, c.split_k * 512 // bk)
+                fits = self.fmt == "int4" or c.block_m(M) * c.block_n * bk <= 32768
+                if fits and split * bk <= K:
+                    extra.append(GemmConfig(c.block_n, bk, split, False, c.warps, c.stages))
+        return list(dict.fromkeys(base + extra))
 
     def template(self, x, weight: tuple, bias, config: GemmConfig):
         return quant_linear(x, *weight, bias, self.fmt, config)

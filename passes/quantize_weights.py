@@ -32,6 +32,7 @@ leaves in ``ctx.reference_changes``): the quantized graph must compute exactly t
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
 import torch
@@ -42,6 +43,7 @@ from fusegen.passes.infra import PassContext, PassResult, add_buffer, erase_unus
 from fusegen.quant import awq_search, quantize_scaled, stored_bytes, supported
 
 aten = torch.ops.aten
+log = logging.getLogger("fusegen.passes")
 PREFIX = "fusegen_quant_"
 QUANTIZED_LINEAR = torch.ops.fusegen.quantized_linear.default
 # Ops a logits tensor may pass through on its way out (softcap, casts, a slice of positions).
@@ -156,7 +158,13 @@ def _model_names(ctx: PassContext, target: str) -> list[str]:
 
 
 def _awq_wanted(ctx: PassContext, fmt: str) -> bool:
-    return fmt == "int4" and ctx.config.int4_awq and ctx.calibration_ids is not None
+    if fmt != "int4" or not ctx.config.int4_awq:
+        return False
+    if ctx.calibration_ids is None:
+        log.info("quantize_weights: int4 without AWQ: no calibration_ids were given "
+                 "(fusegen.data.calibration_text() is text to tokenize for them)")
+        return False
+    return True
 
 
 @graph_pass("quantize_weights")

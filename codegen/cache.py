@@ -13,6 +13,16 @@ from pathlib import Path
 from fusegen.codegen.pointwise import source_key
 
 _loaded: dict[str, object] = {}
+PLACEHOLDER = "__fusegen_kernel__"
+
+
+def name_by_content(source: str, prefix: str) -> tuple[str, str]:
+    """(kernel name, source) for ``source`` written with PLACEHOLDER as its kernel's name:
+    the name is ``_<prefix>_<hash>_kernel``, the hash that of the code itself, so groups and
+    layers that generate the same code share one module and one compiled binary (a 16-layer
+    model compiles its RMSNorm once, not 16 times)."""
+    name = f"_{prefix}_{source_key(source)}_kernel"
+    return name, source.replace(PLACEHOLDER, name)
 
 
 def cache_dir() -> Path:

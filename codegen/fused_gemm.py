@@ -259,14 +259,13 @@ class _Source:
     def build(self) -> str:
         S = self._segments()
         qkv = isinstance(self.epilogue, QKVEpilogue)
-        what = []
+        what = []   # no group names: layers with the same code share the kernel
         if self.prologue:
-            what.append(f"prologue {self.prologue.group.name}")
+            what.append(f"a prologue of {len(self.prologue.group_inputs)} input(s)")
         if isinstance(self.epilogue, QKVEpilogue):
-            what.append(f"q/k/v epilogue (rotary {self.epilogue.q_group.name}, {self.epilogue.k_group.name}, "
-                        "paged KV write)")
+            what.append("a q/k/v epilogue (rotary on q and k, paged KV write)")
         elif self.epilogue:
-            what.append(f"epilogue {self.epilogue.group.name} over {S} segment(s) of W")
+            what.append(f"an epilogue over {S} segment(s) of W")
         lines = ["import triton", "import triton.language as tl", "", "", "@triton.jit", *self.signature(),
                  f'    """Skinny GEMM with {" and ".join(what)}, generated from their graph nodes."""',
                  "    if USE_GDC:", "        tl.extra.cuda.gdc_wait()", "        tl.extra.cuda.gdc_launch_dependents()",
@@ -381,9 +380,10 @@ class FusedGemm:
     def __init__(self, name: str, linear_dtype, prologue: Prologue | None, epilogue):
         self.__name__ = name
         self.prologue, self.epilogue = prologue, epilogue
-        self.source = _Source(f"_{name}_kernel", linear_dtype, prologue, epilogue).build()
-        self.kernel = getattr(cache.load(self.source), f"_{name}_kernel")
-        self.kind = self.source.replace(f"_{name}_kernel", "_kernel")   # the same code at every layer
+        kernel, self.source = cache.name_by_content(
+            _Source(cache.PLACEHOLDER, linear_dtype, prologue, epilogue).build(), "gemm")
+        self.kernel = getattr(cache.load(self.source), kernel)
+        self.kind = self.source   # the same code at every layer: one compile, one measurement
         self.choice: dict[int, object] = {}   # M -> GemmConfig or None (unfused), from measure_fused
 
     def _split(self, args):

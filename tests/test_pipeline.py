@@ -13,6 +13,8 @@ import torch
 
 import fusegen
 from fusegen import CompileConfig, ConfigError, VerificationError
+from fusegen.codegen import cache
+from fusegen.codegen.pointwise import source_key
 from fusegen.passes import PassResult, build_pipeline, graph_pass
 from fusegen.passes.dump import resolve_dump_dir
 from fusegen.passes.infra import PassContext, placeholders, val, verify
@@ -229,6 +231,10 @@ def test_dump_writes_one_file_per_step_and_a_summary(dumped):
     assert compiled.report.dump_dir == str(directory)
 
 
+def kernel_name(source: str) -> str:
+    return source.split("@triton.jit\ndef ", 1)[1].split("(", 1)[0]
+
+
 def test_dump_kernels_hold_the_source_of_each_fused_group(dumped):
     compiled, directory = dumped
     gm = compiled.graph_module
@@ -260,7 +266,10 @@ def test_dump_kernels_hold_the_source_of_each_fused_group(dumped):
                 + [f"c{i}" for i in range(len(inputs))]
                 + [f"o{i}_{d}" for i in full for d in range(lead)] + [f"oc{i}" for i in full]
                 + [f"L{d}" for d in range(1, lead)])
-        assert (f"@triton.jit\ndef _{name}_kernel({', '.join(args)}, M, N: tl.constexpr, "
+        # named by its content, so groups with the same code share one compiled kernel
+        kernel = f"_fused_{source_key(source.replace(kernel_name(source), cache.PLACEHOLDER))}_kernel"
+        assert kernel_name(source) == kernel, name
+        assert (f"@triton.jit\ndef {kernel}({', '.join(args)}, M, N: tl.constexpr, "
                 f"BLOCK: tl.constexpr, ROWS: tl.constexpr, USE_GDC: tl.constexpr):") in source, name
         for i in range(len(inputs)):
             assert f"a{i} = tl.load(in{i} + off{i} + cols * c{i}, mask=mask, other=0.0)" in source, name

@@ -14,7 +14,8 @@ from fusegen.artifact.format import GRAPH, MANIFEST, inside
 from fusegen.artifact.sign import check_signature
 from fusegen.artifact.verify import read_json, read_manifest, read_verified, verify_files
 from fusegen.codegen import cache
-from fusegen.codegen.pointwise import generate_source, source_key
+from fusegen.codegen.lower import group_source
+from fusegen.codegen.pointwise import source_key
 from fusegen.compiler import CompiledModel, CompileReport
 from fusegen.config import CompileConfig
 from fusegen.errors import ArtifactError, ArtifactFormatError, ArtifactMissingError, ArtifactTamperedError
@@ -222,7 +223,7 @@ def _regenerate(module: FusedGroup, group: str, rel: str) -> str:
             shape = node.meta.get("fusegen_shape")
             if isinstance(shape, dict) and isinstance(shape.get("dtype"), str):
                 node.meta["val"] = torch.empty((), dtype=getattr(torch, shape["dtype"]), device="meta")
-        return generate_source(module, f"_{group}_kernel")
+        return group_source(module)
     except Exception as e:  # a group graph codegen cannot take: the IR was edited
         raise ArtifactFormatError(rel, f"group {group!r} does not generate a kernel ({type(e).__name__}: {e})") from None
     finally:

@@ -127,8 +127,8 @@ class Engine:
         if g is None:
             return {"capture_s": 0.0, "graph_memory_bytes": 0, "graphs": 0, "buckets": [], "gemm": [],
                     "gemm_fusion": {}, "pdl": False}
-        gemm = [{"M": c.M, "N": c.N, "K": c.K, "kernel": c.kernel, "us": c.us, "cublas_us": c.cublas_us}
-                for c in self.runner.gemm_choices]
+        gemm = [{"M": c.M, "N": c.N, "K": c.K, "weights": c.fmt, "kernel": c.kernel, "us": c.us,
+                 "cublas_us": c.cublas_us} for c in self.runner.gemm_choices]
         return {"capture_s": g.capture_s, "graph_memory_bytes": g.memory_bytes,
                 "graphs": len(g.graphs), "buckets": g.buckets, "gemm": gemm, "gemm_fusion": self.runner.gemm_fusion,
                 "pdl": self.runner.pdl}

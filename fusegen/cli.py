@@ -6,6 +6,7 @@
     fusegen-cli run      DIR --prompt TEXT [...]
     fusegen-cli chat     [MODEL] [--system TEXT] [...]
     fusegen-cli analyze  [MODEL] --batch B --seq T --gpu h100 [--plot PNG] [--json FILE]
+    fusegen-cli quality  [MODEL] [--config STR] [--length N] [--json FILE]
 
 Each subcommand is one function registered with ``@command(name, help, *arguments)``; its
 arguments are declared next to it with ``arg(...)`` (the same parameters as argparse's
@@ -116,6 +117,28 @@ def analyze_command(args: argparse.Namespace) -> int:
 
     _check_analysis_args(args)
     return run_cli(args.model, args.batch, args.seq, args.gpu, args.dtype, args.plot, args.json, args.config)
+
+
+@command("quality", "what a lossy config costs: held-out perplexity, KV-cache bytes per token and "
+                    "weight bytes of the model against the model compiled with --config "
+                    "(e.g. 'gqa_kv_heads=1,gqa_method=refit' or 'weights=int8')",
+         MODEL_ARG,
+         arg("--length", type=int, default=256, metavar="N",
+             help="tokens per held-out and calibration sequence (at most the model's positions)"),
+         arg("--json", metavar="FILE", default=None, help="also save the table and the passes' counters as JSON"),
+         CONFIG_ARG)
+def quality_command(args: argparse.Namespace) -> int:
+    from fusegen.quality import measure
+
+    config = _parse_config(args.config) or CompileConfig()  # before loading, so a typo fails fast
+    if args.length < 2:
+        raise ValueError(f"--length must be >= 2, got {args.length}")
+    result = measure(args.model, [config], args.length)
+    print(result.table())
+    if args.json:
+        result.save(args.json)
+        print(f"written to {args.json}")
+    return 0
 
 
 def _check_analysis_args(args: argparse.Namespace) -> None:

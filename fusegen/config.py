@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 
 from fusegen.errors import ConfigError
 
-GQA_METHODS = ("mean", "lsq")
+GQA_METHODS = ("mean", "lsq", "refit")   # see passes/convert_mha_to_gqa.py
 WEIGHT_FORMATS = ("none", "int8", "fp8", "int4")   # see fusegen/quant.py
 SPECULATIVE = ("none", "ngram", "draft")           # see runtime/speculative.py
 MAX_SPEC_K = 16
@@ -30,6 +30,7 @@ class CompileConfig:
     # Lossy, opt-in: reduce the number of KV heads to this many (0 = keep).
     gqa_kv_heads: int = 0
     gqa_method: str = "lsq"
+    gqa_refit_steps: int = 200   # Adam steps per layer of gqa_method=refit (0: grouping and lsq only)
     # Lossy, opt-in: linear weights stored as int8 / fp8 / int4 (the LM head too if asked).
     weights: str = "none"
     quantize_lm_head: bool = False
@@ -70,6 +71,8 @@ class CompileConfig:
             raise ConfigError(f"weights must be one of {WEIGHT_FORMATS}, got {self.weights!r}")
         if self.gqa_kv_heads < 0:
             raise ConfigError(f"gqa_kv_heads must be >= 0, got {self.gqa_kv_heads}")
+        if self.gqa_refit_steps < 0:
+            raise ConfigError(f"gqa_refit_steps must be >= 0, got {self.gqa_refit_steps}")
         if self.max_seq_len < 1:
             raise ConfigError(f"max_seq_len must be >= 1, got {self.max_seq_len}")
         if self.paged_kv and not self.insert_kv_cache:

@@ -6,24 +6,37 @@ weights and biases are replaced by merged ones (see gqa_merge.py for ``mean`` an
 the head count in the reshape after each projection follows, and the attention ops read
 the smaller k/v as they are — their group size comes from the shapes.
 
+``refit`` (gqa_refit.py for the arithmetic, gqa_layers.py for the graph side) first groups
+the KV heads whose keys and values are most alike and reorders the heads so that each group
+is contiguous (query heads follow their KV head: rows of q_proj, columns of o_proj), then
+refits the layers one after another, in the order the graph runs them: each layer gets the
+activations the already converted layers produce and fits its merged K/V and its Q and O
+projections (D x D factors per head, from the lsq merge) so that the residual stream after
+its attention is the original model's again. ``gqa_refit_steps`` Adam steps per layer.
+
 Quality is always measured: perplexity of the graph on the calibration tokens before and
-after, reported in the pass counters together with the KV-cache bytes per token.
+after, and how far each layer's attention output (as the residual stream after it) is from
+the original's (``attention_error_after``, mean over layers of the relative squared error),
+reported in the pass counters together with the KV-cache bytes per token.
 
 Supported projections: separate ``linear`` K/V projections (Llama, Mistral, Qwen2, ...) and
-GPT-2's fused Conv1D ``c_attn`` (``addmm`` into [q | k | v] columns, then ``split``).
+GPT-2's fused Conv1D ``c_attn`` (``addmm`` into [q | k | v] columns, then ``split``); ``refit``
+needs separate q/k/v/o linears and rotary (if any) in the rotate_half layout.
 """
 
 from __future__ import annotations
 
-import operator
-
 import math
+import operator
 
 import torch
 from torch import fx, nn
 
 from fusegen.errors import PassError
-from fusegen.passes import gqa_merge
+from fusegen.passes import gqa_merge, gqa_refit
+from fusegen.passes.gqa_layers import (AttentionLayer, Recorder, SequentialRefit, between, graph_args,
+                                       heads, linear_weights, permute_heads, residual_add, rotary_of,
+                                       set_linear, set_weight)
 from fusegen.passes.infra import (PassContext, PassResult, call_nodes, erase_unused, getattr_path,
                                   graph_pass, refresh_vals, refusal, val)
 
@@ -82,32 +95,29 @@ def _is_rotary(path: list[fx.Node], head_dim: int) -> bool:
     return False
 
 
-def _calibrate(gm: fx.GraphModule, sites: list[fx.Node], ids: torch.Tensor):
-    """Per site: sum over calibration tokens of q q^T per query head [Hq, D, D]; and perplexity."""
-    moments = [None] * len(sites)
-    index = {node: i for i, node in enumerate(sites)}
-
-    class Recorder(fx.Interpreter):
-        def call_function(self, target, args, kwargs):
-            if target is attention_op:
-                node = self.current_node
-                q = args[0].double()
-                m = torch.einsum("bhsd,bhse->hde", q, q)
-                i = index[node]
-                moments[i] = m if moments[i] is None else moments[i] + m
-            return super().call_function(target, args, kwargs)
-
-        def run_node(self, n):
-            self.current_node = n
-            return super().run_node(n)
-
-    logits = Recorder(gm).run(*_graph_args(ids))
-    return [m.float() for m in moments], _perplexity(logits, ids)
+def _calibrate(gm: fx.GraphModule, sites: list[fx.Node], ids: torch.Tensor, wanted=()):
+    """Per site: sum over calibration tokens of q q^T per query head [Hq, D, D]; perplexity;
+    and the values of the ``wanted`` nodes."""
+    rec = _MomentRecorder(gm, wanted)
+    with torch.no_grad():
+        logits = rec.run(*graph_args(ids))
+    return [rec.moments[site].float() for site in sites], _perplexity(logits, ids), rec.values
 
 
-def _graph_args(ids: torch.Tensor):
-    B, S = ids.shape
-    return ids, torch.ones_like(ids), torch.arange(S).expand(B, S)
+class _MomentRecorder(Recorder):
+    def __init__(self, gm, wanted):
+        super().__init__(gm, wanted)
+        self.moments = {}
+
+    def call_function(self, target, args, kwargs):
+        if target is attention_op:
+            q = args[0].double()
+            self.moments[self.current] = torch.einsum("bhsd,bhse->hde", q, q)
+        return super().call_function(target, args, kwargs)
+
+    def run_node(self, n):
+        self.current = n
+        return super().run_node(n)
 
 
 def _perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
@@ -116,23 +126,17 @@ def _perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return math.exp(loss.item())
 
 
-def _set_weight(gm: fx.GraphModule, linear: fx.Node, position: int, name: str, value: torch.Tensor) -> None:
-    gm.register_buffer(name, value)
-    with gm.graph.inserting_before(linear):
-        attr = gm.graph.get_attr(name)
-    attr.meta["val"] = val(linear.args[position])
-    args = list(linear.args)
-    args[position] = attr
-    linear.args = tuple(args)
-
-
 def _rewrite_projection(gm, linear: fx.Node, B: torch.Tensor, group: int, tag: str,
                         old_heads: int, new_heads: int) -> None:
     W = getattr_path(gm, linear.args[1].target)
-    _set_weight(gm, linear, 1, f"fusegen_gqa_{tag}_weight", gqa_merge.merge_weight(W, B, group))
+    set_weight(gm, linear, 1, f"fusegen_gqa_{tag}_weight", gqa_merge.merge_weight(W, B, group))
     if len(linear.args) > 2 and linear.args[2] is not None:
         b = getattr_path(gm, linear.args[2].target)
-        _set_weight(gm, linear, 2, f"fusegen_gqa_{tag}_bias", gqa_merge.merge_bias(b, B, group))
+        set_weight(gm, linear, 2, f"fusegen_gqa_{tag}_bias", gqa_merge.merge_bias(b, B, group))
+    _follow_head_count(linear, old_heads, new_heads)
+
+
+def _follow_head_count(linear: fx.Node, old_heads: int, new_heads: int) -> None:
     for user in linear.users:  # [B, S, H, D] reshape with an explicit head count
         if user.target in (aten.view.default, aten.reshape.default) and len(user.args[1]) == 4 \
                 and user.args[1][2] == old_heads:
@@ -160,8 +164,8 @@ def _rewrite_fused_qkv(gm, addmm: fx.Node, Bk, Bv, group: int, layer: int, kv_co
     bq, bk, bv = bias.split([q_cols, kv_cols, kv_cols])
     wk2, wv2 = (gqa_merge.merge_weight(w.t(), B, group).t() for w, B in ((wk, Bk), (wv, Bv)))
     bk2, bv2 = gqa_merge.merge_bias(bk, Bk, group), gqa_merge.merge_bias(bv, Bv, group)
-    _set_weight(gm, addmm, 2, f"fusegen_gqa_qkv{layer}_weight", torch.cat([wq, wk2, wv2], 1).contiguous())
-    _set_weight(gm, addmm, 0, f"fusegen_gqa_qkv{layer}_bias", torch.cat([bq, bk2, bv2]))
+    set_weight(gm, addmm, 2, f"fusegen_gqa_qkv{layer}_weight", torch.cat([wq, wk2, wv2], 1).contiguous())
+    set_weight(gm, addmm, 0, f"fusegen_gqa_qkv{layer}_bias", torch.cat([bq, bk2, bv2]))
     new_cols, total = wk2.shape[1], q_cols + 2 * wk2.shape[1]
     touched = [addmm]
     for view in [u for u in addmm.users if u.target is aten.view.default]:
@@ -190,9 +194,35 @@ def convert_mha_to_gqa(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if ctx.calibration_ids is None:
         raise PassError(NAME, "needs calibration_ids (token ids of real text) to fit and to measure "
                               "the conversion; fusegen.data.calibration_text() is English text to tokenize")
-    group = Hkv // target
     ids = ctx.calibration_ids
-    moments, ppl_before = _calibrate(gm, sites, ids)
+    layers = [_attention_layer(i, site, D) for i, site in enumerate(sites)] if method == "refit" else None
+    outputs = [_layer_output(site) for site in sites]
+    wanted = outputs + ([n for layer in layers for n in (layer.k, layer.v)] if layers else [])
+    moments, ppl_before, original = _calibrate(gm, sites, ids, wanted)
+    if method == "refit":
+        touched, extra = _refit(gm, layers, ids, target, ctx.config.gqa_refit_steps, original)
+    else:
+        touched, extra = _merge(gm, sites, method, moments, target), {}
+    refresh_vals(gm, touched)
+    erase_unused(gm)
+    gm.recompile()
+    _, ppl_after, converted = _calibrate(gm, sites, ids, outputs)
+    itemsize = val(sites[0].args[1]).element_size()
+    stats = {
+        "layers_converted": len(sites), "kv_heads_before": Hkv, "kv_heads_after": target,
+        "kv_bytes_per_token_before": 2 * len(sites) * Hkv * D * itemsize,
+        "kv_bytes_per_token_after": 2 * len(sites) * target * D * itemsize,
+        "calibration_ppl_before": round(ppl_before, 3), "calibration_ppl_after": round(ppl_after, 3),
+        "attention_error_after": round(_relative_error(original, converted, outputs), 4),
+        **extra,
+    }
+    return PassResult(gm, True, stats)
+
+
+def _merge(gm: fx.GraphModule, sites: list[fx.Node], method: str, moments, target: int) -> list[fx.Node]:
+    """``mean`` and ``lsq``: every layer's K/V projection weights merged in closed form."""
+    Hq, Hkv, D = val(sites[0].args[0]).shape[1], val(sites[0].args[1]).shape[1], val(sites[0].args[1]).shape[3]
+    group = Hkv // target
     touched = []
     for layer, site in enumerate(sites):
         k_lin, k_path = _back_to_linear(site.args[1])
@@ -208,15 +238,110 @@ def convert_mha_to_gqa(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             _rewrite_projection(gm, k_lin, Bk, group, f"k{layer}", Hkv, target)
             _rewrite_projection(gm, v_lin, Bv, group, f"v{layer}", Hkv, target)
         touched += [k_lin, v_lin, *k_path, *v_path, site]
-    refresh_vals(gm, touched)
-    erase_unused(gm)
-    gm.recompile()
-    _, ppl_after = _calibrate(gm, sites, ids)
-    itemsize = val(sites[0].args[1]).element_size()
-    stats = {
-        "layers_converted": len(sites), "kv_heads_before": Hkv, "kv_heads_after": target,
-        "kv_bytes_per_token_before": 2 * len(sites) * Hkv * D * itemsize,
-        "kv_bytes_per_token_after": 2 * len(sites) * target * D * itemsize,
-        "calibration_ppl_before": round(ppl_before, 3), "calibration_ppl_after": round(ppl_after, 3),
+    return touched
+
+
+def _layer_output(site: fx.Node) -> fx.Node:
+    """What the rest of the model sees of a layer's attention: the residual stream after it
+    (o_proj's output added to it), else o_proj's output."""
+    o_proj = _forward_to_linear(site)
+    return residual_add(o_proj) or o_proj
+
+
+def _relative_error(original: dict, converted: dict, nodes: list[fx.Node]) -> float:
+    errors = [((converted[n].double() - original[n].double()).square().sum()
+               / original[n].double().square().sum().clamp(min=1e-30)).item() for n in nodes]
+    return sum(errors) / len(errors)
+
+
+# --- refit ----------------------------------------------------------------------------------
+
+def _attention_layer(index: int, site: fx.Node, head_dim: int) -> AttentionLayer:
+    q, k, v = (_back_to_linear(site.args[i])[0] for i in range(3))
+    o = _forward_to_linear(site)
+    if any(n.target is not aten.linear.default for n in (q, k, v, o)) or len({q, k, v}) < 3:
+        raise refusal(NAME, "gqa_method=refit needs separate q, k, v and o linear projections",
+                      site, "gqa_method=lsq")
+    if not q.args[0] is k.args[0] is v.args[0]:
+        raise refusal(NAME, "gqa_method=refit needs q, k and v projected from one input", site, "gqa_method=lsq")
+    return AttentionLayer(index, site, q, k, v, o, residual_add(o), head_dim)
+
+
+def _refit(gm: fx.GraphModule, layers: list[AttentionLayer], ids: torch.Tensor, target: int, steps: int,
+           original: dict) -> tuple[list[fx.Node], dict]:
+    """Group and reorder the heads of every layer, then refit the layers in order."""
+    Hq, Hkv, D = layers[0].q_heads, layers[0].kv_heads, layers[0].head_dim
+    regrouped = 0
+    for layer in layers:
+        if 1 < target < Hkv:
+            similarity = gqa_refit.head_similarity(heads(original[layer.k], D), heads(original[layer.v], D))
+            kv_order, q_order = gqa_refit.head_order(gqa_refit.group_heads(similarity, target), Hq, Hkv)
+            if kv_order != sorted(kv_order):
+                permute_heads(gm, layer, kv_order, q_order)
+                regrouped += 1
+    errors = []
+
+    def refit(layer: AttentionLayer, rec: Recorder):
+        cal = _layer_calibration(gm, layer, rec, original)
+        start = gqa_refit.initial_factors(cal, target)
+        factors, before, after = gqa_refit.refit_layer(cal, start, target, steps, seed=layer.index)
+        errors.append((before, after))
+        return _folded(gm, layer, factors, target, rec.value(layer.q.args[0]), cal)
+
+    run = SequentialRefit(gm, layers, refit)
+    run.run(ids)
+    touched = []
+    for layer in layers:
+        for tag in "qkvo":
+            set_linear(gm, getattr(layer, tag), f"{tag}{layer.index}", *run.weights[layer.index][tag])
+        for linear, arg in ((layer.k, 1), (layer.v, 2)):
+            _follow_head_count(linear, Hkv, target)
+            touched += [linear, *between(linear, layer.site.args[arg])]
+    stats = {"heads_regrouped": regrouped,
+             "refit_error_before": round(sum(e[0] for e in errors) / len(errors), 4),
+             "refit_error_after": round(sum(e[1] for e in errors) / len(errors), 4)}
+    return touched, stats
+
+
+def _layer_calibration(gm: fx.GraphModule, layer: AttentionLayer, rec: Recorder,
+                       original: dict) -> gqa_refit.LayerCalibration:
+    """The layer's projections of its (converted-model) input, the rotary its paths apply,
+    and what its output should be: the original residual stream minus the one it is added to."""
+    x, D = rec.value(layer.q.args[0]), layer.head_dim
+    proj = {tag: heads(nn.functional.linear(x, *linear_weights(gm, getattr(layer, tag))), D) for tag in "qkv"}
+    cos, sin = rotary_of(layer, rec)
+    for position, tag in enumerate("qkv"):
+        want = rec.value(layer.site.args[position]).float()
+        got = proj[tag] if tag == "v" else gqa_refit.rotate(proj[tag], cos, sin)
+        if (got - want).abs().max() > 1e-4 * want.abs().max() + 1e-6:
+            raise refusal(NAME, f"the {tag} of attention {layer.site.name} is not its projection followed by "
+                                f"(rotate_half) rotary, which gqa_method=refit needs", layer.site, "gqa_method=lsq")
+    W_o, b_o = linear_weights(gm, layer.o)
+    residual = layer.residual
+    if residual is not None:
+        stream = residual.args[0] if residual.args[1] is layer.o else residual.args[1]
+        target = original[residual] - rec.value(stream)
+    else:
+        target = original[layer.o]
+    if b_o is not None:
+        target = target - b_o
+    mask, scale, causal, window, softcap = (rec.value(a) for a in layer.site.args[3:8])
+    if mask is not None and bool(mask.bool().all()):
+        mask = None
+    return gqa_refit.LayerCalibration(proj["q"], proj["k"], proj["v"], cos, sin, W_o.detach().float(),
+                                      target.float(), scale, causal, window, softcap, mask)
+
+
+def _folded(gm: fx.GraphModule, layer: AttentionLayer, f: gqa_refit.LayerFactors, target: int,
+            x: torch.Tensor, cal: gqa_refit.LayerCalibration):
+    """The refit factors as q/k/v/o weights, and the attention inputs they give for ``x``."""
+    group = layer.kv_heads // target
+    (Wq, bq), (Wk, bk), (Wv, bv), (Wo, bo) = (linear_weights(gm, getattr(layer, t)) for t in "qkvo")
+    weights = {
+        "q": gqa_refit.fold_heads(Wq, bq, f.aq),
+        "k": (gqa_merge.merge_weight(Wk, f.bk, group), None if bk is None else gqa_merge.merge_bias(bk, f.bk, group)),
+        "v": (gqa_merge.merge_weight(Wv, f.bv, group), None if bv is None else gqa_merge.merge_bias(bv, f.bv, group)),
+        "o": (gqa_refit.fold_output(Wo, f.eo), bo),
     }
-    return PassResult(gm, True, stats)
+    q, k, v = (heads(nn.functional.linear(x, *weights[t]), layer.head_dim) for t in "qkv")
+    return weights, (gqa_refit.rotate(q, cal.cos, cal.sin), gqa_refit.rotate(k, cal.cos, cal.sin), v)

@@ -4,6 +4,8 @@ mini Llama, and an exactness check (merging heads that are already identical is 
 from __future__ import annotations
 
 import copy
+import json
+import math
 import warnings
 
 import pytest
@@ -13,7 +15,7 @@ import fusegen
 from fusegen import CompileConfig, PassError
 from fusegen.passes import gqa_merge
 from fusegen.passes.convert_mha_to_gqa import convert_mha_to_gqa
-from fusegen.passes.infra import PassContext, call_nodes, node_counts, val
+from fusegen.passes.infra import PassContext, call_nodes, getattr_path, node_counts, val
 from helpers import assert_close_report
 
 ops = torch.ops.fusegen
@@ -358,3 +360,197 @@ def test_gpt2_fused_c_attn_identical_heads_merge_losslessly():
         stats = next(r.stats for r in compiled.report.records if r.name == "convert_mha_to_gqa")
         assert stats["kv_heads_after"] == 2 and stats["kv_bytes_per_token_after"] == 512
         assert (compiled(ids) - want).abs().max().item() < 1e-5
+
+
+# --- refit: grouping, permutation, the calibrated refit --------------------------------------
+
+from fusegen.passes import gqa_refit  # noqa: E402
+from fusegen.passes.gqa_layers import permute_heads  # noqa: E402
+
+REFIT_STEPS = 60
+
+
+def test_group_heads_puts_the_most_similar_heads_together():
+    # 0~2 and 1~3 are alike, 0~1 a little: contiguous groups would pair 0 with 1
+    sim = torch.full((4, 4), 0.1, dtype=torch.float64)
+    sim.fill_diagonal_(2.0)
+    sim[0, 2] = sim[2, 0] = 1.9
+    sim[1, 3] = sim[3, 1] = 1.7
+    sim[0, 1] = sim[1, 0] = 0.5
+    assert gqa_refit.group_heads(sim, 2) == [[0, 2], [1, 3]]
+    assert gqa_refit.group_heads(sim, 1) == [[0, 1, 2, 3]]
+    assert gqa_refit.group_heads(sim, 4) == [[0], [1], [2], [3]]
+
+
+def test_head_order_moves_the_query_heads_with_their_kv_head():
+    kv, q = gqa_refit.head_order([[0, 2], [1, 3]], q_heads=8, kv_heads=4)
+    assert kv == [0, 2, 1, 3]
+    assert q == [0, 1, 4, 5, 2, 3, 6, 7]
+
+
+def test_linear_cka_is_invariant_to_rotation_and_scale():
+    a = torch.randn(200, 8, generator=_gen(0), dtype=torch.float64)
+    rotation, _ = torch.linalg.qr(torch.randn(8, 8, generator=_gen(1), dtype=torch.float64))
+    assert gqa_refit.linear_cka(a, 3 * a @ rotation) == pytest.approx(1.0, abs=1e-9)
+    assert gqa_refit.linear_cka(a, torch.randn(200, 8, generator=_gen(2), dtype=torch.float64)) < 0.3
+
+
+def _refit_layers(gm):
+    from fusegen.passes.convert_mha_to_gqa import _attention_layer
+
+    return [_attention_layer(i, site, HEAD_DIM) for i, site in enumerate(call_nodes(gm, ops.attention.default))]
+
+
+def test_permuted_heads_compute_the_same_logits(stateless):
+    gm = _copy(stateless.graph_module)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=_gen(5))
+    args = (ids, torch.ones_like(ids), torch.arange(9).expand(2, 9))
+    with torch.no_grad():
+        want = gm(*args)
+    kv_order = [2, 0, 3, 1]
+    _, q_order = gqa_refit.head_order([[2, 0], [3, 1]], HEADS, HEADS)
+    weights_before = {layer.q: getattr_path(gm, layer.q.args[1].target).clone() for layer in _refit_layers(gm)}
+    for layer in _refit_layers(gm):
+        permute_heads(gm, layer, kv_order, q_order)
+    gm.recompile()
+    for q, before in weights_before.items():  # the permutation really moved rows
+        assert not torch.equal(getattr_path(gm, q.args[1].target), before)
+    with torch.no_grad():
+        got = gm(*args)
+    assert_close_report(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _scattered_duplicate_heads_llama():
+    """KV head 2 is a copy of head 0 and head 3 of head 1 (weights and biases): grouping by
+    similarity must pair them, which contiguous groups (0+1, 2+3) would not."""
+    model = _llama(kv_heads=HEADS, attention_bias=True)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
+                weight, bias = _heads(proj.weight, HEADS), _heads(proj.bias, HEADS)
+                weight[2], bias[2] = weight[0], bias[0]
+                weight[3], bias[3] = weight[1], bias[1]
+    return model
+
+
+def test_refit_groups_duplicate_heads_and_converts_them_losslessly(calibration_ids):
+    model = _scattered_duplicate_heads_llama()
+    ids = torch.randint(0, VOCAB, (2, 11), generator=_gen(6))
+    with torch.no_grad():
+        want = model(ids).logits
+    errors = {}
+    for method in ("lsq", "refit"):
+        compiled = fusegen.compile(model, f"stateless,gqa_kv_heads=2,gqa_method={method},"
+                                          f"gqa_refit_steps={REFIT_STEPS}", calibration_ids=calibration_ids)
+        errors[method] = (compiled(ids) - want).abs().max().item()
+        stats = next(r.stats for r in compiled.report.records if r.name == "convert_mha_to_gqa")
+        if method == "refit":
+            assert stats["heads_regrouped"] == LAYERS
+            assert stats["calibration_ppl_after"] == pytest.approx(stats["calibration_ppl_before"], rel=1e-5)
+            assert stats["attention_error_after"] < 1e-8
+    assert errors["refit"] < 1e-4
+    assert errors["lsq"] > 100 * errors["refit"]  # contiguous groups merge heads that differ
+
+
+def _pass_stats(model, config: str, calibration_ids):
+    compiled = fusegen.compile(model, config, calibration_ids=calibration_ids)
+    return compiled, next(r.stats for r in compiled.report.records if r.name == "convert_mha_to_gqa")
+
+
+@pytest.mark.parametrize("target", [2, 1])
+def test_refit_lowers_the_attention_error_below_lsq(mha, calibration_ids, target):
+    _, lsq = _pass_stats(mha, f"stateless,gqa_kv_heads={target},gqa_method=lsq", calibration_ids)
+    _, refit = _pass_stats(mha, f"stateless,gqa_kv_heads={target},gqa_method=refit,"
+                                f"gqa_refit_steps={REFIT_STEPS}", calibration_ids)
+    for key in ("refit_error_before", "refit_error_after", "heads_regrouped", "attention_error_after",
+                "calibration_ppl_before", "calibration_ppl_after", "kv_bytes_per_token_after"):
+        assert key in refit, key
+    assert refit["kv_bytes_per_token_after"] == lsq["kv_bytes_per_token_after"]
+    assert refit["refit_error_after"] < refit["refit_error_before"]
+    assert refit["attention_error_after"] < 0.5 * lsq["attention_error_after"]
+    # the layers compose: the refit model is closer to the original on the calibration text
+    assert (abs(math.log(refit["calibration_ppl_after"] / refit["calibration_ppl_before"]))
+            < abs(math.log(lsq["calibration_ppl_after"] / lsq["calibration_ppl_before"])))
+
+
+def test_refit_with_zero_steps_is_the_lsq_merge(mha, calibration_ids):
+    _, lsq = _pass_stats(mha, "stateless,gqa_kv_heads=1,gqa_method=lsq", calibration_ids)
+    _, zero = _pass_stats(mha, "stateless,gqa_kv_heads=1,gqa_method=refit,gqa_refit_steps=0", calibration_ids)
+    assert zero["refit_error_after"] == zero["refit_error_before"]
+    assert zero["calibration_ppl_after"] == pytest.approx(lsq["calibration_ppl_after"], rel=1e-4)
+
+
+def test_refit_is_deterministic(mha, calibration_ids):
+    config = f"stateless,gqa_kv_heads=1,gqa_method=refit,gqa_refit_steps={REFIT_STEPS // 2}"
+    first, second = (fusegen.compile(mha, config, calibration_ids=calibration_ids) for _ in range(2))
+    buffers = dict(second.graph_module.named_buffers())
+    refit = [name for name, _ in first.graph_module.named_buffers() if name.startswith("fusegen_gqa_")]
+    assert len(refit) == 4 * LAYERS  # q, k, v and o of every layer
+    for name, value in first.graph_module.named_buffers():
+        assert torch.equal(value, buffers[name]), name
+
+
+def test_refit_compiles_paged_and_generates(mha, calibration_ids):
+    compiled = fusegen.compile(mha, f"gqa_kv_heads=1,gqa_method=refit,gqa_refit_steps={REFIT_STEPS // 2}",
+                               calibration_ids=calibration_ids)
+    assert compiled.kind == "paged" and compiled.facts["kv"].kv_heads == 1
+    prompt = torch.randint(3, VOCAB, (2, 5), generator=_gen(2))
+    out = compiled.generate(prompt, max_new_tokens=3)
+    assert out.shape == (2, 8) and torch.equal(out[:, :5], prompt)
+
+
+def test_refit_refuses_a_fused_qkv_projection():
+    from families import mini_model
+
+    calib = torch.randint(0, 128, (2, 16), generator=_gen(0))
+    with pytest.raises(PassError, match="gqa_method=refit needs separate q, k, v and o linear projections"):
+        fusegen.compile(mini_model("gpt2"), "stateless,gqa_kv_heads=2,gqa_method=refit", calibration_ids=calib)
+
+
+# --- fusegen-cli quality ---------------------------------------------------------------------
+
+def test_cli_quality_compares_the_base_and_the_converted_model(tiny_chat_dir, tmp_path, capsys):
+    from fusegen.cli import main
+
+    out = tmp_path / "quality.json"
+    config = f"preset=stateless,gqa_kv_heads=1,gqa_method=refit,gqa_refit_steps={REFIT_STEPS // 2}"
+    assert main(["quality", str(tiny_chat_dir), "--config", config, "--length", "64", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    base, converted = result["rows"]
+    assert base["name"] == "base" and converted["name"] == CompileConfig.from_string(config).to_string()
+    assert base["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4  # layers, K and V, heads, head_dim, fp32
+    assert converted["kv_bytes_per_token"] == base["kv_bytes_per_token"] // 2
+    assert converted["stats"]["convert_mha_to_gqa.kv_heads_after"] == 1
+    assert 1 < base["heldout_ppl"] < 1e4 and 1 < converted["heldout_ppl"] < 1e4
+    assert converted["heldout_ppl"] != base["heldout_ppl"]
+    assert result["heldout_tokens"] % 64 == 0 and result["calibration_tokens"] % 64 == 0
+    # the table shows both rows with the figures of the JSON file
+    lines = [line for line in printed.splitlines() if line.startswith(("base ", converted["name"][:30]))]
+    assert len(lines) == 2
+    assert f"{base['heldout_ppl']:.3f}" in lines[0] and f"{converted['heldout_ppl']:.3f}" in lines[1]
+    assert f"{converted['kv_bytes_per_token']:,}" in lines[1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["quality", "no-such-model-anywhere"], "no-such-model-anywhere"),
+    (["quality", "--config", "gqa_kv_heads=-1"], "gqa_kv_heads must be >= 0"),
+    (["quality", "--config", "gqa_methd=refit"], "unknown config field 'gqa_methd'"),
+])
+def test_cli_quality_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+    from fusegen.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fusegen-cli: error: ") and message in err[0], err
+
+
+def test_quality_measures_quantized_weights_too(tiny_chat_dir):
+    from fusegen.quality import measure
+
+    result = measure(str(tiny_chat_dir), ["preset=stateless,weights=int8"], length=64)
+    base, int8 = result.rows
+    assert int8.kv_bytes_per_token == base.kv_bytes_per_token  # no conversion of the heads
+    assert int8.weight_bytes < base.weight_bytes
+    assert int8.heldout_ppl == pytest.approx(base.heldout_ppl, rel=0.05)  # int8: a small change
+    assert int8.stats and all(key.startswith("quantize_weights.") for key in int8.stats)

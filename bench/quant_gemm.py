@@ -11,7 +11,7 @@ Times come from the engine's own table (``GemmTable.measure``): each candidate a
 baseline replayed from one CUDA graph over weight copies larger than the L2, timed with CUDA
 events, the median of the repetitions after a warm-up replay, random data. Rates count the
 bytes a call must read and write: the weight as stored (packed data + scales), x and y;
-``pct_copy`` is that rate over the device-to-device copy rate (bench/kernels.py's ceiling).
+``pct_copy`` is that rate over the device-to-device copy rate (bench/kernel_bench.py's ceiling).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ MS = (1, 8, 64)
 
 
 def shapes(model: str) -> list[tuple[str, int, int]]:
-    from kernels import linear_shapes
+    from kernel_bench import linear_shapes
 
     return [s for s in linear_shapes(model) if s[0] != "lm_head"]
 
@@ -91,7 +91,7 @@ def main() -> None:
     if bad:
         sys.exit(f"bench/quant_gemm.py: error: unknown weight format {bad[0]!r}; "
                  f"formats: {', '.join(quant_gemm.OPERANDS)}")
-    from kernels import ceilings
+    from kernel_bench import ceilings
 
     torch.manual_seed(0)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,

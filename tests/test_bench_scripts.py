@@ -8,7 +8,7 @@ import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-GPU_ONLY = ("cold_start.py", "e2e.py", "kernels.py", "profile_engine.py", "quant_gemm.py", "serving.py",
+GPU_ONLY = ("cold_start.py", "e2e.py", "kernel_bench.py", "profile_engine.py", "quant_gemm.py", "serving.py",
             "speculative.py")
 
 
@@ -20,3 +20,17 @@ def test_gpu_benchmark_on_a_cpu_machine_is_one_line(script, monkeypatch):
     with pytest.raises(SystemExit) as info:
         runpy.run_path(str(BENCH / script), run_name="__main__")
     assert info.value.code == f"bench/{script}: error: a CUDA GPU is needed (torch.cuda.is_available() is False)"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU prints")
+def test_a_bench_script_run_as_a_user_runs_it_imports_the_libraries_not_its_neighbours():
+    """``python bench/e2e.py`` puts bench/ first on sys.path, ahead of the installed
+    packages: no script there may shadow a library that transformers imports (a
+    bench/kernels.py shadowed the ``kernels`` package and transformers died importing it)."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(BENCH / "e2e.py")], capture_output=True, text=True, timeout=300,
+                          cwd=BENCH.parent)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        "bench/e2e.py: error: a CUDA GPU is needed (torch.cuda.is_available() is False)"]

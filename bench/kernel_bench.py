@@ -1,7 +1,7 @@
 """Kernel benchmark on the GPU: fusegen's Triton kernels against torch, with the hardware
 ceilings measured in the same run.
 
-    python bench/kernels.py [--out bench/results/kernels.json] [--quick]
+    python bench/kernel_bench.py [--out bench/results/kernels.json] [--quick]
 
 - ceilings: device-to-device copy bandwidth (bytes read + written) and a bf16 matmul rate;
 - prefill attention, causal bf16, H32 T4096 D128 at B4 and B1: fusegen flash_attention vs
@@ -254,7 +254,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/kernels.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("bench/kernels.py: error: a CUDA GPU is needed (torch.cuda.is_available() is False)")
+        sys.exit("bench/kernel_bench.py: error: a CUDA GPU is needed (torch.cuda.is_available() is False)")
     torch.manual_seed(0)
     attn_kernels.register()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -202,8 +202,10 @@ def decode_num_splits(num_tokens: int, kv_heads: int, max_keys: int, multiproces
     Chosen from a sweep on the H200 (132 SMs, bf16 GQA 32/8, block 16, CUDA-graph replays,
     splits 1..128 x BLOCK_N 32/64/128 x 2..8 warps): at batch 1 and short contexts the
     kernel is latency-bound (B1 L1024 D64 takes 10.9 us with 16 splits, 15.2 us with the
-    earlier 256-keys minimum's 4), so short contexts split down to one tile; B1 L8k -> 64,
-    B8 L1k -> 8, B32 L4k -> 2 and B64 L512 -> 1 are each within 2% of the sweep's best."""
+    earlier 256-keys minimum's 4), so short contexts split down to one tile. Against the
+    earlier rule: B1 L4096 D64 14.7 us (was 16.3), B8 L1024 16.7 (17.9), B1 L32k D128 52.3
+    (54.2), B1 L8k 24.4 (24.0); every shape swept is within 7% of the sweep's best point
+    (bench/schedule_sweep.py, bench/results/schedule_sweep.json)."""
     programs = max(1, num_tokens * kv_heads)
     per_sm = DECODE_PROGRAMS_PER_SM if programs < multiprocessors else DECODE_PROGRAMS_PER_SM // 2
     want = triton.cdiv(per_sm * multiprocessors, programs)

@@ -4,8 +4,8 @@ hand-written Triton RMSNorm), and split-KV decode attention's tiles, warps and s
     python bench/schedule_sweep.py [--out bench/results/schedule_sweep.json]
 
 Every point is timed from CUDA-graph replays (bench/kernel_bench.py's ``bench``: warm-up,
-CUDA events, median, L2 flushed), on random data; rel_err is against the default
-configuration's output. The decode rows print the sweep's best point per shape next to what
+CUDA events, median, L2 flushed), on random data. RMSNorm rows give rel_err against the
+eager module; decode rows against the kernel's output at its default configuration. The decode rows print the sweep's best point per shape next to what
 the shape heuristic (``decode_num_splits`` and ``default_decode_config``) picks.
 """
 import argparse

@@ -1,4 +1,4 @@
-"""What the prefill (``attention.py``) and decode (``decode_attention.py``) kernels share: the
+"""What the prefill (``prefill_attention.py``) and decode (``decode_attention.py``) kernels share: the
 online-softmax loop over key tiles, paged row addressing, head-dim padding, and the wrappers'
 input checks.
 

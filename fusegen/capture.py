@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import traceback
 
 import torch
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
+from fusegen.capture_layers import StampError, canonical_names, cut_to, find_layer_stack, stamp
 from fusegen.errors import UnsupportedModelError
+
+log = logging.getLogger("fusegen.capture")
 
 GRAPH_INPUTS = ("input_ids", "attention_mask", "position_ids")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -160,14 +164,17 @@ def own_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
 
 
 def capture(model: nn.Module, *, attn_implementation: str | None = None,
-            verify: bool = True) -> torch.fx.GraphModule:
+            verify: bool = True, by_layer: bool = True) -> torch.fx.GraphModule:
     """Trace ``model`` into an fx GraphModule ``(input_ids, attention_mask, position_ids) -> logits``.
 
     ``attn_implementation`` selects the HF attention code path traced ("sdpa" or "eager";
     None keeps the model's own). With ``verify`` the graph is run at several batch sizes and
     lengths, dense and left-padded (CHECK_ROWS), and compared with the model. Raises
     UnsupportedModelError naming the class and the module/op that failed: export errors, a
-    dimension the capture fixed, a guard that fails at another size, a difference."""
+    dimension the capture fixed, a guard that fails at another size, a difference.
+    ``by_layer`` exports only the first few decoder layers and stamps the rest from them
+    (``capture_layers``); ``gm.meta["fusegen_capture"]`` says how many were stamped, or why
+    the whole model was exported."""
     name = model_class_name(model)
     _check_decoder(model)
     if attn_implementation is not None and attn_implementation not in ATTN_IMPLEMENTATIONS:
@@ -181,7 +188,7 @@ def capture(model: nn.Module, *, attn_implementation: str | None = None,
     attempts = [first, "eager"] if attn_implementation is None and first == "sdpa" else [first]
     for i, impl in enumerate(attempts):
         try:
-            gm = _export(model, impl if impl != own else None, verify, name)
+            gm = _export(model, impl if impl != own else None, verify, name, by_layer)
         except UnsupportedModelError:
             if i + 1 == len(attempts):
                 raise
@@ -191,30 +198,60 @@ def capture(model: nn.Module, *, attn_implementation: str | None = None,
         return gm
 
 
-def _export(model, attn_implementation, verify: bool, name: str) -> torch.fx.GraphModule:
+def _export(model, attn_implementation, verify: bool, name: str, by_layer: bool) -> torch.fx.GraphModule:
     wrapper = _LogitsOnly(model)
     args = example_inputs(model)
+    with _temporarily(model, attn_implementation), torch.no_grad():
+        gm, how = _export_by_layer(model, wrapper, args, name, verify) if by_layer else (None, "not asked")
+        if gm is None:
+            gm = _export_graph(wrapper, args, name, model)
+            _check_dynamic(gm, name)
+            if verify:
+                for example in [args] + check_inputs(model, wrapper):
+                    _verify(gm, wrapper, example, name)
+            how = {"layers_stamped": 0, "whole_model": how}
+    gm = canonical_names(gm)
+    gm.meta["fusegen_capture"] = how
+    return gm
+
+
+def _export_graph(wrapper, args, name: str, model) -> torch.fx.GraphModule:
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=1, max=1 << 20)
     named = {name_: {0: batch, 1: seq} for name_ in GRAPH_INPUTS}
     # Some kernels' shape logic (CUDA alignment, stride comparisons) emits guards that hold
     # for every size >= 1 but that export cannot prove for a named Dim; AUTO dims accept them.
     auto = {name_: {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO} for name_ in GRAPH_INPUTS}
-    with _temporarily(model, attn_implementation), torch.no_grad():
-        for dims in (named, auto):
-            try:
-                ep = torch.export.export(wrapper, args, dynamic_shapes=dims, strict=False)
-                break
-            except Exception as exc:  # export raises many types; all mean "cannot capture"
-                error = exc
-        else:
-            raise UnsupportedModelError(name, _where(error, model), _reason(error)) from error
-        gm = ep.module()
+    for dims in (named, auto):
+        try:
+            return torch.export.export(wrapper, args, dynamic_shapes=dims, strict=False).module()
+        except Exception as exc:  # export raises many types; all mean "cannot capture"
+            error = exc
+    raise UnsupportedModelError(name, _where(error, model), _reason(error)) from error
+
+
+def _export_by_layer(model, wrapper, args, name: str, verify: bool):
+    """(graph, counts) of the first layers exported and the rest stamped, checked against the
+    full model; (None, reason) when the model does not stack its layers that way or the
+    stamped graph fails a check, and the whole model is exported instead."""
+    stack = find_layer_stack(model)
+    length = stack.export_length() if stack is not None else None
+    if length is None:
+        return None, "no stack of repeated decoder layers" if stack is None else "no layer to stamp"
+    layers = stack.layers
+    try:
+        with cut_to(stack, length):
+            gm = _export_graph(wrapper, args, name, model)
+        gm = stamp(gm, stack, layers, length)
         _check_dynamic(gm, name)
         if verify:
             for example in [args] + check_inputs(model, wrapper):
                 _verify(gm, wrapper, example, name)
-    return gm
+    except (StampError, UnsupportedModelError) as exc:
+        log.info("%s: exporting the whole model, not by layer: %s", name, exc)
+        return None, str(exc)
+    return gm, {"layers_exported": length, "layers_stamped": len(layers) - length,
+                "layer_kinds": len(set(stack.kinds))}
 
 
 # Row lengths of the batches a captured graph runs at before it is trusted, each row left-padded

@@ -168,7 +168,7 @@ class CompiledModel:
                 entries = seqs * (1 + kwargs["proposer"].k) if kwargs["proposer"] is not None else seqs
                 runner.capture_graphs(decode_buckets(entries), token_buckets(entries, tokens),
                                       skinny_gemms=self.config.skinny_gemm, pdl=self.config.pdl,
-                                      epilogues=self.config.gemm_epilogue)
+                                      epilogues=self.config.gemm_epilogue, lazy=self.config.lazy_cuda_graphs)
             runner.step_graph()   # on the CPU its flat copy is made now, not in the first step
         return engine
 
@@ -202,7 +202,7 @@ class CompiledModel:
         if cuda_graphs and draft.config.cuda_graphs and draft.device.type == "cuda":
             draft_runner.capture_graphs(decode_buckets(max_num_seqs), token_buckets(max_num_seqs, max_num_batched_tokens),
                                         skinny_gemms=draft.config.skinny_gemm, pdl=draft.config.pdl,
-                                        epilogues=draft.config.gemm_epilogue)
+                                        epilogues=draft.config.gemm_epilogue, lazy=draft.config.lazy_cuda_graphs)
         draft_runner.step_graph()
         return proposer
 
@@ -443,7 +443,7 @@ def compile(model: nn.Module, config: CompileConfig | str | None = None, *, dump
             Bar(len(build_pipeline(config)) + 2, "compiling", progress, unit="step") as steps:
         steps.update(0, "capture")
         start = time.perf_counter()
-        gm = capture(model)
+        gm = capture(model, by_layer=config.capture_by_layer)
         capture_seconds = time.perf_counter() - start
         ctx = PassContext(config=config, calibration_ids=calibration_ids, facts=_model_facts(model))
         dump = DumpWriter(directory) if directory else None

@@ -17,6 +17,8 @@ MAX_SPEC_K = 16
 
 @dataclass(frozen=True)
 class CompileConfig:
+    # Capture: export the first decoder layers, stamp the others (fusegen/capture_layers.py).
+    capture_by_layer: bool = True
     # Graph passes.
     cleanup: bool = True
     fuse_attention: bool = True
@@ -45,6 +47,9 @@ class CompileConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (on CUDA only)
+    # ... each captured at the first step of its shape instead of all at engine set-up
+    # (runtime/cuda_graphs.py): a faster first token, a capture in the first step of each shape.
+    lazy_cuda_graphs: bool = False
     # Decode linears (<= 64 tokens) by the skinny-GEMM template where it beats cuBLAS, as
     # measured at engine set-up (codegen/skinny_gemm.py; CUDA graphs only).
     skinny_gemm: bool = True
@@ -103,6 +108,18 @@ class CompileConfig:
     def replace(self, **changes) -> "CompileConfig":
         return dataclasses.replace(self, **changes)
 
+    def with_runtime(self, text: str) -> "CompileConfig":
+        """This config with the engine-only fields in ``text`` (``k=v,...``) changed: what a
+        loaded artifact may change without compiling again."""
+        changed = CompileConfig.from_string(text)
+        bad = [f.name for f in fields(self) if f.name not in RUNTIME_FIELDS
+               and getattr(changed, f.name) != getattr(CompileConfig(), f.name)]
+        if bad:
+            raise ConfigError(f"{', '.join(bad)} change the compiled graph; only {', '.join(RUNTIME_FIELDS)} "
+                              f"can be set on a compiled model")
+        return self.replace(**{k: getattr(changed, k) for k in RUNTIME_FIELDS
+                               if getattr(changed, k) != getattr(CompileConfig(), k)})
+
     def to_string(self) -> str:
         """Fields that differ from the default, as ``k=v`` pairs; the default is ``default``."""
         default = CompileConfig()
@@ -160,6 +177,10 @@ def _parse(key: str, type_name, value: str):
     except ValueError:
         raise ConfigError(f"config field {key!r} expects {type_name}, got {value!r}") from None
 
+
+# Fields only the engine reads (fusegen.load(..., runtime="lazy_cuda_graphs=1")).
+RUNTIME_FIELDS = ("kv_blocks", "max_num_seqs", "max_num_batched_tokens", "cuda_graphs", "lazy_cuda_graphs",
+                  "skinny_gemm", "gemm_epilogue", "pdl")
 
 PRESETS: dict[str, CompileConfig] = {
     "default": CompileConfig(),

@@ -117,9 +117,31 @@ def _view_cone(start: fx.Node) -> list[fx.Node]:
     return cone
 
 
-def _strided_vals(gm: fx.GraphModule, linear: fx.Node, index: int, widths: list[int]) -> dict | None:
+def _strided_vals(gm: fx.GraphModule, linear: fx.Node, index: int, widths: list[int],
+                  memo: dict) -> dict | None:
     """The ``val`` of every view after ``linear`` once its output is part ``index`` of a fused
-    output (FakeTensors, nothing rewritten); None if one of them needs contiguous memory."""
+    output (FakeTensors, nothing rewritten); None if one of them needs contiguous memory.
+    ``memo`` keeps the answer per view chain: every decoder layer has the same one, and
+    evaluating views under symbolic sizes is slow."""
+    cone = _view_cone(linear)
+    key = _cone_key(linear, cone, index, widths)
+    if key not in memo:
+        memo[key] = _evaluate_cone(gm, linear, cone, index, widths)
+    vals = memo[key]
+    return None if vals is None else dict(zip(cone, vals))
+
+
+def _cone_key(linear: fx.Node, cone: list[fx.Node], index: int, widths: list[int]) -> str:
+    """The chain's ops and arguments, its own nodes by position (other nodes, such as the
+    shared symbolic sizes, by name), and the linear's output type."""
+    position = {linear: "@0", **{n: f"@{k + 1}" for k, n in enumerate(cone)}}
+    ops = [(n.target, fx.map_arg((n.args, n.kwargs), lambda a: position.get(a, a.name))) for n in cone]
+    out = val(linear)
+    return repr((index, widths, tuple(out.shape), out.dtype, str(out.device), ops))
+
+
+def _evaluate_cone(gm: fx.GraphModule, linear: fx.Node, cone: list[fx.Node], index: int,
+                   widths: list[int]) -> list | None:
     mode = fake_mode_of(gm)
     out = val(linear)
     env = {}
@@ -131,22 +153,21 @@ def _strided_vals(gm: fx.GraphModule, linear: fx.Node, index: int, widths: list[
         with mode:
             fused = torch.empty(list(out.shape[:-1]) + [sum(widths)], dtype=out.dtype, device=out.device)
             env[linear] = fused.split(widths, -1)[index]
-            for node in _view_cone(linear):
+            for node in cone:
                 env[node] = node.target(*fx.map_arg(node.args, lookup), **fx.map_arg(node.kwargs, lookup))
     except Exception:  # a view needing contiguous memory; symbolic sizes it cannot decide
         return None
-    del env[linear]
-    return env
+    return [env[node] for node in cone]
 
 
-def _fusible(gm: fx.GraphModule, group: list[fx.Node]) -> tuple[list[fx.Node], dict, int]:
+def _fusible(gm: fx.GraphModule, group: list[fx.Node], memo: dict) -> tuple[list[fx.Node], dict, int]:
     """The members whose uses accept a strided part, the new ``val`` of those uses, and how
     many of ``group`` stay unfused. Dropping a member changes the others' row stride, so the
     check runs again on the rest."""
     kept = list(group)
     while len(kept) > 1:
         widths = _widths(gm, kept)
-        found = [_strided_vals(gm, n, i, widths) for i, n in enumerate(kept)]
+        found = [_strided_vals(gm, n, i, widths, memo) for i, n in enumerate(kept)]
         if all(v is not None for v in found):
             return kept, {k: v for vals in found for k, v in vals.items()}, len(group) - len(kept)
         kept = [n for n, v in zip(kept, found) if v is not None]
@@ -154,7 +175,8 @@ def _fusible(gm: fx.GraphModule, group: list[fx.Node]) -> tuple[list[fx.Node], d
 
 
 def _fusible_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
-    return [g for g in (_fusible(gm, c)[0] for c in _candidates(gm)) if g]
+    memo: dict = {}
+    return [g for g in (_fusible(gm, c, memo)[0] for c in _candidates(gm)) if g]
 
 
 # --- the rewrite ------------------------------------------------------------------------------
@@ -221,8 +243,9 @@ def fuse_projections(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     stats: Counter = Counter()
     touched: list[fx.Node] = []
     sources: dict[str, list[str]] = {}
+    memo: dict = {}
     for candidate in _candidates(gm):
-        group, view_vals, skipped = _fusible(gm, candidate)
+        group, view_vals, skipped = _fusible(gm, candidate, memo)
         stats["linears_skipped_layout"] += skipped
         if not group:
             continue

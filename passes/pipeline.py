@@ -47,7 +47,8 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, dump: DumpWriter | None =
     verifying and (optionally) dumping after each one; ``on_pass(name)`` is called as each
     pass starts."""
     made = mark_provenance(gm, "capture")
-    records = [PassRecord("capture", True, capture_seconds, {}, node_counts(gm), made, graph_snapshot(gm))]
+    counts = {k: v for k, v in gm.meta.get("fusegen_capture", {}).items() if isinstance(v, int)}
+    records = [PassRecord("capture", True, capture_seconds, counts, node_counts(gm), made, graph_snapshot(gm))]
     if dump:
         dump.graph(0, records[0], gm)
     for index, graph_pass in enumerate(build_pipeline(ctx.config), start=1):

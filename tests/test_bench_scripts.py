@@ -8,7 +8,7 @@ import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-GPU_ONLY = ("cold_start.py", "e2e.py", "kernel_bench.py", "profile_engine.py", "quant_gemm.py", "schedule_sweep.py", "serving.py",
+GPU_ONLY = ("cold_start.py", "compile_time.py", "e2e.py", "kernel_bench.py", "profile_engine.py", "quant_gemm.py", "schedule_sweep.py", "serving.py",
             "speculative.py")
 
 

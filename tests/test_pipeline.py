@@ -154,7 +154,7 @@ def test_bad_config_messages():
     assert str(info.value) == "config field 'block_size' expects int, got 'abc'"
     with pytest.raises(ConfigError) as info:
         CompileConfig.from_string("bogus=1")
-    assert str(info.value).startswith("unknown config field 'bogus'; fields: cleanup, fuse_attention")
+    assert str(info.value).startswith("unknown config field 'bogus'; fields: capture_by_layer, cleanup, fuse_attention")
     with pytest.raises(ConfigError, match=r"^block_size must be a power of two >= 1, got 24$"):
         CompileConfig(block_size=24)
     assert isinstance(info.value, ValueError)  # callers may catch the builtin

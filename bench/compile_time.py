@@ -1,0 +1,77 @@
+"""Compile time: capture by layer against the whole-model capture, on the GPU configs.
+
+    python bench/compile_time.py [--models 1b 7b] [--out bench/results/compile_time.json]
+
+For each random-weight bf16 Llama config of `bench/e2e.py`, in one process, `fusegen.compile`
+(capture, passes, kernel lowering, the compile-time check of the compiled graph against the
+model) runs three times:
+1. by layer, first: Triton's kernel cache may be cold, so this is what a user waits for once;
+2. the whole model (`capture_by_layer=0`), the kernel cache now warm;
+3. by layer again, warm: against 2, the capture's own gain.
+Each run reports its seconds per step (capture and every pass) from the compile report, and
+the two graphs are checked to print the same code. No engine is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+import fusegen
+from e2e import build
+
+CONFIG = "max_seq_len=4096,max_num_seqs=64,max_num_batched_tokens=4096"
+
+
+def one_compile(model, config: str) -> tuple[dict, "fusegen.CompiledModel"]:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    compiled = fusegen.compile(model, config)
+    torch.cuda.synchronize()
+    total = time.perf_counter() - start
+    steps = {r.name: round(r.seconds, 3) for r in compiled.report.records}
+    capture = compiled.graph_module.meta.get("fusegen_capture", {})
+    return {"total_s": round(total, 3), "passes_s": round(compiled.report.seconds, 3),
+            "outside_passes_s": round(total - compiled.report.seconds, 3), "steps_s": steps,
+            "capture": capture}, compiled
+
+
+def run(name: str) -> dict:
+    model = build(name)
+    first, a = one_compile(model, CONFIG)
+    whole, b = one_compile(model, CONFIG + ",capture_by_layer=0")
+    warm, _ = one_compile(model, CONFIG)
+    same = a.report.records[0].snapshot == b.report.records[0].snapshot
+    del model, a, b
+    torch.cuda.empty_cache()
+    return {"by_layer_first": first, "whole_model_warm": whole, "by_layer_warm": warm,
+            "same_captured_graph": same, "speedup_warm": round(whole["total_s"] / warm["total_s"], 2),
+            "capture_speedup": round(whole["steps_s"]["capture"] / warm["steps_s"]["capture"], 2)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="fusegen compile time by layer vs whole model (GPU)")
+    parser.add_argument("--models", nargs="+", default=["1b", "7b"])
+    parser.add_argument("--out", default="bench/results/compile_time.json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/compile_time.py: error: a CUDA GPU is needed (torch.cuda.is_available() is False)")
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    for name in args.models:
+        results[name] = r = run(name)
+        print(f"{name}: by layer {r['by_layer_first']['total_s']:.1f} s first, {r['by_layer_warm']['total_s']:.1f} s "
+              f"warm; whole model {r['whole_model_warm']['total_s']:.1f} s warm ({r['speedup_warm']}x); "
+              f"capture {r['by_layer_warm']['steps_s']['capture']:.1f} s vs {r['whole_model_warm']['steps_s']['capture']:.1f} s; "
+              f"same graph: {r['same_captured_graph']}", flush=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import fusegen
+from fusegen.artifact import binaries
 from fusegen.artifact.sign import read_key, sign
 from fusegen.artifact.format import (FORMAT, FORMAT_VERSION, GRAPH, MANIFEST, SHARD_BYTES, TOKENIZER,
                                      chunk_count, hash_chunk)
@@ -25,10 +26,12 @@ from fusegen.progress import Bar
 
 
 def export(compiled: CompiledModel, directory, *, tokenizer=None, onnx: bool = False,
-           sign_key=None, progress: bool = False) -> Path:
+           sign_key=None, progress: bool = False, triton_binaries: bool = True) -> Path:
     """Write ``compiled`` to ``directory`` (created; an older artifact there is replaced, any
     other non-empty directory is refused). ``tokenizer``: a HF tokenizer to ship along.
-    ``sign_key``: an Ed25519 private key (PEM path or bytes) that signs the manifest."""
+    ``sign_key``: an Ed25519 private key (PEM path or bytes) that signs the manifest.
+    ``triton_binaries``: a CUDA model's artifact carries Triton's compiled kernels
+    (binaries.py; the engine is set up first, so that every kernel it runs is compiled)."""
     directory = check_destination(directory)
     if sign_key is not None:
         sign_key = read_key(sign_key, private=True)   # a bad key fails before the slow part
@@ -43,6 +46,7 @@ def export(compiled: CompiledModel, directory, *, tokenizer=None, onnx: bool = F
         (staging / GRAPH).write_text(json.dumps(graph_to_ir(gm), separators=(",", ":")))
         weights = _write_weights(graph_tensors(gm), staging, progress)
         kernels = _write_kernels(gm, staging)
+        compiled_kernels = binaries.write(compiled, staging) if triton_binaries else None
         if tokenizer is not None:
             tokenizer.save_pretrained(staging / TOKENIZER)
         if onnx:
@@ -50,6 +54,7 @@ def export(compiled: CompiledModel, directory, *, tokenizer=None, onnx: bool = F
 
             to_onnx(gm, staging / "model.onnx", facts=compiled.facts, progress=progress)
         manifest = _manifest(compiled, weights, kernels, tokenizer is not None)
+        manifest["triton_binaries"] = compiled_kernels
         manifest["files"] = _hash_tree(staging, progress)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
         if sign_key is not None:

@@ -12,6 +12,7 @@ FORMAT_VERSION = 2   # 2: fused groups carry what regenerating their kernels nee
 MANIFEST = "manifest.json"
 GRAPH = "graph.json"
 TOKENIZER = "tokenizer"
+BINARIES = "triton"   # Triton's compiled binaries (binaries.py)
 SHARD_BYTES = 1 << 30   # weights are split into files of about this size
 HASH_CHUNK = 64 << 20   # files are hashed in chunks of this size, in parallel
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 import fusegen
-from fusegen.artifact.format import (FORMAT, FORMAT_VERSION, GRAPH, HASH_CHUNK, MANIFEST, chunk_count,
+from fusegen.artifact.format import (BINARIES, FORMAT, FORMAT_VERSION, GRAPH, HASH_CHUNK, MANIFEST, chunk_count,
                                      chunk_digests, hash_chunk, inside)
+from fusegen.codegen.triton_cache import SAFE_NAME, TargetKey
 from fusegen.config import CompileConfig
 from fusegen.errors import (ArtifactFormatError, ArtifactMissingError, ArtifactTamperedError,
                             ArtifactTruncatedError, ArtifactVersionError, FusegenError)
@@ -90,11 +91,34 @@ def _check_layout(m: dict) -> None:
                                   and any(rel.startswith(tokenizer + "/") for rel in files)),
             f"tokenizer {tokenizer!r} is not a listed folder")
     _field(m, "facts", dict)
+    _check_binaries(m.get("triton_binaries"), files)
     try:
         CompileConfig.from_string(_field(m, "compile_config", str))
         torch.device(_field(m, "device", str))
     except (FusegenError, RuntimeError, ValueError) as e:
         raise ArtifactFormatError(MANIFEST, f"malformed compile_config or device ({e})") from None
+
+
+BINARY_FIELDS = ("dir", "name", "ext", "function", "source_hash", "metadata", "binary")
+
+
+def _check_binaries(record, files: dict) -> None:
+    """``triton_binaries`` (binaries.py): absent, or a target and entries whose two files
+    are listed under the names their fields make."""
+    if record is None:
+        return
+    _expect(isinstance(record, dict) and isinstance(record.get("entries"), list), "malformed field 'triton_binaries'")
+    try:
+        TargetKey.from_dict(record.get("target"))
+    except ValueError as exc:
+        raise ArtifactFormatError(MANIFEST, f"triton_binaries: {exc}") from None
+    for e in record["entries"]:
+        _expect(isinstance(e, dict) and all(isinstance(e.get(k), str) for k in BINARY_FIELDS)
+                and all(SAFE_NAME.match(e[k]) for k in ("dir", "name", "ext"))
+                and e["metadata"] == f"{BINARIES}/{e['dir']}/{e['name']}.json"
+                and e["binary"] == f"{BINARIES}/{e['dir']}/{e['name']}.{e['ext']}"
+                and e["metadata"] in files and e["binary"] in files,
+                f"triton_binaries entry {e!r} is malformed or names unlisted files")
 
 
 def verify_files(directory: Path, files: dict, hashed, progress: bool = False) -> None:

@@ -111,14 +111,13 @@ class CompileConfig:
     def with_runtime(self, text: str) -> "CompileConfig":
         """This config with the engine-only fields in ``text`` (``k=v,...``) changed: what a
         loaded artifact may change without compiling again."""
-        changed = CompileConfig.from_string(text)
-        bad = [f.name for f in fields(self) if f.name not in RUNTIME_FIELDS
-               and getattr(changed, f.name) != getattr(CompileConfig(), f.name)]
+        keys = [item.partition("=")[0].strip() for item in text.split(",") if item.strip()]
+        bad = [k for k in keys if k not in RUNTIME_FIELDS]
         if bad:
-            raise ConfigError(f"{', '.join(bad)} change the compiled graph; only {', '.join(RUNTIME_FIELDS)} "
-                              f"can be set on a compiled model")
-        return self.replace(**{k: getattr(changed, k) for k in RUNTIME_FIELDS
-                               if getattr(changed, k) != getattr(CompileConfig(), k)})
+            raise ConfigError(f"{', '.join(bad)}: only the engine's fields ({', '.join(RUNTIME_FIELDS)}) can be "
+                              f"set on a compiled model; the others change the compiled graph")
+        parsed = CompileConfig.from_string(text)
+        return self.replace(**{k: getattr(parsed, k) for k in keys})
 
     def to_string(self) -> str:
         """Fields that differ from the default, as ``k=v`` pairs; the default is ``default``."""

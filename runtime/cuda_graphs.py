@@ -12,9 +12,13 @@ padding tokens write nothing (slot -1):
     token buckets    (t, max_num_seqs)  t = 2 max_num_seqs ... max_num_batched_tokens:
                                       prefills and mixed steps (the FlashAttention kernel)
 
-Capture happens once per runner, largest first, all graphs sharing one memory pool. What a
-graph reads must be device-side and sync-free, which the Triton kernels and the input
-construction are. Sampling runs after the replay, outside the graph.
+Eagerly (the default), every bucket is captured when the runner sets up, largest first,
+all graphs sharing one memory pool. Lazily (config ``lazy_cuda_graphs=1``), a bucket is
+captured the first time a step picks it, into the same pool: the first token waits for one
+capture, not for all of them, and buckets no step uses cost nothing; the price is a capture
+inside the first step of each new shape, and graph memory taken while serving rather than
+at set-up. What a graph reads must be device-side and sync-free, which the Triton kernels
+and the input construction are. Sampling runs after the replay, outside the graph.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from __future__ import annotations
 import time
 
 import torch
+
+from fusegen.codegen import launch
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -62,6 +68,10 @@ class StepGraph:
         inputs = runner.batch.step_inputs(self.entries, self.num_tokens, runner.kv_pool)
         return runner.graph_gm(**inputs)[0]
 
+    @property
+    def captured(self) -> bool:
+        return self.logits is not None
+
     def capture(self, pool) -> None:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -85,31 +95,59 @@ class StepGraph:
         return self.logits
 
 
+def bucket_shapes(decode_sizes, token_sizes) -> list[tuple[int, int]]:
+    """(tokens, entries) of every bucket, ascending: decode buckets (b, b), then token
+    buckets (t, largest decode bucket) above them."""
+    max_seqs = max(decode_sizes)
+    shapes = [(b, b) for b in sorted(set(decode_sizes))]
+    return shapes + [(t, max_seqs) for t in sorted(set(token_sizes)) if t > max_seqs]
+
+
 class StepGraphs:
-    def __init__(self, runner, decode_sizes, token_sizes):
-        if runner.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a CUDA device, the runner is on {runner.device}")
-        max_seqs = max(decode_sizes)
-        shapes = [(b, b) for b in sorted(set(decode_sizes))]
-        shapes += [(t, max_seqs) for t in sorted(set(token_sizes)) if t > max_seqs]
-        with torch.cuda.device(runner.device), torch.no_grad():
-            self.graphs = [StepGraph(runner, t, n) for t, n in shapes]
-            torch.cuda.synchronize(runner.device)
-            before = torch.cuda.memory_reserved(runner.device)
+    """The step graphs of one runner, captured all at once or (``lazy``) each at its first
+    pick. ``capture_s`` and ``memory_bytes`` add up every capture so far."""
+
+    def __init__(self, runner, decode_sizes, token_sizes, lazy: bool = False):
+        self.runner, self.lazy = runner, lazy
+        self.capture_s, self.memory_bytes = 0.0, 0
+        self._pool = None
+        self.graphs = [self._make(t, n) for t, n in bucket_shapes(decode_sizes, token_sizes)]
+        if not lazy:
+            self._capture(list(reversed(self.graphs)))   # largest first: smaller ones reuse its memory
+
+    def _make(self, num_tokens: int, num_seqs: int) -> StepGraph:
+        if self.runner.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, the runner is on {self.runner.device}")
+        with torch.cuda.device(self.runner.device):
+            return StepGraph(self.runner, num_tokens, num_seqs)
+
+    def _capture(self, graphs: list[StepGraph]) -> None:
+        device = self.runner.device
+        with torch.cuda.device(device), torch.no_grad(), launch.dependent_launches(self.runner.pdl):
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_reserved(device)
             start = time.perf_counter()
-            pool = torch.cuda.graph_pool_handle()
-            for graph in reversed(self.graphs):   # largest first: smaller ones reuse its memory
-                graph.capture(pool)
-            torch.cuda.synchronize(runner.device)
-        self.capture_s = time.perf_counter() - start
-        self.memory_bytes = torch.cuda.memory_reserved(runner.device) - before
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            for graph in graphs:
+                graph.capture(self._pool)
+            torch.cuda.synchronize(device)
+        self.capture_s += time.perf_counter() - start
+        self.memory_bytes += torch.cuda.memory_reserved(device) - before
 
     @property
     def buckets(self) -> list[tuple[int, int]]:
         return [(g.num_tokens, g.num_seqs) for g in self.graphs]
 
+    @property
+    def captured(self) -> list[tuple[int, int]]:
+        return [(g.num_tokens, g.num_seqs) for g in self.graphs if g.captured]
+
     def pick(self, num_tokens: int, num_seqs: int) -> StepGraph | None:
+        """The smallest bucket that holds the step (captured now if it was not yet)."""
         for graph in self.graphs:   # ascending token counts
             if graph.num_tokens >= num_tokens and graph.num_seqs >= num_seqs:
+                if not graph.captured:
+                    self._capture([graph])
                 return graph
         return None

@@ -121,16 +121,18 @@ class Engine:
 
     @property
     def setup(self) -> dict:
-        """CUDA-graph capture: seconds, memory, buckets, and the skinny-GEMM choice per
-        linear shape and batch (empty without graphs)."""
+        """CUDA-graph capture: seconds, memory, buckets (and those captured so far: all of
+        them unless capture is lazy), and the skinny-GEMM choice per linear shape and batch
+        (empty without graphs)."""
         g = self.runner.graphs
         if g is None:
-            return {"capture_s": 0.0, "graph_memory_bytes": 0, "graphs": 0, "buckets": [], "gemm": [],
-                    "gemm_fusion": {}, "pdl": False}
+            return {"capture_s": 0.0, "graph_memory_bytes": 0, "graphs": 0, "buckets": [], "captured": [],
+                    "lazy": False, "gemm": [], "gemm_fusion": {}, "pdl": False}
         gemm = [{"M": c.M, "N": c.N, "K": c.K, "weights": c.fmt, "kernel": c.kernel, "us": c.us,
                  "cublas_us": c.cublas_us} for c in self.runner.gemm_choices]
         return {"capture_s": g.capture_s, "graph_memory_bytes": g.memory_bytes,
-                "graphs": len(g.graphs), "buckets": g.buckets, "gemm": gemm, "gemm_fusion": self.runner.gemm_fusion,
+                "graphs": len(g.graphs), "buckets": g.buckets, "captured": g.captured, "lazy": g.lazy,
+                "gemm": gemm, "gemm_fusion": self.runner.gemm_fusion,
                 "pdl": self.runner.pdl}
 
     def add_request(self, prompt: list[int], max_new_tokens: int = 16, *, eos_token_ids=None,

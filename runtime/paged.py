@@ -69,8 +69,9 @@ class PagedRunner:
         return self.batch
 
     def capture_graphs(self, decode_buckets, token_buckets, skinny_gemms: bool = True, pdl: bool = False,
-                       epilogues: bool = True) -> None:
-        """Capture a CUDA graph per step shape (see cuda_graphs.py); once, after the batch.
+                       epilogues: bool = True, lazy: bool = False) -> None:
+        """Capture a CUDA graph per step shape (see cuda_graphs.py); once, after the batch
+        (``lazy``: each at the first step of its shape).
         With ``skinny_gemms`` the linears of the decode buckets (M <= 64 tokens) run the
         skinny-GEMM template where the table measured here finds it faster than cuBLAS (and,
         with ``epilogues``, the pointwise groups they feed run as their epilogues); with
@@ -85,9 +86,8 @@ class PagedRunner:
                 self.gm, [b for b in decode_buckets if b <= skinny_gemm.MAX_M], self.device, epilogues,
                 kv_pool=self.kv_pool)
             self.gemm_fusion["calls"] = list(skinny_gemm.FUSED_REPORT)
-        self.pdl = pdl and launch.supported(self.device)
-        with launch.dependent_launches(self.pdl):
-            self.graphs = StepGraphs(self, decode_buckets, token_buckets)
+        self.pdl = pdl and launch.supported(self.device)   # the captures launch with it (StepGraphs)
+        self.graphs = StepGraphs(self, decode_buckets, token_buckets, lazy)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """``kv_pool[:, :, dst] = kv_pool[:, :, src]`` for each (src, dst) pair, every layer,

@@ -15,13 +15,17 @@ from fusegen.errors import (ConfigError, FusegenError, GraphRefusedError, ModelN
                             UnsupportedModelError, VerificationError)
 
 
-def load(directory, device=None, *, trusted_keys=None, progress: bool = False) -> CompiledModel:
+def load(directory, device=None, *, trusted_keys=None, progress: bool = False, triton_binaries: bool = True,
+         runtime: str | None = None) -> CompiledModel:
     """Load an artifact written by ``fusegen-cli export`` or ``CompiledModel.save`` (see
     fusegen.artifact): checked against its manifest, no pickle, no model code; with
-    ``trusted_keys`` (Ed25519 public keys), its signature must verify with one of them."""
+    ``trusted_keys`` (Ed25519 public keys), its signature must verify with one of them.
+    ``triton_binaries``: use the compiled kernels it ships on a matching GPU; ``runtime``:
+    engine fields of the config to change (``"lazy_cuda_graphs=1"``)."""
     from fusegen.artifact import load as _load
 
-    return _load(directory, device, trusted_keys=trusted_keys, progress=progress)
+    return _load(directory, device, trusted_keys=trusted_keys, progress=progress,
+                 triton_binaries=triton_binaries, runtime=runtime)
 
 
 def load_model(name_or_path, **kwargs):

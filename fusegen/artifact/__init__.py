@@ -7,6 +7,8 @@
     DIR/weights/NNNNN.safetensors   the tensors the graph reads (after any GQA conversion)
     DIR/kernels/<group>.py   the generated Triton source of every fused group
     DIR/tokenizer/           the tokenizer files, when one was given
+    DIR/triton/<key>/        exported on CUDA: Triton's compiled binaries of the kernels
+                             (binaries.py), used on the same GPU and Triton
     DIR/model.onnx(.data)    with ``onnx=True``: the graph for viewers (fusegen/onnx_view/)
 
 Loading unpickles nothing: the manifest and graph are JSON, the weights safetensors, and the
@@ -16,7 +18,8 @@ reads must hash to the recorded digests (a kernel source, which is Python, is ex
 from the very bytes that matched). A failure raises an ``ArtifactError`` subclass naming the
 file. The manifest is the root of trust: it detects damage and edits of the other files.
 Kernel sources are generated again from the verified group graphs and must match the shipped
-bytes, so no shipped code runs unproven. Against a consistent rewrite of the manifest too,
+bytes, so no shipped Python runs unproven; the compiled binaries are trusted as far as the
+manifest is (``load(..., triton_binaries=False)`` compiles the sources instead). Against a consistent rewrite of the manifest too,
 sign at export (``sign_key``) and load with ``trusted_keys`` (``sign.py``).
 """
 

@@ -8,11 +8,12 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
+from fusegen.artifact import binaries
 from fusegen.artifact.format import GRAPH, MANIFEST, inside
 from fusegen.artifact.sign import check_signature
 from fusegen.artifact.verify import read_json, read_manifest, read_verified, verify_files
+from fusegen.artifact.weights import read_weights
 from fusegen.codegen import cache
 from fusegen.codegen.lower import group_source
 from fusegen.codegen.pointwise import source_key
@@ -23,16 +24,18 @@ from fusegen.fused_group import KERNELS_ENV, FusedGroup
 from fusegen.kv import KVGeometry
 from fusegen.ir import ir_to_graph_module, value_from_json
 from fusegen.passes.dump import PassRecord
-from fusegen.progress import Bar
 
 
 def load(directory, device: str | torch.device | None = None, *, trusted_keys=None,
-         progress: bool = False) -> CompiledModel:
+         progress: bool = False, triton_binaries: bool = True, runtime: str | None = None) -> CompiledModel:
     """Load an artifact written by ``export``. ``device`` defaults to the one it was compiled
     for; another one (e.g. ``"cpu"``) moves weights and the graph's device arguments there.
     ``trusted_keys`` (Ed25519 public keys: PEM paths or bytes) makes a valid signature by one
-    of them a condition (see ``sign.py``). Steps and their seconds are kept as
-    ``load_seconds`` on the result."""
+    of them a condition (see ``sign.py``). ``triton_binaries``: put the artifact's compiled
+    kernels where Triton finds them, on a GPU and Triton like the exporter's (binaries.py;
+    what was done is kept as ``triton_binaries`` on the result). ``runtime``: engine fields
+    of the compile config to change (``"lazy_cuda_graphs=1,max_num_seqs=8"``; the fields of
+    ``config.RUNTIME_FIELDS``). Steps and their seconds are kept as ``load_seconds``."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ArtifactMissingError(directory, "no such artifact directory")
@@ -46,13 +49,16 @@ def load(directory, device: str | torch.device | None = None, *, trusted_keys=No
     manifest = read_manifest(directory, data)
     target = _target_device(manifest, device)
     files, weights = manifest["files"], manifest["weights"]
-    read_now = set(weights["tensors"].values())
+    streamed = target.type == "cuda"   # shards hashed as they are read (weights.py)
+    read_now = set() if streamed else set(weights["tensors"].values())
     if manifest.get("tokenizer"):
         read_now |= {rel for rel in files if rel.startswith(manifest["tokenizer"] + "/")}
         _check_tokenizer_folder(directory, manifest["tokenizer"], files)
     verify_files(directory, files, hashed=read_now, progress=progress)  # graph, kernels: as read
     clock.lap("verify")
-    tensors = _read_weights(directory, weights, target, progress)
+    installed = binaries.install(directory, manifest, target, triton_binaries)   # before any kernel compiles
+    clock.lap("binaries")
+    tensors = read_weights(directory, weights, files, target, progress, streamed)
     if target.type == "cuda":
         torch.cuda.synchronize(target)
     clock.lap("weights")
@@ -64,13 +70,14 @@ def load(directory, device: str | torch.device | None = None, *, trusted_keys=No
     clock.lap("graph")
     kernels = _load_kernels(directory, gm, manifest["kernels"], files, _kernels_launch(target))
     clock.lap("kernels")
-    compiled = _compiled_model(manifest, gm, target, kernels)
+    compiled = _compiled_model(manifest, gm, target, kernels, runtime)
     if manifest.get("tokenizer"):
         # Read now, right after its files were verified, not at first use.
         compiled.tokenizer_path = inside(directory, manifest["tokenizer"])
         _ = compiled.tokenizer
     clock.lap("model")
     compiled.load_seconds = clock.laps
+    compiled.triton_binaries = installed
     return compiled
 
 
@@ -144,13 +151,15 @@ def _check_tokenizer_folder(directory: Path, folder: str, files: dict) -> None:
             raise ArtifactTamperedError(rel, "is not listed in the manifest; the tokenizer is not loaded")
 
 
-def _compiled_model(manifest: dict, gm, target: torch.device, kernels: list[dict]) -> CompiledModel:
+def _compiled_model(manifest: dict, gm, target: torch.device, kernels: list[dict], runtime: str | None) -> CompiledModel:
     facts = value_from_json(manifest["facts"], MANIFEST)
     if "kv" in facts:
         facts["kv"] = _kv_geometry(facts["kv"])
     facts.update(device=target, kernels=kernels, hf_config=manifest["model"].get("config"))
     config = CompileConfig.from_string(manifest["compile_config"])
     _check_facts(facts, config, manifest.get("kind"))
+    if runtime:
+        config = config.with_runtime(runtime)
     _check_kv_against_graph(gm, facts.get("kv"))
     records = [PassRecord(p["name"], p["changed"], p["seconds"], p["counters"],
                           Counter(p.get("node_counts", {})), p["nodes_made"]) for p in manifest["passes"]]
@@ -160,32 +169,6 @@ def _compiled_model(manifest: dict, gm, target: torch.device, kernels: list[dict
 
         attention.register()
     return CompiledModel(gm, report, facts)
-
-
-def _read_weights(directory: Path, weights: dict, device: torch.device, progress: bool) -> dict:
-    tensors = {}
-    by_file: dict[str, list[str]] = {}
-    for name, rel in weights["tensors"].items():
-        by_file.setdefault(rel, []).append(name)
-    with Bar(weights.get("bytes", 0), "reading weights", progress) as bar:
-        for rel, names in by_file.items():
-            try:
-                with safe_open(inside(directory, rel), framework="pt", device=str(device)) as f:
-                    missing = set(names) - set(f.keys())
-                    if missing:
-                        raise ArtifactFormatError(rel, f"lacks tensors {sorted(missing)[:3]}")
-                    for name in names:
-                        tensors[name] = f.get_tensor(name)
-                        bar.update(tensors[name].numel() * tensors[name].element_size())
-            except ArtifactError:
-                raise
-            except Exception as e:  # safetensors' own header and size errors
-                raise ArtifactFormatError(rel, f"not a readable safetensors file ({e})") from None
-    for name, canonical in weights.get("aliases", {}).items():
-        if canonical not in tensors:
-            raise ArtifactFormatError(MANIFEST, f"alias {name!r} of unknown tensor {canonical!r}")
-        tensors[name] = tensors[canonical]
-    return tensors
 
 
 def _load_kernels(directory: Path, gm, kernels: list, files: dict, launch: bool) -> list[dict]:

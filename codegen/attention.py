@@ -62,9 +62,9 @@ from fusegen.codegen.decode_attention import (DECODE_MAX_SPLITS, DECODE_MIN_KEYS
                                               DECODE_PROGRAMS_PER_SM, decode_num_splits,
                                               default_decode_config, launch_decode)
 from fusegen.codegen.kv_write import paged_kv_write  # noqa: F401
-from fusegen.codegen.prefill_attention import (PREFILL_CONFIGS, default_prefill_config,  # noqa: F401
-                                               flash_attention, launch_paged_prefill,
+from fusegen.codegen.prefill_attention import (flash_attention, launch_paged_prefill,  # noqa: F401
                                                paged_prefill_grid)
+from fusegen.codegen.prefill_tuning import PREFILL_CONFIGS, default_prefill_config  # noqa: F401
 
 
 def _check_paged_inputs(q: Tensor, kv_pool: Tensor, layer: int, block_tables: Tensor,
@@ -122,7 +122,7 @@ def paged_attention(q: Tensor, kv_pool: Tensor, layer: int, block_tables: Tensor
                           qk_scale, cap_scale, causal, window, softcap, num_splits)
         else:
             launch_paged_prefill(q, kv_pool, layer, block_tables, seq_lens, query_start_loc, out,
-                                  qk_scale, cap_scale, causal, window, softcap, config)
+                                 scale, qk_scale, cap_scale, causal, window, softcap, config)
     return out
 
 

@@ -1,6 +1,7 @@
-"""What the prefill (``prefill_attention.py``) and decode (``decode_attention.py``) kernels share: the
-online-softmax loop over key tiles, paged row addressing, head-dim padding, and the wrappers'
-input checks.
+"""What the prefill (``prefill_attention.py``, ``prefill_hopper.py``) and decode
+(``decode_attention.py``) kernels share: the online-softmax loop over key tiles, the key
+stretches of a query block, paged row addressing, the packed-tile lookup of paged prefill,
+head-dim padding, and the wrappers' input checks.
 
 Head dims. A kernel takes the real head dim ``HEAD_DIM`` and a padded ``D_PAD`` (the next
 power of two, at least 16, as ``tl.arange`` and ``tl.dot`` need). Loads of the padded columns
@@ -89,6 +90,70 @@ def _paged_rows(table, tile, j, key_end, stride_kb, stride_kr, stride_vb, stride
         k_rows = blk * stride_kb + (j % PAGE) * stride_kr
         v_rows = blk * stride_vb + (j % PAGE) * stride_vr
     return k_rows, v_rows
+
+
+@triton.jit
+def _key_stretches(q_len, kv_len, m0, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr):
+    """(pos, lo, mid, tail, hi) for query rows m0 .. m0 + BLOCK_M of a sequence of q_len
+    queries over kv_len keys: pos = the rows' positions, and the key tiles (starting at
+    multiples of BLOCK_N) in three stretches, masked [lo, mid) at the window's start,
+    unmasked [mid, tail) that every row sees whole, masked [tail, hi) at the causal diagonal.
+    Keys outside [lo, hi) are seen by no row of the block.
+
+        keys   lo ...... mid ................ tail ...... hi
+               window edge   every row, no mask   diagonal
+    """
+    pos = kv_len - q_len + m0 + tl.arange(0, BLOCK_M)
+    first_pos = kv_len - q_len + m0
+    last_pos = kv_len - q_len + tl.minimum(m0 + BLOCK_M, q_len) - 1
+    # keys some row sees: [lo, hi) (lo rounded down to a tile); keys every row sees:
+    # [full_lo, full_hi).
+    lo = tl.where(window > 0, tl.maximum(first_pos - window + 1, 0), 0) // BLOCK_N * BLOCK_N
+    full_lo = tl.where(window > 0, tl.maximum(last_pos - window + 1, 0), 0)
+    if CAUSAL:
+        hi = tl.minimum(last_pos + 1, kv_len)
+        full_hi = tl.minimum(first_pos + 1, kv_len)
+    else:
+        hi = kv_len
+        full_hi = kv_len
+    mid = lo + tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK_N) * BLOCK_N
+    tail = mid + tl.maximum(full_hi - mid, 0) // BLOCK_N * BLOCK_N
+    return pos, lo, mid, tail, hi
+
+
+@triton.jit
+def _find_query_block(QueryStartLoc, num_seqs, tile, BLOCK_M: tl.constexpr,
+                      SEQS_PAD: tl.constexpr):
+    """(n, block_m, num_tiles) for packed tile ``tile``: sequence n owns
+    c_n = cdiv(qsl[n+1] - qsl[n], BLOCK_M) tiles, laid end to end in sequence order
+    (C_n = c_0 + ... + c_n, by tl.cumsum), so tile belongs to the n with C_{n-1} <= tile < C_n
+    and is its query block block_m = c_n - 1 - (tile - C_{n-1}) (later blocks first: their
+    causal rows are the longest). num_tiles = C_{N-1}; for tile >= num_tiles n is N."""
+    offs = tl.arange(0, SEQS_PAD)
+    ok = offs < num_seqs
+    starts = tl.load(QueryStartLoc + offs, mask=ok, other=0)
+    ends = tl.load(QueryStartLoc + offs + 1, mask=ok, other=0)
+    tiles = tl.cdiv(tl.maximum(ends - starts, 0), BLOCK_M)
+    upto = tl.cumsum(tiles, 0)
+    n = tl.sum((upto <= tile).to(tl.int32), 0)
+    this = offs == n
+    before = tl.sum(tl.where(this, upto - tiles, 0), 0)
+    count = tl.sum(tl.where(this, tiles, 0), 0)
+    return n, count - 1 - (tile - before), tl.sum(tiles, 0)
+
+
+@triton.jit
+def _zero_unowned_rows(o_head, z, first, last, num_tokens, stride_ot, stride_od,
+                       BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """Zero the z-th BLOCK_M of one head's unowned rows, the rows [0, first) then
+    [last, num_tokens) counted u = 0, 1, ... (first = qsl[0], last = qsl[N])."""
+    u = z * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.where(u < first, u, last + (u - first))
+    offs_d = tl.arange(0, D_PAD)
+    ptrs = o_head + rows.to(tl.int64)[:, None] * stride_ot + offs_d[None, :] * stride_od
+    mask = _tile_mask(rows < num_tokens, offs_d < HEAD_DIM, HEAD_DIM < D_PAD)
+    tl.store(ptrs, tl.zeros([BLOCK_M, D_PAD], dtype=o_head.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -25,9 +25,13 @@ def name_by_content(source: str, prefix: str) -> tuple[str, str]:
     return name, source.replace(PLACEHOLDER, name)
 
 
+def cache_root() -> Path:
+    """``$FUSEGEN_CACHE``, or ``~/.cache/fusegen``."""
+    return Path(os.environ.get("FUSEGEN_CACHE") or Path.home() / ".cache" / "fusegen")
+
+
 def cache_dir() -> Path:
-    root = Path(os.environ.get("FUSEGEN_CACHE") or Path.home() / ".cache" / "fusegen")
-    path = root / "kernels"
+    path = cache_root() / "kernels"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

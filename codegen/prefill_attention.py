@@ -1,12 +1,15 @@
-"""FlashAttention-2 prefill kernels: dense ``flash_attention`` and the packed paged prefill
+"""Prefill attention: dense ``flash_attention`` and the packed paged prefill
 (``launch_paged_prefill``, the T != N path of ``fusegen.codegen.attention.paged_attention``).
 The masking rule and the paged layout are described in ``fusegen.codegen.attention``.
 
-    flash_attention        _flash_fwd_kernel, grid (query blocks, B, Hq)
-    launch_paged_prefill   _paged_prefill_kernel, grid paged_prefill_grid(T, N, BLOCK_M, Hq)
+    flash_attention        Hopper: prefill_hopper._flash_hopper_kernel
+                           FA2:    _flash_fwd_kernel, grid (query blocks, B, Hq)
+    launch_paged_prefill   Hopper: prefill_hopper._paged_hopper_kernel
+                           FA2:    _paged_prefill_kernel, grid paged_prefill_grid(T, N, BLOCK_M, Hq)
 
-Both run ``_flash_block`` on one block of query rows; the tiles come from ``config=``
-(a PREFILL_CONFIGS name or a dict of the same keys) or ``default_prefill_config``.
+The FlashAttention-2 (FA2) kernels here run ``_flash_block`` on one block of query rows, on
+any device; which kernel and tiles a call runs comes from ``config=`` through
+``prefill_tuning.resolve_config`` (by default the Hopper kernel, tuned, on sm90+ in 16 bits).
 """
 
 from __future__ import annotations
@@ -18,22 +21,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fusegen.codegen import prefill_hopper
 from fusegen.codegen.attention_common import (_TL_DTYPES, _attend_tiles, _check_attention_dtype,
                                               _check_head_dim, _check_same_device, _device_guard,
-                                              _dot_precision, _fail, _load_tile, _next_pow2,
-                                              _scales, _tile_mask, head_dim_pad)
-
-# Tile configurations for the prefill kernels; a benchmark sweeps them through ``config=``.
-PREFILL_CONFIGS = {
-    "m128_n64_w8_s3": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    "m128_n128_w8_s2": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
-    "m128_n32_w4_s4": dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=4),
-    "m64_n64_w4_s3": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-    "m128_n64_w4_s3": dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-    "m64_n32_w4_s2": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
-    "interpret": dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1),
-}
-
+                                              _dot_precision, _fail, _find_query_block, _key_stretches,
+                                              _load_tile, _next_pow2, _scales, _tile_mask,
+                                              _zero_unowned_rows, head_dim_pad)
+from fusegen.codegen.prefill_tuning import resolve_config, tuning_key
 
 @triton.jit
 def _flash_block(q_head, o_head, k_head, v_head, table, q_first, q_len, kv_len, m0,
@@ -51,9 +45,9 @@ def _flash_block(q_head, o_head, k_head, v_head, table, q_first, q_len, kv_len, 
         O_i = sum_j softmax_j(s_ij) V_j,   s_ij = scale q_i.k_j (tanh-capped when SOFTCAP),
         over the keys j query i may see; rows without keys are 0.
 
-    Key tiles run in three stretches: masked tiles at the window's start, unmasked tiles that
-    every row of the block sees whole, masked tiles at the causal diagonal; tiles outside
-    the union of the block's rows' ranges are skipped.
+    Key tiles run in the three stretches of ``_key_stretches``: masked tiles at the window's
+    start, unmasked tiles that every row of the block sees whole, masked tiles at the causal
+    diagonal; tiles outside the union of the block's rows' ranges are skipped.
     """
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
@@ -63,21 +57,7 @@ def _flash_block(q_head, o_head, k_head, v_head, table, q_first, q_len, kv_len, 
     q = _load_tile(q_head + rows[:, None] * stride_qt + offs_d[None, :] * stride_qd,
                    row_ok, d_ok, True, HEAD_DIM < D_PAD).to(DTYPE)
 
-    pos = kv_len - q_len + offs_m
-    first_pos = kv_len - q_len + m0
-    last_pos = kv_len - q_len + tl.minimum(m0 + BLOCK_M, q_len) - 1
-    # keys some row sees: [lo, hi) (lo rounded down to a tile); keys every row sees:
-    # [full_lo, full_hi). Every tile starts at a multiple of BLOCK_N.
-    lo = tl.where(window > 0, tl.maximum(first_pos - window + 1, 0), 0) // BLOCK_N * BLOCK_N
-    full_lo = tl.where(window > 0, tl.maximum(last_pos - window + 1, 0), 0)
-    if CAUSAL:
-        hi = tl.minimum(last_pos + 1, kv_len)
-        full_hi = tl.minimum(first_pos + 1, kv_len)
-    else:
-        hi = kv_len
-        full_hi = kv_len
-    mid = lo + tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK_N) * BLOCK_N
-    tail = mid + tl.maximum(full_hi - mid, 0) // BLOCK_N * BLOCK_N
+    pos, lo, mid, tail, hi = _key_stretches(q_len, kv_len, m0, window, BLOCK_M, BLOCK_N, CAUSAL)
 
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -131,40 +111,6 @@ def _flash_fwd_kernel(Q, K, V, Out,
 
 
 @triton.jit
-def _find_query_block(QueryStartLoc, num_seqs, tile, BLOCK_M: tl.constexpr,
-                      SEQS_PAD: tl.constexpr):
-    """(n, block_m, num_tiles) for packed tile ``tile``: sequence n owns
-    c_n = cdiv(qsl[n+1] - qsl[n], BLOCK_M) tiles, laid end to end in sequence order
-    (C_n = c_0 + ... + c_n, by tl.cumsum), so tile belongs to the n with C_{n-1} <= tile < C_n
-    and is its query block block_m = c_n - 1 - (tile - C_{n-1}) (later blocks first: their
-    causal rows are the longest). num_tiles = C_{N-1}; for tile >= num_tiles n is N."""
-    offs = tl.arange(0, SEQS_PAD)
-    ok = offs < num_seqs
-    starts = tl.load(QueryStartLoc + offs, mask=ok, other=0)
-    ends = tl.load(QueryStartLoc + offs + 1, mask=ok, other=0)
-    tiles = tl.cdiv(tl.maximum(ends - starts, 0), BLOCK_M)
-    upto = tl.cumsum(tiles, 0)
-    n = tl.sum((upto <= tile).to(tl.int32), 0)
-    this = offs == n
-    before = tl.sum(tl.where(this, upto - tiles, 0), 0)
-    count = tl.sum(tl.where(this, tiles, 0), 0)
-    return n, count - 1 - (tile - before), tl.sum(tiles, 0)
-
-
-@triton.jit
-def _zero_unowned_rows(o_head, z, first, last, num_tokens, stride_ot, stride_od,
-                       BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
-    """Zero the z-th BLOCK_M of one head's unowned rows, the rows [0, first) then
-    [last, num_tokens) counted u = 0, 1, ... (first = qsl[0], last = qsl[N])."""
-    u = z * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = tl.where(u < first, u, last + (u - first))
-    offs_d = tl.arange(0, D_PAD)
-    ptrs = o_head + rows.to(tl.int64)[:, None] * stride_ot + offs_d[None, :] * stride_od
-    mask = _tile_mask(rows < num_tokens, offs_d < HEAD_DIM, HEAD_DIM < D_PAD)
-    tl.store(ptrs, tl.zeros([BLOCK_M, D_PAD], dtype=o_head.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _paged_prefill_kernel(Q, KPool, VPool, Out, BlockTables, SeqLens, QueryStartLoc,
                           stride_qh, stride_qt, stride_qd,
                           stride_kh, stride_kb, stride_kr, stride_kd,
@@ -204,30 +150,6 @@ def _paged_prefill_kernel(Q, KPool, VPool, Out, BlockTables, SeqLens, QueryStart
                  SOFTCAP, True, DTYPE, DOT_PRECISION)
 
 
-
-def default_prefill_config(head_dim: int, on_cuda: bool) -> dict:
-    """Hopper defaults for the prefill kernels, by the padded head dim (80 and 96 run as 128);
-    small tiles under the interpreter. Measured on H100, causal bf16 B4 H32 T4096: D128 ~395
-    TFLOP/s (m128_n64_w8_s3 the same, SDPA flash 323), D64 ~340 (SDPA flash 285); paged B1
-    H32/8 T4096 D128: ~340 with block_size 64, ~255 with block_size 16 (rows gathered)."""
-    if not on_cuda:
-        return PREFILL_CONFIGS["interpret"]
-    if head_dim_pad(head_dim) <= 128:
-        return PREFILL_CONFIGS["m64_n64_w4_s3"]
-    return PREFILL_CONFIGS["m64_n32_w4_s2"]
-
-
-def _resolve_config(op: str, config: Union[None, str, dict], head_dim: int, on_cuda: bool) -> dict:
-    if config is None:
-        return default_prefill_config(head_dim, on_cuda)
-    if isinstance(config, str):
-        if config not in PREFILL_CONFIGS:
-            _fail(op, f"unknown config {config!r}; known: {sorted(PREFILL_CONFIGS)}")
-        return PREFILL_CONFIGS[config]
-    return dict(config)
-
-
-
 def paged_prefill_grid(num_tokens: int, num_seqs: int, block_m: int, q_heads: int) -> tuple:
     """(tiles, heads): sum_n cdiv(q_len_n, BLOCK_M) owned tiles plus the tiles of unowned rows
     never exceed cdiv(T, BLOCK_M) + N, as each of the N + 1 stretches (N sequences, unowned
@@ -235,13 +157,23 @@ def paged_prefill_grid(num_tokens: int, num_seqs: int, block_m: int, q_heads: in
     return (triton.cdiv(num_tokens, block_m) + num_seqs, q_heads)
 
 
-
-def launch_paged_prefill(q, kv_pool, layer, block_tables, seq_lens, query_start_loc, out,
-                          qk_scale, cap_scale, causal, window, softcap, config) -> None:
+def launch_paged_prefill(q, kv_pool, layer, block_tables, seq_lens, query_start_loc, out, scale,
+                         qk_scale, cap_scale, causal, window, softcap, config) -> None:
+    """The T != N path of ``paged_attention`` on checked inputs: the Hopper kernel or
+    ``_paged_prefill_kernel``, as ``prefill_tuning.resolve_config`` picks from ``config``."""
     Hq, T, D = q.shape[1], q.shape[2], q.shape[3]
     page, hkv = kv_pool.shape[3], kv_pool.shape[4]
     N = seq_lens.numel()
-    cfg = _resolve_config("paged_attention", config, D, q.is_cuda)
+    run_args = (q, kv_pool, layer, block_tables, seq_lens, query_start_loc, out, qk_scale,
+                cap_scale, causal, window, softcap)
+
+    def hopper(cfg):
+        prefill_hopper.launch_paged_hopper(*run_args, cfg, paged_prefill_grid(T, N, cfg["BLOCK_M"], Hq)[0])
+
+    key = tuning_key("paged", q, Hq // hkv, causal, window, softcap, T, kv_pool.shape[2] * page, N, page)
+    cfg = resolve_config("paged_attention", config, q, scale, (kv_pool,), key, hopper)
+    if cfg.get("kernel") == "hopper":
+        return hopper(cfg)
     k_pool, v_pool = kv_pool[layer, 0], kv_pool[layer, 1]  # [blocks, block_size, Hkv, D]
     kb, kr, kh, kd = k_pool.stride()
     vb, vr, vh, vd = v_pool.stride()
@@ -259,12 +191,12 @@ def launch_paged_prefill(q, kv_pool, layer, block_tables, seq_lens, query_start_
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, window: int = 0,
                     softcap: float = 0.0, *, config: Union[None, str, dict] = None) -> Tensor:
     """Dense attention of q [B, Hq, S, D] over k, v [B, Hkv, L, D] (S <= L, queries are the last
     S positions; GQA without expanding K/V); same result as ``fusegen.ops.attention`` with
-    ``key_mask=None``. ``config``: a PREFILL_CONFIGS name or a dict of the same keys."""
+    ``key_mask=None``. ``config``: None (the kernel and tiles ``prefill_tuning`` picks), "fa2",
+    "hopper", a PREFILL_CONFIGS name or a dict of its keys."""
     op = "flash_attention"
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
         _fail(op, f"expected q [B,Hq,S,D] and k, v [B,Hkv,L,D], got q {tuple(q.shape)}, "
@@ -283,10 +215,19 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
     out = torch.empty_like(q)
     if out.numel() == 0:
         return out
-    cfg = _resolve_config(op, config, D, q.is_cuda)
     qk_scale, cap_scale = _scales(scale, softcap)
-    grid = (triton.cdiv(S, cfg["BLOCK_M"]), B, Hq)
+
+    def hopper(cfg):
+        prefill_hopper.launch_flash_hopper(q, k, v, out, qk_scale, cap_scale, causal, window,
+                                           softcap, cfg)
+
     with _device_guard(q):
+        key = tuning_key("dense", q, Hq // hkv, causal, window, softcap, S, L, B * Hq)
+        cfg = resolve_config(op, config, q, scale, (k, v), key, hopper)
+        if cfg.get("kernel") == "hopper":
+            hopper(cfg)
+            return out
+        grid = (triton.cdiv(S, cfg["BLOCK_M"]), B, Hq)
         _flash_fwd_kernel[grid](
             q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             S, L, qk_scale, cap_scale, window,

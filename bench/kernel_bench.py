@@ -1,11 +1,16 @@
 """Kernel benchmark on the GPU: fusegen's Triton kernels against torch, with the hardware
 ceilings measured in the same run.
 
-    python bench/kernel_bench.py [--out bench/results/kernels.json] [--quick]
+    python bench/kernel_bench.py [--out bench/results/kernels.json]
+    python bench/kernel_bench.py --only prefill --out bench/results/prefill_attention.json
+        [--prefill-configs hopper_m128_n64_w8_s3,hopper_m128_n128_w8_s2_persistent]
 
 - ceilings: device-to-device copy bandwidth (bytes read + written) and a bf16 matmul rate;
-- prefill attention, causal bf16, H32 T4096 D128 at B4 and B1: fusegen flash_attention vs
-  torch SDPA with the flash and cuDNN backends (TFLOP/s counting the causal half);
+- prefill attention, causal bf16, H32 T4096 D128 at B4 and B1: fusegen flash_attention (its
+  default, the Hopper kernel with tuned tiles on sm90+, and its FlashAttention-2 kernel) vs
+  torch SDPA with the flash and cuDNN backends (TFLOP/s counting the causal half); the same
+  as paged prefill over block-16 and block-64 pools (tuning, once per shape class, runs in
+  the first call and is not timed; see codegen/prefill_tuning.py);
 - paged decode attention, GQA 32/8, D128, block 16, random block tables, at B1 L8192,
   B1 L32768, B32 L4096: fusegen paged_attention vs SDPA on dense KV (TB/s of KV read), both
   replayed from CUDA graphs as the runtime runs decode;
@@ -73,7 +78,13 @@ def ceilings() -> dict:
     return {"copy_TBps": copy_tbs, "matmul_TFLOPs": 2 * 8192 ** 3 / ms / 1e9}
 
 
-def prefill(B: int, H=32, T=4096, D=128) -> dict:
+def _tflops(flops: float, fn) -> float:
+    return flops / bench(fn) / 1e9
+
+
+def prefill(B: int, H=32, T=4096, D=128, configs=()) -> dict:
+    """Dense causal prefill: fusegen's default (the Hopper kernel, tuned, on sm90+), its
+    FlashAttention-2 kernel (config="fa2"), any ``configs`` by name, SDPA flash and cuDNN."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=DT) for _ in range(3))
@@ -85,7 +96,16 @@ def prefill(B: int, H=32, T=4096, D=128) -> dict:
     got = attn_kernels.flash_attention(q, k, v, scale, True)
     if ref is not None:
         out["fusegen_rel_err"] = rel_err(got, ref)
-    out["fusegen_TFLOPs"] = flops / bench(lambda: attn_kernels.flash_attention(q, k, v, scale, True)) / 1e9
+        out["fusegen_fa2_rel_err"] = rel_err(attn_kernels.flash_attention(q, k, v, scale, True, config="fa2"), ref)
+    out["fusegen_TFLOPs"] = _tflops(flops, lambda: attn_kernels.flash_attention(q, k, v, scale, True))
+    out["fusegen_fa2_TFLOPs"] = _tflops(flops, lambda: attn_kernels.flash_attention(q, k, v, scale, True, config="fa2"))
+    for name in configs:
+        try:
+            fn = lambda: attn_kernels.flash_attention(q, k, v, scale, True, config=name)
+            err = rel_err(fn(), ref if ref is not None else got)
+            out[f"config {name}"] = {"TFLOPs": _tflops(flops, fn), "rel_err": err}
+        except Exception as exc:  # noqa: BLE001 - a config that does not compile is reported
+            out[f"config {name}"] = {"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
     for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
         try:
             with sdpa_kernel(backend):
@@ -96,6 +116,56 @@ def prefill(B: int, H=32, T=4096, D=128) -> dict:
         except RuntimeError as exc:
             out[f"{name}_error"] = str(exc).splitlines()[0]
     return out
+
+
+def paged_prefill(B: int, block: int, H=32, T=4096, D=128) -> dict:
+    """Causal prefill of B sequences of T tokens packed as [1, H, B*T, D] over a paged pool of
+    ``block``-row blocks in random order (MHA, the dense rows' FLOPs): fusegen's default
+    and its FA2 kernel; rel err against fusegen's dense kernel on the same K/V."""
+    q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=DT) for _ in range(3))
+    per_seq = T // block
+    tables = torch.randperm(B * per_seq, device="cuda", dtype=torch.int32).reshape(B, per_seq)
+    pool = torch.empty(1, 2, B * per_seq, block, H, D, device="cuda", dtype=DT)
+    for i, t in enumerate((k, v)):
+        pool[0, i, tables.long()] = t.transpose(1, 2).reshape(B, per_seq, block, H, D)
+    qp = q.transpose(0, 1).reshape(1, H, B * T, D)
+    seq_lens = torch.full((B,), T, device="cuda", dtype=torch.int32)
+    starts = torch.arange(B + 1, device="cuda", dtype=torch.int32) * T
+    scale = 1 / math.sqrt(D)
+    flops = 4 * B * H * T * T * D / 2
+    call = lambda cfg=None: attn_kernels.paged_attention(qp, pool, 0, tables, seq_lens, starts, scale,
+                                                         True, 0, 0.0, config=cfg)
+    dense = attn_kernels.flash_attention(q, k, v, scale, True).transpose(0, 1).reshape(1, H, B * T, D)
+    out = {"shape": f"B{B} H{H} T{T} D{D} causal bf16 paged block {block}",
+           "fusegen_rel_err_vs_dense": rel_err(call(), dense),
+           "fusegen_fa2_rel_err_vs_dense": rel_err(call("fa2"), dense)}
+    out["fusegen_TFLOPs"] = _tflops(flops, call)
+    out["fusegen_fa2_TFLOPs"] = _tflops(flops, lambda: call("fa2"))
+    return out
+
+
+def prefill_rows(matmul_tflops: float, configs=()) -> dict:
+    """The prefill attention rows, printed as they finish."""
+    rows = {"dense": [], "paged": []}
+    for B in (4, 1):
+        p = prefill(B, configs=configs)
+        rows["dense"].append(p)
+        extra = "".join(f", {n.removeprefix('config ')} {r.get('TFLOPs', float('nan')):.0f}"
+                        for n, r in p.items() if n.startswith("config "))
+        print(f"prefill {p['shape']}: fusegen {p['fusegen_TFLOPs']:.0f} TFLOP/s "
+              f"({100 * p['fusegen_TFLOPs'] / matmul_tflops:.0f}% of matmul), FA2 kernel {p['fusegen_fa2_TFLOPs']:.0f}, "
+              f"SDPA flash {p.get('sdpa_flash_TFLOPs', float('nan')):.0f}, cuDNN {p.get('sdpa_cudnn_TFLOPs', float('nan')):.0f}"
+              f"{extra}, rel err {p.get('fusegen_rel_err', p.get('agreement_rel_err', float('nan'))):.1e}", flush=True)
+    for B in (4, 1):
+        for block in (16, 64):
+            p = paged_prefill(B, block)
+            rows["paged"].append(p)
+            print(f"prefill {p['shape']}: fusegen {p['fusegen_TFLOPs']:.0f} TFLOP/s "
+                  f"({100 * p['fusegen_TFLOPs'] / matmul_tflops:.0f}% of matmul), FA2 kernel {p['fusegen_fa2_TFLOPs']:.0f}"
+                  f", rel err vs dense {p['fusegen_rel_err_vs_dense']:.1e}", flush=True)
+    from fusegen.codegen import prefill_tuning
+    rows["tuned"] = prefill_tuning.stored_choices()
+    return rows
 
 
 def decode(B: int, L: int, Hq=32, Hkv=8, D=128, block=16) -> dict:
@@ -252,6 +322,9 @@ def _best_template(table, M, N, K):
 def main() -> None:
     parser = argparse.ArgumentParser(description="fusegen kernel benchmark (GPU)")
     parser.add_argument("--out", default="bench/results/kernels.json")
+    parser.add_argument("--only", choices=["prefill"], help="run only these rows (and the ceilings)")
+    parser.add_argument("--prefill-configs", default="",
+                        help="comma-separated PREFILL_CONFIGS names timed as extra dense prefill rows")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/kernel_bench.py: error: a CUDA GPU is needed (torch.cuda.is_available() is False)")
@@ -259,24 +332,21 @@ def main() -> None:
     attn_kernels.register()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": triton.__version__, "ceilings": ceilings()}
-    result["prefill"] = [prefill(4), prefill(1)]
-    result["decode"] = [decode(1, 8192), decode(1, 32768), decode(32, 4096)]
-    result["fused_groups"] = fused_groups()
-    result["skinny_gemm"] = skinny_gemms(result["ceilings"]["copy_TBps"])
+    c = result["ceilings"]
+    print(f"device {result['device']}: copy {c['copy_TBps']:.2f} TB/s, bf16 matmul {c['matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
+    configs = [n for n in args.prefill_configs.split(",") if n]
+    result["prefill"] = prefill_rows(c["matmul_TFLOPs"], configs)
+    if args.only != "prefill":
+        result["decode"] = [decode(1, 8192), decode(1, 32768), decode(32, 4096)]
+        result["fused_groups"] = fused_groups()
+        result["skinny_gemm"] = skinny_gemms(result["ceilings"]["copy_TBps"])
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    c = result["ceilings"]
-    print(f"device {result['device']}: copy {c['copy_TBps']:.2f} TB/s, bf16 matmul {c['matmul_TFLOPs']:.0f} TFLOP/s")
-    for p in result["prefill"]:
-        print(f"prefill {p['shape']}: fusegen {p['fusegen_TFLOPs']:.0f} TFLOP/s "
-              f"({100 * p['fusegen_TFLOPs'] / c['matmul_TFLOPs']:.0f}% of matmul), "
-              f"SDPA flash {p.get('sdpa_flash_TFLOPs', float('nan')):.0f}, cuDNN {p.get('sdpa_cudnn_TFLOPs', float('nan')):.0f}"
-              f", rel err {p.get('agreement_rel_err', float('nan')):.1e}")
-    for d in result["decode"]:
+    for d in result.get("decode", []):
         print(f"decode {d['shape']}: fusegen {d['fusegen_TBps']:.2f} TB/s "
               f"({100 * d['fusegen_TBps'] / c['copy_TBps']:.0f}% of copy), SDPA dense {d['sdpa_dense_TBps']:.2f}"
               f", rel err {d['rel_err']:.1e}")
-    for f_ in result["fused_groups"]:
+    for f_ in result.get("fused_groups", []):
         print(f"{f_['kernel']} {f_['shape']}: fusegen {f_['fusegen_TBps']:.2f} TB/s "
               f"({100 * f_['fusegen_TBps'] / c['copy_TBps']:.0f}% of copy, {100 * f_['fusegen_TBps'] / f_['same_bytes_copy_TBps']:.0f}%"
               f" of a {f_['same_bytes_copy_TBps']:.2f} TB/s copy of the same bytes), eager {f_['eager_TBps']:.2f}"

@@ -157,6 +157,7 @@ def resolve_config(op: str, config: Union[None, str, dict], q: Tensor, scale: fl
 # ------------------------------------------------------------------------------------------
 
 _choices: dict[str, str] = {}
+_device_names: dict[int, str] = {}
 
 
 def _cache_file():
@@ -187,14 +188,17 @@ def tuned_choice(device: torch.device, key: str, candidates: tuple,
                  run: Callable[[dict], None]) -> Optional[str]:
     """The fastest of ``candidates`` for shape class ``key`` (see the module docstring);
     None when every candidate failed to compile or run."""
-    full_key = f"{torch.cuda.get_device_name(device)} | triton {triton.__version__} | {key}"
+    full_key = f"{_device_name(device)} | triton {triton.__version__} | {key}"
     if full_key in _choices:
         return _choices[full_key]
     stored = _read_disk().get(full_key)
     if stored and stored.get("choice") in candidates:
         _choices[full_key] = stored["choice"]
         return stored["choice"]
-    if torch.cuda.is_current_stream_capturing() or os.environ.get("FUSEGEN_PREFILL_TUNE") == "0":
+    if os.environ.get("FUSEGEN_PREFILL_TUNE") == "0":
+        _choices[full_key] = candidates[0]
+        return candidates[0]
+    if torch.cuda.is_current_stream_capturing():  # not remembered: a later call may measure
         return candidates[0]
     times = {name: _time(name, run) for name in candidates}
     best = min(times, key=times.get)
@@ -205,6 +209,14 @@ def tuned_choice(device: torch.device, key: str, candidates: tuple,
     log.info("prefill tuning: %s -> %s (%s)", key, best,
              ", ".join(f"{n} {t:.3f} ms" for n, t in sorted(times.items(), key=lambda x: x[1])))
     return best
+
+
+def _device_name(device) -> str:
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    if index not in _device_names:
+        _device_names[index] = torch.cuda.get_device_name(index)
+    return _device_names[index]
 
 
 def _time(name: str, run: Callable[[dict], None]) -> float:

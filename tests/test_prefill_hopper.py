@@ -115,7 +115,7 @@ def fake_gpu_timing(monkeypatch, tmp_path):
     config, keyed by BLOCK_N and num_stages), a fresh cache directory; records the runs."""
     monkeypatch.setenv("FUSEGEN_CACHE", str(tmp_path))
     monkeypatch.setattr(prefill_tuning, "_choices", {})
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "fake GPU")
+    monkeypatch.setattr(prefill_tuning, "_device_names", {0: "fake GPU"})
     capturing = [False]
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     state = {"runs": [], "capturing": capturing, "times": {}}
@@ -134,18 +134,18 @@ def test_tuning_measures_once_per_shape_class_and_keeps_the_choice_on_disk(fake_
     names = ("hopper_m128_n128_w8_s2", "hopper_m128_n64_w8_s3", "hopper_m128_n128_w8_s3")
     state["times"] = {(128, 2): 2.0, (64, 3): 1.5, (128, 3): 3.0}
     run = state["runs"].append
-    assert prefill_tuning.tuned_choice("cuda", "k1", names, run) == "hopper_m128_n64_w8_s3"
+    assert prefill_tuning.tuned_choice("cuda:0", "k1", names, run) == "hopper_m128_n64_w8_s3"
     assert len(state["runs"]) == 3
-    assert prefill_tuning.tuned_choice("cuda", "k1", names, run) == "hopper_m128_n64_w8_s3"
+    assert prefill_tuning.tuned_choice("cuda:0", "k1", names, run) == "hopper_m128_n64_w8_s3"
     assert len(state["runs"]) == 3  # remembered
     prefill_tuning._choices.clear()  # a new process: read back from disk
-    assert prefill_tuning.tuned_choice("cuda", "k1", names, run) == "hopper_m128_n64_w8_s3"
+    assert prefill_tuning.tuned_choice("cuda:0", "k1", names, run) == "hopper_m128_n64_w8_s3"
     assert len(state["runs"]) == 3
     stored = prefill_tuning._read_disk()
     assert list(stored) == ["fake GPU | triton " + prefill_tuning.triton.__version__ + " | k1"]
     assert stored[next(iter(stored))]["ms"]["hopper_m128_n128_w8_s2"] == 2.0
     state["capturing"][0] = True  # inside a capture a new class never measures
-    assert prefill_tuning.tuned_choice("cuda", "k2", names, run) == names[0]
+    assert prefill_tuning.tuned_choice("cuda:0", "k2", names, run) == names[0]
     assert len(state["runs"]) == 3
 
 
@@ -153,9 +153,9 @@ def test_tuning_skips_candidates_that_fail(fake_gpu_timing):
     state = fake_gpu_timing
     state["times"] = {(128, 2): 2.0}
     names = ("hopper_m128_n64_w8_s3", "hopper_m128_n128_w8_s2")  # (64, 3) has no time: KeyError
-    assert prefill_tuning.tuned_choice("cuda", "k", names, state["runs"].append) == names[1]
+    assert prefill_tuning.tuned_choice("cuda:0", "k", names, state["runs"].append) == names[1]
     state["times"] = {}
-    assert prefill_tuning.tuned_choice("cuda", "other", names, state["runs"].append) is None
+    assert prefill_tuning.tuned_choice("cuda:0", "other", names, state["runs"].append) is None
 
 
 # --- GPU: compiled kernels, bf16 against float64 --------------------------------------------

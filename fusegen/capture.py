@@ -233,17 +233,18 @@ def _export_graph(wrapper, args, name: str, model) -> torch.fx.GraphModule:
 def _export_by_layer(model, wrapper, args, name: str, verify: bool):
     """(graph, counts) of the first layers exported and the rest stamped, checked against the
     full model; (None, reason) when the model does not stack its layers that way or the
-    stamped graph fails a check, and the whole model is exported instead."""
+    stamped graph fails a check, and the whole model is exported instead. An export error or a
+    fixed dimension of the cut model is raised: the whole model runs the same code."""
     stack = find_layer_stack(model)
     length = stack.export_length() if stack is not None else None
     if length is None:
         return None, "no stack of repeated decoder layers" if stack is None else "no layer to stamp"
     layers = stack.layers
+    with cut_to(stack, length):   # the same code as the whole model: its export error is the model's
+        gm = _export_graph(wrapper, args, name, model)
+    _check_dynamic(gm, name)
     try:
-        with cut_to(stack, length):
-            gm = _export_graph(wrapper, args, name, model)
         gm = stamp(gm, stack, layers, length)
-        _check_dynamic(gm, name)
         if verify:
             for example in [args] + check_inputs(model, wrapper):
                 _verify(gm, wrapper, example, name)

@@ -3,10 +3,11 @@ with TMA tile loads, a pipelined key loop in masked and unmasked stretches, and 
 tile order; dense and packed paged, the same masking rule (``fusegen.codegen.attention``).
 
     launch_flash_hopper   _flash_hopper_kernel: a 1-D grid over (query block, batch, head)
-                          tiles, longest first (causal: the last query block sees the most
-                          keys); ``persistent``: fewer programs, each striding over the tiles
-    launch_paged_hopper   _paged_hopper_kernel: grid (Hq, packed tiles), so every head's
-                          tile 0 (a sequence's last, longest block) is dispatched first
+                          tiles, groups of 8 heads at a time and longest first in a group
+                          (causal: the last query block sees the most keys);
+                          ``persistent``: fewer programs, each striding over the tiles
+    launch_paged_hopper   _paged_hopper_kernel: grid (G, packed tiles, Hq / G): G heads'
+                          tiles at a time, each sequence's last (longest) block first
 
 TMA. Q, O and K, V tiles are read through 2-D descriptors made in the kernel
 (``tl.make_tensor_descriptor``, one per sequence and head), whose bounds do the masking a
@@ -30,6 +31,7 @@ scratch slot each, which Triton takes from ``triton.set_allocator`` at launch
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -197,28 +199,43 @@ def _hopper_block(q_src, o_dst, k_src, v_src, table, q_len, kv_len, m0, stride_q
 
 
 @triton.jit
+def _dense_tile(t, num_m, heads, HEAD_GROUP: tl.constexpr):
+    """(query block, batch x head) of tile t. Heads go in groups of HEAD_GROUP (the last one
+    smaller), one group's tiles after another, and within a group the longest causal blocks
+    of all its heads first:
+
+        group 0: (block M-1, head 0) (M-1, 1) ... (M-1, 7) (M-2, 0) ... (0, 7)   group 1: ...
+
+    so the programs running at once read the K/V of a few heads (they stay in L2) while the
+    short diagonal blocks fill the end of each group; heads sharing a KV head are adjacent."""
+    first = t // (HEAD_GROUP * num_m) * HEAD_GROUP
+    size = tl.minimum(HEAD_GROUP, heads - first)
+    r = t - first * num_m
+    return num_m - 1 - r // size, first + r % size
+
+
+@triton.jit
 def _flash_hopper_kernel(Q, K, V, Out,
                          stride_qz, stride_qh, stride_qt, stride_kz, stride_kh, stride_kt,
                          stride_vz, stride_vh, stride_vt, stride_oz, stride_oh, stride_ot,
                          batch, num_heads, q_len, kv_len, qk_scale, cap_scale, window,
-                         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                         GROUP: tl.constexpr, HEAD_GROUP: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                          SOFTCAP: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
                          DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Dense attention of q [B, Hq, S, D] over k, v [B, Hkv, L, D] (last strides 1), tile t of
     cdiv(S, BLOCK_M) * B * Hq served by program t mod P (P programs, P = tiles unless
-    persistent): tile t is query block cdiv(S, BLOCK_M) - 1 - t // (B Hq) of (batch, head)
-    t mod (B Hq), so the longest causal blocks of every head come first and heads sharing a
-    KV head run side by side. Query head h reads KV head h // GROUP."""
+    persistent), in the order of ``_dense_tile``. Query head h reads KV head h // GROUP."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(D_PAD >= 16 and (D_PAD & (D_PAD - 1)) == 0 and D_PAD >= HEAD_DIM,
                      "D_PAD must be a power of two >= 16 covering HEAD_DIM")
     heads = batch * num_heads
     num_m = tl.cdiv(q_len, BLOCK_M)
     for t in range(tl.program_id(0), num_m * heads, tl.num_programs(0)):
-        block_m = num_m - 1 - t // heads
-        z = ((t % heads) // num_heads).to(tl.int64)
-        h = (t % num_heads).to(tl.int64)
+        block_m, bh = _dense_tile(t, num_m, heads, HEAD_GROUP)
+        z = (bh // num_heads).to(tl.int64)
+        h = (bh % num_heads).to(tl.int64)
         kvh = h // GROUP
         q_src = _rows_source(Q + z * stride_qz + h * stride_qh, q_len, stride_qt, HEAD_DIM,
                              BLOCK_M, D_PAD, TMA)
@@ -246,7 +263,9 @@ def _paged_hopper_kernel(Q, KPool, VPool, Out, BlockTables, SeqLens, QueryStartL
                          WARP_SPECIALIZE: tl.constexpr, DTYPE: tl.constexpr,
                          DOT_PRECISION: tl.constexpr):
     """Paged attention of packed queries ([1, Hq, T, D], sequence n owns rows
-    qsl[n]:qsl[n+1]), one program per (query head h, packed tile): the packed tiles of
+    qsl[n]:qsl[n+1]), one program per (query head h = z G + x, packed tile y) of the grid
+    (G, tiles, Hq / G), which the GPU dispatches x fastest: G heads' tiles longest first,
+    then the next G heads (their K/V stay in L2, as in ``_dense_tile``). The packed tiles of
     ``prefill_attention._paged_prefill_kernel`` (``_find_query_block``, unowned rows zeroed
     past the owned tiles), keys through the sequence's block table. KV_TMA needs
     block_size % BLOCK_N == 0 and consecutive pool rows (pool_rows = blocks * block_size)."""
@@ -254,7 +273,7 @@ def _paged_hopper_kernel(Q, KPool, VPool, Out, BlockTables, SeqLens, QueryStartL
     tl.static_assert(D_PAD >= 16 and (D_PAD & (D_PAD - 1)) == 0 and D_PAD >= HEAD_DIM,
                      "D_PAD must be a power of two >= 16 covering HEAD_DIM")
     tl.static_assert(not KV_TMA or PAGE % BLOCK_N == 0, "a TMA key tile must lie in one block")
-    h = tl.program_id(0).to(tl.int64)
+    h = (tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)).to(tl.int64)
     tile = tl.program_id(1)
     n, block_m, num_tiles = _find_query_block(QueryStartLoc, num_seqs, tile, BLOCK_M, SEQS_PAD)
     if tile >= num_tiles:
@@ -285,6 +304,9 @@ def _paged_hopper_kernel(Q, KPool, VPool, Out, BlockTables, SeqLens, QueryStartL
 # launchers (inputs checked by the wrappers in prefill_attention.py)
 # ------------------------------------------------------------------------------------------
 
+# Query heads whose tiles run together (K/V reuse in L2 against longest-first order); the
+# paged grid takes gcd(Hq, HEAD_GROUP).
+HEAD_GROUP = 8
 # Programs per multiprocessor of a persistent launch (one 8-warp 128-row program fills an SM).
 PERSISTENT_PROGRAMS_PER_SM = 1
 # Under the interpreter a persistent launch runs this many programs (to test the striding).
@@ -355,7 +377,7 @@ def launch_flash_hopper(q: Tensor, k: Tensor, v: Tensor, out: Tensor, qk_scale: 
     _flash_hopper_kernel[grid](
         q, k, v, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         B, Hq, S, k.shape[2], qk_scale, cap_scale, window,
-        GROUP=Hq // k.shape[1], TMA=tma, **_common(q, cfg, softcap, causal))
+        GROUP=Hq // k.shape[1], HEAD_GROUP=HEAD_GROUP, TMA=tma, **_common(q, cfg, softcap, causal))
 
 
 def launch_paged_hopper(q: Tensor, kv_pool: Tensor, layer: int, block_tables: Tensor,
@@ -376,7 +398,8 @@ def launch_paged_hopper(q: Tensor, kv_pool: Tensor, layer: int, block_tables: Te
               and tma_layout_ok(k_pool, v_pool))
     if (q_tma or kv_tma) and q.is_cuda:
         _set_tma_allocator()
-    _paged_hopper_kernel[(Hq, grid_tiles)](
+    group = math.gcd(Hq, HEAD_GROUP)
+    _paged_hopper_kernel[(group, grid_tiles, Hq // group)](
         q, k_pool, v_pool, out, block_tables, seq_lens, query_start_loc,
         q.stride(1), q.stride(2), kh, kb, kr, vh, vb, vr, out.stride(1), out.stride(2),
         block_tables.stride(0), N, T, num_blocks * page, qk_scale, cap_scale, window,

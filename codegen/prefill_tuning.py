@@ -1,11 +1,13 @@
 """Which prefill kernel and tiles a call runs: the named configurations, the defaults, and the
 Hopper kernel's tiles measured once per shape class and kept on disk.
 
-    config=None       the Hopper kernel with tuned tiles where it suits the call
-                      (``hopper_suits``: sm90+, fp16/bf16, last strides 1, scale > 0),
-                      otherwise the FlashAttention-2 kernel with ``default_prefill_config``
+    config=None       where the Hopper kernel suits the call (``hopper_suits``: sm90+,
+                      fp16/bf16, last strides 1, scale > 0), the fastest measured of the
+                      Hopper candidates and the FA2 kernel's default tiles; otherwise the
+                      FlashAttention-2 kernel with ``default_prefill_config``
     config="fa2"      the FlashAttention-2 kernel, default tiles
-    config="hopper"   the Hopper kernel, tuned tiles (small tiles under the interpreter)
+    config="hopper"   the Hopper kernel, the fastest measured of its candidates (small tiles
+                      under the interpreter)
     a PREFILL_CONFIGS name or a dict of its keys: exactly those tiles; ``kernel`` picks the
                       kernel ("fa2" when absent), ``tma``, ``persistent``, ``warp_specialize``
                       are Hopper options (default True, False, False)
@@ -55,7 +57,6 @@ PREFILL_CONFIGS = {
     "m64_n32_w4_s2": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
     "interpret": dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1),
     "hopper_m128_n128_w8_s2": _hopper(128, 128, 8, 2),
-    "hopper_m128_n128_w8_s3": _hopper(128, 128, 8, 3),
     "hopper_m128_n64_w8_s3": _hopper(128, 64, 8, 3),
     "hopper_m128_n64_w4_s3": _hopper(128, 64, 4, 3),
     "hopper_m128_n64_w4_s4": _hopper(128, 64, 4, 4),
@@ -76,8 +77,8 @@ PREFILL_CONFIGS = {
 # What tuning measures, by the padded head dim (first: the choice when nothing is measured).
 # Persistent launches only apply to the dense kernel; no warp-specialised loop (see above).
 HOPPER_CANDIDATES = {
-    128: ("hopper_m128_n128_w8_s2", "hopper_m128_n64_w8_s3", "hopper_m128_n128_w8_s3",
-          "hopper_m128_n64_w4_s3", "hopper_m64_n64_w4_s3", "hopper_m128_n128_w8_s2_persistent"),
+    128: ("hopper_m128_n64_w8_s3", "hopper_m128_n128_w8_s2", "hopper_m128_n64_w4_s3",
+          "hopper_m64_n64_w4_s3", "hopper_m128_n64_w8_s3_persistent"),
     256: ("hopper_m64_n64_w4_s2", "hopper_m64_n32_w4_s2", "hopper_m128_n64_w8_s3"),
 }
 OPTION_KEYS = {"kernel", "tma", "persistent", "warp_specialize"}
@@ -129,19 +130,21 @@ def tuning_key(kind: str, q: Tensor, group: int, causal: bool, window: int, soft
 def resolve_config(op: str, config: Union[None, str, dict], q: Tensor, scale: float,
                    tensors: tuple, key: str, run: Callable[[dict], None]) -> dict:
     """The configuration dict a prefill call runs (see the module docstring); ``run(cfg)``
-    launches the Hopper kernel on this call's inputs, for tuning."""
-    if config is None:
-        config = "hopper" if hopper_suits(q, scale, *tensors) else "fa2"
-    if config == "fa2":
+    launches the kernel ``cfg`` names on this call's inputs, for tuning."""
+    auto = config is None and hopper_suits(q, scale, *tensors)
+    if config is None and not auto or config == "fa2":
         return default_prefill_config(q.shape[-1], q.is_cuda)
-    if config == "hopper":
+    if auto or config == "hopper":
         _check_hopper(op, q, scale, *tensors)
         if not q.is_cuda or _interpreting():
             return PREFILL_CONFIGS["hopper_interpret"]
-        candidates = HOPPER_CANDIDATES[128 if head_dim_pad(q.shape[-1]) <= 128 else 256]
+        wide = head_dim_pad(q.shape[-1]) > 128
+        candidates = HOPPER_CANDIDATES[256 if wide else 128]
         if op != "flash_attention":
             candidates = tuple(c for c in candidates if not PREFILL_CONFIGS[c].get("persistent"))
-        name = tuned_choice(q.device, key, candidates, run)
+        if auto:  # the FA2 kernel competes too: the default is never slower than it was
+            candidates += ("m64_n32_w4_s2" if wide else "m64_n64_w4_s3",)
+        name = tuned_choice(q.device, f"{key} {'auto' if auto else 'hopper'}", candidates, run)
         return PREFILL_CONFIGS[name] if name else default_prefill_config(q.shape[-1], True)
     if isinstance(config, str):
         if config not in PREFILL_CONFIGS:

@@ -161,23 +161,32 @@ def launch_paged_prefill(q, kv_pool, layer, block_tables, seq_lens, query_start_
                          qk_scale, cap_scale, causal, window, softcap, config) -> None:
     """The T != N path of ``paged_attention`` on checked inputs: the Hopper kernel or
     ``_paged_prefill_kernel``, as ``prefill_tuning.resolve_config`` picks from ``config``."""
-    Hq, T, D = q.shape[1], q.shape[2], q.shape[3]
+    Hq, T = q.shape[1], q.shape[2]
     page, hkv = kv_pool.shape[3], kv_pool.shape[4]
     N = seq_lens.numel()
     run_args = (q, kv_pool, layer, block_tables, seq_lens, query_start_loc, out, qk_scale,
                 cap_scale, causal, window, softcap)
 
-    def hopper(cfg):
-        prefill_hopper.launch_paged_hopper(*run_args, cfg, paged_prefill_grid(T, N, cfg["BLOCK_M"], Hq)[0])
+    def launch(cfg):
+        grid_tiles = paged_prefill_grid(T, N, cfg["BLOCK_M"], Hq)[0]
+        if cfg.get("kernel") == "hopper":
+            prefill_hopper.launch_paged_hopper(*run_args, cfg, grid_tiles)
+        else:
+            _launch_paged_fa2(*run_args, cfg, grid_tiles)
 
     key = tuning_key("paged", q, Hq // hkv, causal, window, softcap, T, kv_pool.shape[2] * page, N, page)
-    cfg = resolve_config("paged_attention", config, q, scale, (kv_pool,), key, hopper)
-    if cfg.get("kernel") == "hopper":
-        return hopper(cfg)
+    launch(resolve_config("paged_attention", config, q, scale, (kv_pool,), key, launch))
+
+
+def _launch_paged_fa2(q, kv_pool, layer, block_tables, seq_lens, query_start_loc, out, qk_scale,
+                      cap_scale, causal, window, softcap, cfg, grid_tiles) -> None:
+    Hq, T, D = q.shape[1], q.shape[2], q.shape[3]
+    page, hkv = kv_pool.shape[3], kv_pool.shape[4]
+    N = seq_lens.numel()
     k_pool, v_pool = kv_pool[layer, 0], kv_pool[layer, 1]  # [blocks, block_size, Hkv, D]
     kb, kr, kh, kd = k_pool.stride()
     vb, vr, vh, vd = v_pool.stride()
-    _paged_prefill_kernel[paged_prefill_grid(T, N, cfg["BLOCK_M"], Hq)](
+    _paged_prefill_kernel[(grid_tiles, Hq)](
         q, k_pool, v_pool, out, block_tables, seq_lens, query_start_loc,
         q.stride(1), q.stride(2), q.stride(3),
         kh, kb, kr, kd,
@@ -217,23 +226,26 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
         return out
     qk_scale, cap_scale = _scales(scale, softcap)
 
-    def hopper(cfg):
-        prefill_hopper.launch_flash_hopper(q, k, v, out, qk_scale, cap_scale, causal, window,
-                                           softcap, cfg)
+    def launch(cfg):
+        if cfg.get("kernel") == "hopper":
+            prefill_hopper.launch_flash_hopper(q, k, v, out, qk_scale, cap_scale, causal, window,
+                                               softcap, cfg)
+        else:
+            _launch_flash_fa2(q, k, v, out, qk_scale, cap_scale, causal, window, softcap, cfg)
 
     with _device_guard(q):
         key = tuning_key("dense", q, Hq // hkv, causal, window, softcap, S, L, B * Hq)
-        cfg = resolve_config(op, config, q, scale, (k, v), key, hopper)
-        if cfg.get("kernel") == "hopper":
-            hopper(cfg)
-            return out
-        grid = (triton.cdiv(S, cfg["BLOCK_M"]), B, Hq)
-        _flash_fwd_kernel[grid](
-            q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            S, L, qk_scale, cap_scale, window,
-            GROUP=Hq // hkv, HEAD_DIM=D, D_PAD=head_dim_pad(D), BLOCK_M=cfg["BLOCK_M"],
-            BLOCK_N=cfg["BLOCK_N"], CAUSAL=bool(causal), SOFTCAP=softcap > 0.0,
-            DTYPE=_TL_DTYPES[q.dtype], DOT_PRECISION=_dot_precision(q.dtype),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        launch(resolve_config(op, config, q, scale, (k, v), key, launch))
     return out
 
+
+def _launch_flash_fa2(q, k, v, out, qk_scale, cap_scale, causal, window, softcap, cfg) -> None:
+    B, Hq, S, D = q.shape
+    grid = (triton.cdiv(S, cfg["BLOCK_M"]), B, Hq)
+    _flash_fwd_kernel[grid](
+        q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        S, k.shape[2], qk_scale, cap_scale, window,
+        GROUP=Hq // k.shape[1], HEAD_DIM=D, D_PAD=head_dim_pad(D), BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"], CAUSAL=bool(causal), SOFTCAP=softcap > 0.0,
+        DTYPE=_TL_DTYPES[q.dtype], DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

@@ -37,6 +37,7 @@ reference runs, unless $FUSEGEN_KERNELS=1 asks for the kernels in Triton's inter
 
 from __future__ import annotations
 
+import logging
 import operator
 from collections import Counter
 
@@ -680,6 +681,13 @@ def _match_prologue(gm: fx.GraphModule, linear: fx.Node, index: dict, anchor: fx
 def fuse_gemms(gm: fx.GraphModule, prologues: bool = True, rotary: bool = True) -> Counter:
     """Rewrite ``gm`` (a routed step graph) in place; counters of what was fused."""
     stats: Counter = Counter()
+    if any("val" not in n.meta for n in gm.graph.nodes if n.op == "call_function" and n.target in LINEARS):
+        # A graph loaded from an artifact keeps its shapes as text (fusegen_shape), not as the
+        # values the matching below reads: its linears run unfused.
+        logging.getLogger("fusegen.gemm").info("GEMM fusion skipped: the graph carries no shape values "
+                                               "(loaded from an artifact)")
+        stats["skipped_no_shapes"] = 1
+        return stats
     index = {n: i for i, n in enumerate(gm.graph.nodes)}
     for linear in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in LINEARS]:
         weight = linear.args[1]

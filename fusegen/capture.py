@@ -233,8 +233,9 @@ def _export_graph(wrapper, args, name: str, model) -> torch.fx.GraphModule:
 def _export_by_layer(model, wrapper, args, name: str, verify: bool):
     """(graph, counts) of the first layers exported and the rest stamped, checked against the
     full model; (None, reason) when the model does not stack its layers that way or the
-    stamped graph fails a check, and the whole model is exported instead. An export error or a
-    fixed dimension of the cut model is raised: the whole model runs the same code."""
+    stamped graph disagrees with the model, and the whole model is exported instead. An export
+    error, a fixed dimension or a failing guard of the cut model is raised: the whole model
+    runs the same code (on CUDA, HF's sdpa path fails this way, and the eager one is tried)."""
     stack = find_layer_stack(model)
     length = stack.export_length() if stack is not None else None
     if length is None:
@@ -248,11 +249,17 @@ def _export_by_layer(model, wrapper, args, name: str, verify: bool):
         if verify:
             for example in [args] + check_inputs(model, wrapper):
                 _verify(gm, wrapper, example, name)
+    except _GuardFailed:
+        raise   # the cut model's guards, which the whole model's code has too
     except (StampError, UnsupportedModelError) as exc:
         log.info("%s: exporting the whole model, not by layer: %s", name, exc)
         return None, str(exc)
     return gm, {"layers_exported": length, "layers_stamped": len(layers) - length,
                 "layer_kinds": len(set(stack.kinds))}
+
+
+class _GuardFailed(UnsupportedModelError):
+    """The captured graph's own guards refuse a size: the model's code fixed it."""
 
 
 # Row lengths of the batches a captured graph runs at before it is trusted, each row left-padded
@@ -302,7 +309,7 @@ def _verify(gm, wrapper, args, name) -> None:
     try:
         got = gm(*args)
     except Exception as exc:  # a guard of the captured graph: it does not take these sizes
-        raise UnsupportedModelError(name, "<captured graph>",
+        raise _GuardFailed(name, "<captured graph>",
                                     f"the captured graph does not run at {_size(args)} ({type(exc).__name__}: "
                                     f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
     tol = 1e-4 if expected.dtype == torch.float32 else 2e-2

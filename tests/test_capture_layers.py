@@ -3,6 +3,7 @@ stamped from them. The whole-model capture is the oracle: the stamped graph prin
 code, the compiled models give the same logits and counters, and every pass's dump has the
 same graph."""
 
+import importlib
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,24 @@ def test_a_layer_with_another_attribute_is_its_own_kind():
     mask, pos = torch.ones_like(ids), torch.arange(7).expand(2, 7)
     torch.testing.assert_close(gm(ids, mask, pos), model(ids), rtol=1e-5, atol=1e-5)
     assert gm.code == fusegen.capture(model, by_layer=False).code
+
+
+class _LengthBlock(_Block):
+    def forward(self, x):
+        return super().forward(x * 2 if x.shape[1] == 8 else x)   # a capture fixes the length
+
+
+class _LengthSpecificDecoder(_PlainDecoder):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(_LengthBlock(32) for _ in range(5))
+
+
+def test_a_cut_model_the_capture_specialises_is_refused_without_exporting_it_whole(monkeypatch):
+    capture_module = importlib.import_module("fusegen.capture")   # fusegen.capture is the function
+    exports = []
+    real = capture_module._export_graph
+    monkeypatch.setattr(capture_module, "_export_graph", lambda *a: exports.append(1) or real(*a))
+    with pytest.raises(fusegen.UnsupportedModelError, match="the capture fixed the sequence length"):
+        fusegen.capture(_LengthSpecificDecoder().eval())
+    assert len(exports) == 1   # the whole model runs the same code: it is not traced again

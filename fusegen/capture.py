@@ -207,8 +207,7 @@ def _export(model, attn_implementation, verify: bool, name: str, by_layer: bool)
             gm = _export_graph(wrapper, args, name, model)
             _check_dynamic(gm, name)
             if verify:
-                for example in [args] + check_inputs(model, wrapper):
-                    _verify(gm, wrapper, example, name)
+                _verify_all(gm, model, wrapper, args, name)
             how = {"layers_stamped": 0, "whole_model": how}
     gm = canonical_names(gm)
     gm.meta["fusegen_capture"] = how
@@ -233,24 +232,24 @@ def _export_graph(wrapper, args, name: str, model) -> torch.fx.GraphModule:
 def _export_by_layer(model, wrapper, args, name: str, verify: bool):
     """(graph, counts) of the first layers exported and the rest stamped, checked against the
     full model; (None, reason) when the model does not stack its layers that way or the
-    stamped graph disagrees with the model, and the whole model is exported instead. An export
-    error, a fixed dimension or a failing guard of the cut model is raised: the whole model
-    runs the same code (on CUDA, HF's sdpa path fails this way, and the eager one is tried)."""
+    stamped graph disagrees with the model, and the whole model is exported instead. The cut
+    model's own graph is checked against the cut model first: what fails there (an export
+    error, a fixed dimension, a guard, a difference) is raised, since the whole model runs the
+    same code (on CUDA, HF's sdpa path fails this way, and the eager one is tried next)."""
     stack = find_layer_stack(model)
     length = stack.export_length() if stack is not None else None
     if length is None:
         return None, "no stack of repeated decoder layers" if stack is None else "no layer to stamp"
     layers = stack.layers
-    with cut_to(stack, length):   # the same code as the whole model: its export error is the model's
+    with cut_to(stack, length):
         gm = _export_graph(wrapper, args, name, model)
-    _check_dynamic(gm, name)
+        _check_dynamic(gm, name)
+        if verify:
+            _verify_all(gm, model, wrapper, args, name)
     try:
         gm = stamp(gm, stack, layers, length)
         if verify:
-            for example in [args] + check_inputs(model, wrapper):
-                _verify(gm, wrapper, example, name)
-    except _GuardFailed:
-        raise   # the cut model's guards, which the whole model's code has too
+            _verify_all(gm, model, wrapper, args, name)
     except (StampError, UnsupportedModelError) as exc:
         log.info("%s: exporting the whole model, not by layer: %s", name, exc)
         return None, str(exc)
@@ -258,8 +257,9 @@ def _export_by_layer(model, wrapper, args, name: str, verify: bool):
                 "layer_kinds": len(set(stack.kinds))}
 
 
-class _GuardFailed(UnsupportedModelError):
-    """The captured graph's own guards refuse a size: the model's code fixed it."""
+def _verify_all(gm, model, wrapper, args, name: str) -> None:
+    for example in [args] + check_inputs(model, wrapper):
+        _verify(gm, wrapper, example, name)
 
 
 # Row lengths of the batches a captured graph runs at before it is trusted, each row left-padded
@@ -309,7 +309,7 @@ def _verify(gm, wrapper, args, name) -> None:
     try:
         got = gm(*args)
     except Exception as exc:  # a guard of the captured graph: it does not take these sizes
-        raise _GuardFailed(name, "<captured graph>",
+        raise UnsupportedModelError(name, "<captured graph>",
                                     f"the captured graph does not run at {_size(args)} ({type(exc).__name__}: "
                                     f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
     tol = 1e-4 if expected.dtype == torch.float32 else 2e-2

@@ -184,11 +184,26 @@ class _LengthSpecificDecoder(_PlainDecoder):
         self.blocks = nn.ModuleList(_LengthBlock(32) for _ in range(5))
 
 
-def test_a_cut_model_the_capture_specialises_is_refused_without_exporting_it_whole(monkeypatch):
+class _ExportOnlyBlock(_Block):
+    def forward(self, x):   # differs from eager only while exporting (as tracing-only branches can)
+        return super().forward(x) + (1.0 if torch.compiler.is_exporting() else 0.0)
+
+
+class _ExportOnlyDecoder(_PlainDecoder):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(_ExportOnlyBlock(32) for _ in range(5))
+
+
+@pytest.mark.parametrize("model, message", [
+    (_LengthSpecificDecoder, "the capture fixed the sequence length"),
+    (_ExportOnlyDecoder, "captured graph disagrees with eager forward"),
+])
+def test_what_the_cut_model_fails_is_refused_without_exporting_it_whole(model, message, monkeypatch):
     capture_module = importlib.import_module("fusegen.capture")   # fusegen.capture is the function
     exports = []
     real = capture_module._export_graph
     monkeypatch.setattr(capture_module, "_export_graph", lambda *a: exports.append(1) or real(*a))
-    with pytest.raises(fusegen.UnsupportedModelError, match="the capture fixed the sequence length"):
-        fusegen.capture(_LengthSpecificDecoder().eval())
+    with pytest.raises(fusegen.UnsupportedModelError, match=message):
+        fusegen.capture(model().eval())
     assert len(exports) == 1   # the whole model runs the same code: it is not traced again

@@ -6,7 +6,7 @@ weights and biases are replaced by merged ones (see gqa_merge.py for ``mean`` an
 the head count in the reshape after each projection follows, and the attention ops read
 the smaller k/v as they are — their group size comes from the shapes.
 
-``refit`` (gqa_refit.py for the arithmetic, gqa_layers.py for the graph side) first groups
+``refit`` (gqa_calibrated_refit.py; gqa_refit.py for the arithmetic) first groups
 the KV heads whose keys and values are most alike and reorders the heads so that each group
 is contiguous (query heads follow their KV head: rows of q_proj, columns of o_proj), then
 refits the layers one after another, in the order the graph runs them: each layer gets the
@@ -33,57 +33,23 @@ import torch
 from torch import fx, nn
 
 from fusegen.errors import PassError
-from fusegen.passes import gqa_merge, gqa_refit
-from fusegen.passes.gqa_layers import (AttentionLayer, Recorder, SequentialRefit, between, graph_args,
-                                       heads, linear_weights, permute_heads, residual_add, rotary_of,
-                                       set_linear, set_weight)
+from fusegen.passes import gqa_merge
+from fusegen.passes.gqa_calibrated_refit import attention_layer, refit_layers
+from fusegen.passes.gqa_layers import (KEEP_HEADS, NAME, Recorder, back_to_linear, follow_head_count,
+                                       forward_to_linear, graph_args, layer_output, set_weight)
 from fusegen.passes.infra import (PassContext, PassResult, call_nodes, erase_unused, getattr_path,
                                   graph_pass, refresh_vals, refusal, val)
 
 aten = torch.ops.aten
 attention_op = torch.ops.fusegen.attention.default
-NAME = "convert_mha_to_gqa"
-KEEP_HEADS = "gqa_kv_heads=0"   # the model's own KV heads: the conversion is opt-in
-
-
-def _back_to_linear(start: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
-    """The one ``linear`` (or Conv1D ``addmm``) feeding ``start``, not looking past
-    projections, and the nodes between."""
-    seen, stack, linears = set(), [start], []
-    while stack:
-        node = stack.pop()
-        if node in seen or node.op != "call_function":
-            continue
-        seen.add(node)
-        if node.target in (aten.linear.default, aten.addmm.default):
-            linears.append(node)
-            continue
-        if node.target is aten.split_with_sizes.default and node.args[0].target is aten.linear.default:
-            raise PassError(NAME, f"{node.name}: projections were already fused; run before fuse_projections")
-        stack.extend(node.all_input_nodes)
-    weight = linears[0].args[2 if linears[0].target is aten.addmm.default else 1] if linears else None
-    if len(linears) != 1 or weight.op != "get_attr":
-        raise refusal(NAME, f"{start.name}: expected one linear projection with a weight "
-                            f"attribute, found {[n.name for n in linears]}", start, KEEP_HEADS)
-    return linears[0], [n for n in seen if n is not linears[0]]
 
 
 def _output_weight(gm: fx.GraphModule, site: fx.Node) -> torch.Tensor:
     """o_proj's weight in linear layout [hidden, Hq*D]."""
-    proj = _forward_to_linear(site)
+    proj = forward_to_linear(site)
     if proj.target is aten.addmm.default:
         return getattr_path(gm, proj.args[2].target).t()
     return getattr_path(gm, proj.args[1].target)
-
-
-def _forward_to_linear(start: fx.Node) -> fx.Node:
-    frontier = list(start.users)
-    for _ in range(8):
-        for node in frontier:
-            if node.target in (aten.linear.default, aten.addmm.default):
-                return node
-        frontier = [u for n in frontier for u in n.users]
-    raise refusal(NAME, f"{start.name}: no output projection found after attention", start, KEEP_HEADS)
 
 
 def _is_rotary(path: list[fx.Node], head_dim: int) -> bool:
@@ -133,16 +99,7 @@ def _rewrite_projection(gm, linear: fx.Node, B: torch.Tensor, group: int, tag: s
     if len(linear.args) > 2 and linear.args[2] is not None:
         b = getattr_path(gm, linear.args[2].target)
         set_weight(gm, linear, 2, f"fusegen_gqa_{tag}_bias", gqa_merge.merge_bias(b, B, group))
-    _follow_head_count(linear, old_heads, new_heads)
-
-
-def _follow_head_count(linear: fx.Node, old_heads: int, new_heads: int) -> None:
-    for user in linear.users:  # [B, S, H, D] reshape with an explicit head count
-        if user.target in (aten.view.default, aten.reshape.default) and len(user.args[1]) == 4 \
-                and user.args[1][2] == old_heads:
-            shape = list(user.args[1])
-            shape[2] = new_heads
-            user.args = (user.args[0], shape)
+    follow_head_count(linear, old_heads, new_heads)
 
 
 def _merges(method: str, q_moments, W_o, rotary: bool, Hq: int, Hkv: int, D: int, group: int):
@@ -195,12 +152,12 @@ def convert_mha_to_gqa(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         raise PassError(NAME, "needs calibration_ids (token ids of real text) to fit and to measure "
                               "the conversion; fusegen.data.calibration_text() is English text to tokenize")
     ids = ctx.calibration_ids
-    layers = [_attention_layer(i, site, D) for i, site in enumerate(sites)] if method == "refit" else None
-    outputs = [_layer_output(site) for site in sites]
+    layers = [attention_layer(i, site, D) for i, site in enumerate(sites)] if method == "refit" else None
+    outputs = [layer_output(site) for site in sites]
     wanted = outputs + ([n for layer in layers for n in (layer.k, layer.v)] if layers else [])
     moments, ppl_before, original = _calibrate(gm, sites, ids, wanted)
     if method == "refit":
-        touched, extra = _refit(gm, layers, ids, target, ctx.config.gqa_refit_steps, original)
+        touched, extra = refit_layers(gm, layers, ids, target, ctx.config.gqa_refit_steps, original)
     else:
         touched, extra = _merge(gm, sites, method, moments, target), {}
     refresh_vals(gm, touched)
@@ -225,8 +182,8 @@ def _merge(gm: fx.GraphModule, sites: list[fx.Node], method: str, moments, targe
     group = Hkv // target
     touched = []
     for layer, site in enumerate(sites):
-        k_lin, k_path = _back_to_linear(site.args[1])
-        v_lin, v_path = _back_to_linear(site.args[2])
+        k_lin, k_path = back_to_linear(site.args[1])
+        v_lin, v_path = back_to_linear(site.args[2])
         rotary = _is_rotary(k_path, D)
         Bk, Bv = _merges(method, moments[layer], _output_weight(gm, site), rotary, Hq, Hkv, D, group)
         if k_lin.target is aten.addmm.default:
@@ -241,107 +198,9 @@ def _merge(gm: fx.GraphModule, sites: list[fx.Node], method: str, moments, targe
     return touched
 
 
-def _layer_output(site: fx.Node) -> fx.Node:
-    """What the rest of the model sees of a layer's attention: the residual stream after it
-    (o_proj's output added to it), else o_proj's output."""
-    o_proj = _forward_to_linear(site)
-    return residual_add(o_proj) or o_proj
-
-
 def _relative_error(original: dict, converted: dict, nodes: list[fx.Node]) -> float:
     errors = [((converted[n].double() - original[n].double()).square().sum()
                / original[n].double().square().sum().clamp(min=1e-30)).item() for n in nodes]
     return sum(errors) / len(errors)
 
 
-# --- refit ----------------------------------------------------------------------------------
-
-def _attention_layer(index: int, site: fx.Node, head_dim: int) -> AttentionLayer:
-    q, k, v = (_back_to_linear(site.args[i])[0] for i in range(3))
-    o = _forward_to_linear(site)
-    if any(n.target is not aten.linear.default for n in (q, k, v, o)) or len({q, k, v}) < 3:
-        raise refusal(NAME, "gqa_method=refit needs separate q, k, v and o linear projections",
-                      site, "gqa_method=lsq")
-    if not q.args[0] is k.args[0] is v.args[0]:
-        raise refusal(NAME, "gqa_method=refit needs q, k and v projected from one input", site, "gqa_method=lsq")
-    return AttentionLayer(index, site, q, k, v, o, residual_add(o), head_dim)
-
-
-def _refit(gm: fx.GraphModule, layers: list[AttentionLayer], ids: torch.Tensor, target: int, steps: int,
-           original: dict) -> tuple[list[fx.Node], dict]:
-    """Group and reorder the heads of every layer, then refit the layers in order."""
-    Hq, Hkv, D = layers[0].q_heads, layers[0].kv_heads, layers[0].head_dim
-    regrouped = 0
-    for layer in layers:
-        if 1 < target < Hkv:
-            similarity = gqa_refit.head_similarity(heads(original[layer.k], D), heads(original[layer.v], D))
-            kv_order, q_order = gqa_refit.head_order(gqa_refit.group_heads(similarity, target), Hq, Hkv)
-            if kv_order != sorted(kv_order):
-                permute_heads(gm, layer, kv_order, q_order)
-                regrouped += 1
-    errors = []
-
-    def refit(layer: AttentionLayer, rec: Recorder):
-        cal = _layer_calibration(gm, layer, rec, original)
-        start = gqa_refit.initial_factors(cal, target)
-        factors, before, after = gqa_refit.refit_layer(cal, start, target, steps, seed=layer.index)
-        errors.append((before, after))
-        return _folded(gm, layer, factors, target, rec.value(layer.q.args[0]), cal)
-
-    run = SequentialRefit(gm, layers, refit)
-    run.run(ids)
-    touched = []
-    for layer in layers:
-        for tag in "qkvo":
-            set_linear(gm, getattr(layer, tag), f"{tag}{layer.index}", *run.weights[layer.index][tag])
-        for linear, arg in ((layer.k, 1), (layer.v, 2)):
-            _follow_head_count(linear, Hkv, target)
-            touched += [linear, *between(linear, layer.site.args[arg])]
-    stats = {"heads_regrouped": regrouped,
-             "refit_error_before": round(sum(e[0] for e in errors) / len(errors), 4),
-             "refit_error_after": round(sum(e[1] for e in errors) / len(errors), 4)}
-    return touched, stats
-
-
-def _layer_calibration(gm: fx.GraphModule, layer: AttentionLayer, rec: Recorder,
-                       original: dict) -> gqa_refit.LayerCalibration:
-    """The layer's projections of its (converted-model) input, the rotary its paths apply,
-    and what its output should be: the original residual stream minus the one it is added to."""
-    x, D = rec.value(layer.q.args[0]), layer.head_dim
-    proj = {tag: heads(nn.functional.linear(x, *linear_weights(gm, getattr(layer, tag))), D) for tag in "qkv"}
-    cos, sin = rotary_of(layer, rec)
-    for position, tag in enumerate("qkv"):
-        want = rec.value(layer.site.args[position]).float()
-        got = proj[tag] if tag == "v" else gqa_refit.rotate(proj[tag], cos, sin)
-        if (got - want).abs().max() > 1e-4 * want.abs().max() + 1e-6:
-            raise refusal(NAME, f"the {tag} of attention {layer.site.name} is not its projection followed by "
-                                f"(rotate_half) rotary, which gqa_method=refit needs", layer.site, "gqa_method=lsq")
-    W_o, b_o = linear_weights(gm, layer.o)
-    residual = layer.residual
-    if residual is not None:
-        stream = residual.args[0] if residual.args[1] is layer.o else residual.args[1]
-        target = original[residual] - rec.value(stream)
-    else:
-        target = original[layer.o]
-    if b_o is not None:
-        target = target - b_o
-    mask, scale, causal, window, softcap = (rec.value(a) for a in layer.site.args[3:8])
-    if mask is not None and bool(mask.bool().all()):
-        mask = None
-    return gqa_refit.LayerCalibration(proj["q"], proj["k"], proj["v"], cos, sin, W_o.detach().float(),
-                                      target.float(), scale, causal, window, softcap, mask)
-
-
-def _folded(gm: fx.GraphModule, layer: AttentionLayer, f: gqa_refit.LayerFactors, target: int,
-            x: torch.Tensor, cal: gqa_refit.LayerCalibration):
-    """The refit factors as q/k/v/o weights, and the attention inputs they give for ``x``."""
-    group = layer.kv_heads // target
-    (Wq, bq), (Wk, bk), (Wv, bv), (Wo, bo) = (linear_weights(gm, getattr(layer, t)) for t in "qkvo")
-    weights = {
-        "q": gqa_refit.fold_heads(Wq, bq, f.aq),
-        "k": (gqa_merge.merge_weight(Wk, f.bk, group), None if bk is None else gqa_merge.merge_bias(bk, f.bk, group)),
-        "v": (gqa_merge.merge_weight(Wv, f.bv, group), None if bv is None else gqa_merge.merge_bias(bv, f.bv, group)),
-        "o": (gqa_refit.fold_output(Wo, f.eo), bo),
-    }
-    q, k, v = (heads(nn.functional.linear(x, *weights[t]), layer.head_dim) for t in "qkv")
-    return weights, (gqa_refit.rotate(q, cal.cos, cal.sin), gqa_refit.rotate(k, cal.cos, cal.sin), v)

@@ -1,6 +1,7 @@
-"""The graph side of ``gqa_method=refit`` (used by convert_mha_to_gqa): an attention layer's
-four projections and what lies between them, recording activations, permuting heads, and
-the sequential run that refits each layer on the converted model's own inputs.
+"""The graph side of convert_mha_to_gqa: the projections feeding and following an attention
+op (every method), and for ``gqa_method=refit`` (gqa_calibrated_refit.py) an attention
+layer's four projections and what lies between them, recording activations, permuting
+heads, and the sequential run that refits each layer on the converted model's own inputs.
 
 One layer, as the refit reads it (separate ``linear`` projections; rotary, if any, in the
 rotate_half layout — checked on the calibration activations, refused otherwise):
@@ -18,9 +19,12 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, fx
 
-from fusegen.passes.infra import getattr_path, val
+from fusegen.errors import PassError
+from fusegen.passes.infra import getattr_path, refusal, val
 
 aten = torch.ops.aten
+NAME = "convert_mha_to_gqa"      # the pass these helpers serve: its errors name it
+KEEP_HEADS = "gqa_kv_heads=0"   # the model's own KV heads: the conversion is opt-in
 
 
 @dataclass
@@ -70,6 +74,56 @@ def set_linear(gm: fx.GraphModule, linear: fx.Node, tag: str, W: Tensor, b: Opti
     set_weight(gm, linear, 1, f"fusegen_gqa_{tag}_weight", W.contiguous())
     if b is not None:
         set_weight(gm, linear, 2, f"fusegen_gqa_{tag}_bias", b.contiguous())
+
+
+# --- finding the projections ------------------------------------------------------------
+
+def back_to_linear(start: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """The one ``linear`` (or Conv1D ``addmm``) feeding ``start``, not looking past
+    projections, and the nodes between."""
+    seen, stack, linears = set(), [start], []
+    while stack:
+        node = stack.pop()
+        if node in seen or node.op != "call_function":
+            continue
+        seen.add(node)
+        if node.target in (aten.linear.default, aten.addmm.default):
+            linears.append(node)
+            continue
+        if node.target is aten.split_with_sizes.default and node.args[0].target is aten.linear.default:
+            raise PassError(NAME, f"{node.name}: projections were already fused; run before fuse_projections")
+        stack.extend(node.all_input_nodes)
+    weight = linears[0].args[2 if linears[0].target is aten.addmm.default else 1] if linears else None
+    if len(linears) != 1 or weight.op != "get_attr":
+        raise refusal(NAME, f"{start.name}: expected one linear projection with a weight "
+                            f"attribute, found {[n.name for n in linears]}", start, KEEP_HEADS)
+    return linears[0], [n for n in seen if n is not linears[0]]
+
+
+def forward_to_linear(start: fx.Node) -> fx.Node:
+    frontier = list(start.users)
+    for _ in range(8):
+        for node in frontier:
+            if node.target in (aten.linear.default, aten.addmm.default):
+                return node
+        frontier = [u for n in frontier for u in n.users]
+    raise refusal(NAME, f"{start.name}: no output projection found after attention", start, KEEP_HEADS)
+
+
+def follow_head_count(linear: fx.Node, old_heads: int, new_heads: int) -> None:
+    for user in linear.users:  # [B, S, H, D] reshape with an explicit head count
+        if user.target in (aten.view.default, aten.reshape.default) and len(user.args[1]) == 4 \
+                and user.args[1][2] == old_heads:
+            shape = list(user.args[1])
+            shape[2] = new_heads
+            user.args = (user.args[0], shape)
+
+
+def layer_output(site: fx.Node) -> fx.Node:
+    """What the rest of the model sees of a layer's attention: the residual stream after it
+    (o_proj's output added to it), else o_proj's output."""
+    o_proj = forward_to_linear(site)
+    return residual_add(o_proj) or o_proj
 
 
 # --- permuting heads ------------------------------------------------------------------------

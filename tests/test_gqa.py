@@ -396,9 +396,9 @@ def test_linear_cka_is_invariant_to_rotation_and_scale():
 
 
 def _refit_layers(gm):
-    from fusegen.passes.convert_mha_to_gqa import _attention_layer
+    from fusegen.passes.gqa_calibrated_refit import attention_layer
 
-    return [_attention_layer(i, site, HEAD_DIM) for i, site in enumerate(call_nodes(gm, ops.attention.default))]
+    return [attention_layer(i, site, HEAD_DIM) for i, site in enumerate(call_nodes(gm, ops.attention.default))]
 
 
 def test_permuted_heads_compute_the_same_logits(stateless):

@@ -76,6 +76,25 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
+def sequence_length(model: nn.Module, configs, length: int = SEQUENCE_LENGTH) -> int:
+    """``length`` capped by the model's positions and every config's ``max_seq_len``."""
+    c = model.config
+    positions = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
+    return min(length, positions or length, *(c.max_seq_len for c in configs))
+
+
+def calibration_ids(tokenizer, length: int, text: str | None = None) -> torch.Tensor:
+    """What lossy passes fit on: ``text`` (default ``fusegen.data.calibration_text()``) as
+    [n, length] token ids, a window every ``length / CALIBRATION_OVERLAP`` tokens."""
+    from fusegen.data import calibration_text
+
+    return token_chunks(tokenizer, calibration_text() if text is None else text, length, _stride(length))
+
+
+def _stride(length: int) -> int:
+    return max(1, length // CALIBRATION_OVERLAP)
+
+
 def token_chunks(tokenizer, text: str, length: int, stride: int | None = None) -> torch.Tensor:
     """``text`` as [n, length] token ids, one sequence every ``stride`` tokens (default
     ``length``: disjoint sequences; the tail that fills no sequence is dropped)."""
@@ -145,29 +164,29 @@ def _lossy_stats(compiled) -> dict:
             for k, v in {**r.stats, "seconds": round(r.seconds, 2)}.items()}
 
 
-def measure(model_name: str, configs, length: int = SEQUENCE_LENGTH, model=None, tokenizer=None) -> QualityResult:
+def measure(model_name: str, configs, length: int = SEQUENCE_LENGTH, model=None, tokenizer=None,
+            calibration: str | None = None) -> QualityResult:
     """The base model's row, then one row per config in ``configs`` (CompileConfig or its
-    string form). ``model``/``tokenizer`` default to loading ``model_name``."""
+    string form). ``model``/``tokenizer`` default to loading ``model_name``; ``calibration``
+    is the text lossy passes fit on (default ``calibration_text()``)."""
     from fusegen.compiler import compile as compile_model
     from fusegen.config import CompileConfig
-    from fusegen.data import calibration_text, heldout_text
+    from fusegen.data import heldout_text
     from fusegen.models import load_model, load_tokenizer
 
     configs = [CompileConfig.from_string(c) if isinstance(c, str) else c for c in configs]  # fail before loading
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_name)
     model = model if model is not None else load_model(model_name)
-    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    length = min(length, positions or length, *(c.max_seq_len for c in configs))
-    stride = max(1, length // CALIBRATION_OVERLAP)
-    calibration = token_chunks(tokenizer, calibration_text(), length, stride)
+    length = sequence_length(model, configs, length)
+    windows = calibration_ids(tokenizer, length, calibration)
     heldout = token_chunks(tokenizer, heldout_text(), length)
     rows = [QualityRow("base", perplexity(lambda ids: model(ids).logits, heldout),
                        model_kv_bytes_per_token(model), model_weight_bytes(model))]
     for config in configs:
         start = time.perf_counter()
-        compiled = compile_model(model, config, calibration_ids=calibration)
+        compiled = compile_model(model, config, calibration_ids=windows)
         seconds = time.perf_counter() - start
         rows.append(QualityRow(str(config), perplexity(compiled, heldout), _kv_bytes(compiled, rows[0]),
                                compiled_weight_bytes(compiled), round(seconds, 2), _lossy_stats(compiled)))
-    distinct = (calibration.shape[0] - 1) * stride + length
-    return QualityResult(model_name, length, distinct, calibration.shape[0], heldout.numel(), tuple(rows))
+    distinct = (windows.shape[0] - 1) * _stride(length) + length
+    return QualityResult(model_name, length, distinct, windows.shape[0], heldout.numel(), tuple(rows))

@@ -536,6 +536,7 @@ def test_cli_quality_compares_the_base_and_the_converted_model(tiny_chat_dir, tm
     (["quality", "no-such-model-anywhere"], "no-such-model-anywhere"),
     (["quality", "--config", "gqa_kv_heads=-1"], "gqa_kv_heads must be >= 0"),
     (["quality", "--config", "gqa_methd=refit"], "unknown config field 'gqa_methd'"),
+    (["quality", "--calibration", "/no/such/text.txt"], "--calibration /no/such/text.txt: no such file"),
 ])
 def test_cli_quality_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     from fusegen.cli import main
@@ -554,3 +555,14 @@ def test_quality_measures_quantized_weights_too(tiny_chat_dir):
     assert int8.weight_bytes < base.weight_bytes
     assert int8.heldout_ppl == pytest.approx(base.heldout_ppl, rel=0.05)  # int8: a small change
     assert int8.stats and all(key.startswith("quantize_weights.") for key in int8.stats)
+
+
+def test_quality_calibrates_on_the_given_text(tiny_chat_dir):
+    from fusegen.models import load_tokenizer
+    from fusegen.quality import measure
+
+    text = "The quick brown fox jumps over the lazy dog. " * 40
+    result = measure(str(tiny_chat_dir), ["preset=stateless,weights=int4"], length=64, calibration=text)
+    assert result.calibration_tokens <= len(load_tokenizer(str(tiny_chat_dir))(text).input_ids)
+    stats = result.rows[1].stats
+    assert stats["quantize_weights.awq_linears"] == stats["quantize_weights.linears_quantized"] > 0

@@ -8,6 +8,10 @@
     fusegen-cli analyze  [MODEL] --batch B --seq T --gpu h100 [--plot PNG] [--json FILE]
     fusegen-cli quality  [MODEL] [--config STR] [--length N] [--json FILE]
 
+A command that compiles with a config whose passes fit on real text (``weights=int4`` with
+AWQ, ``gqa_kv_heads=N``) passes them calibration tokens: fusegen/data/calibration.txt, or
+``--calibration FILE``, tokenized with the model's tokenizer (``fusegen.calibration``).
+
 Each subcommand is one function registered with ``@command(name, help, *arguments)``; its
 arguments are declared next to it with ``arg(...)`` (the same parameters as argparse's
 ``add_argument``); ``--help`` shows each default. A user error (``FusegenError``, a missing file, a bad value) ends the
@@ -27,6 +31,7 @@ import torch
 
 import fusegen
 from fusegen import __version__
+from fusegen.calibration import compile_calibrated, prepare
 from fusegen.config import CompileConfig
 from fusegen.errors import FusegenError
 from fusegen.models import DEFAULT_MODEL, load_model, load_tokenizer
@@ -58,6 +63,9 @@ MODEL_ARG = arg("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
 CONFIG_ARG = arg("--config", metavar="STR", default=None,
                  help="compile configuration, e.g. 'preset=stateless' or "
                       "'fuse_attention=1,block_size=32' (default: the default preset)")
+CALIBRATION_ARG = arg("--calibration", metavar="FILE", default=None,
+                      help="text the lossy passes that need it fit on (int4 AWQ scales, gqa_kv_heads), "
+                           "tokenized with the model's tokenizer (default: fusegen/data/calibration.txt)")
 
 
 def _parse_config(text: str | None) -> CompileConfig | None:
@@ -83,13 +91,14 @@ ANALYSIS_ARGS = (
              help="write a self-contained HTML report: the graph after every pass, counters, "
                   "kernel sources and the roofline analysis (at --batch/--seq/--gpu/--dtype)"),
          *ANALYSIS_ARGS,
-         CONFIG_ARG)
+         CONFIG_ARG, CALIBRATION_ARG)
 def inspect_command(args: argparse.Namespace) -> int:
     config = _parse_config(args.config)  # before loading, so a typo fails fast
     if args.html:
         _check_analysis_args(args)
+    calibration = prepare(args.model, config, args.calibration)
     model = load_model(args.model)
-    compiled = fusegen.compile(model, config=config, dump_dir=args.dump_dir, progress=True)
+    compiled = compile_calibrated(model, config, calibration, dump_dir=args.dump_dir, progress=True)
     print(compiled.report.table())
     if compiled.report.dump_dir:
         print(f"dumps written to {compiled.report.dump_dir}")
@@ -111,12 +120,13 @@ def inspect_command(args: argparse.Namespace) -> int:
          *ANALYSIS_ARGS,
          arg("--plot", metavar="PNG", default=None, help="save the roofline plot here (needs matplotlib)"),
          arg("--json", metavar="FILE", default=None, help="save every node's costs as JSON"),
-         CONFIG_ARG)
+         CONFIG_ARG, CALIBRATION_ARG)
 def analyze_command(args: argparse.Namespace) -> int:
     from fusegen.analysis import run_cli
 
     _check_analysis_args(args)
-    return run_cli(args.model, args.batch, args.seq, args.gpu, args.dtype, args.plot, args.json, args.config)
+    return run_cli(args.model, args.batch, args.seq, args.gpu, args.dtype, args.plot, args.json, args.config,
+                   args.calibration)
 
 
 @command("quality", "what a lossy config costs: held-out perplexity, KV-cache bytes per token and "
@@ -126,14 +136,16 @@ def analyze_command(args: argparse.Namespace) -> int:
          arg("--length", type=int, default=256, metavar="N",
              help="tokens per held-out and calibration sequence (at most the model's positions)"),
          arg("--json", metavar="FILE", default=None, help="also save the table and the passes' counters as JSON"),
-         CONFIG_ARG)
+         CONFIG_ARG, CALIBRATION_ARG)
 def quality_command(args: argparse.Namespace) -> int:
+    from fusegen.calibration import read_text
     from fusegen.quality import measure
 
     config = _parse_config(args.config) or CompileConfig()  # before loading, so a typo fails fast
     if args.length < 2:
         raise ValueError(f"--length must be >= 2, got {args.length}")
-    result = measure(args.model, [config], args.length)
+    text = None if args.calibration is None else read_text(args.calibration)
+    result = measure(args.model, [config], args.length, calibration=text)
     print(result.table())
     if args.json:
         result.save(args.json)
@@ -175,13 +187,14 @@ GENERATION_ARGS = (
 
 
 @command("generate", "generate text from a prompt, streaming tokens as they are produced",
-         MODEL_ARG, *GENERATION_ARGS, CONFIG_ARG)
+         MODEL_ARG, *GENERATION_ARGS, CONFIG_ARG, CALIBRATION_ARG)
 def generate_command(args: argparse.Namespace) -> int:
     config = _parse_config(args.config)
     _check_generation_args(args)
     tokenizer = load_tokenizer(args.model)
+    calibration = prepare(args.model, config, args.calibration, tokenizer)
     model = load_model(args.model)
-    compiled = fusegen.compile(model, config=config, progress=True)
+    compiled = compile_calibrated(model, config, calibration, progress=True)
     return _stream_completion(compiled, tokenizer, args)
 
 
@@ -198,7 +211,7 @@ EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.fl
              help="also write the optimized graph as DIR/model.onnx (fused ops in the 'fusegen' domain)"),
          arg("--sign", metavar="KEY", default=None,
              help="sign the manifest with this Ed25519 private key (PEM); `run --trusted-key` checks it"),
-         CONFIG_ARG)
+         CONFIG_ARG, CALIBRATION_ARG)
 def export_command(args: argparse.Namespace) -> int:
     from fusegen.artifact import check_destination, export
 
@@ -208,8 +221,9 @@ def export_command(args: argparse.Namespace) -> int:
     check_destination(args.output)  # before the slow part
     sign_key = read_key(args.sign, private=True) if args.sign else None
     tokenizer = _optional_tokenizer(args.model)
+    calibration = prepare(args.model, config, args.calibration, tokenizer)
     model = load_model(args.model, dtype=EXPORT_DTYPES[args.dtype])
-    compiled = fusegen.compile(model, config=config, progress=True)
+    compiled = compile_calibrated(model, config, calibration, progress=True)
     directory = export(compiled, args.output, tokenizer=tokenizer, onnx=args.onnx, sign_key=sign_key,
                        progress=True)
     total = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
@@ -255,14 +269,14 @@ def run_command(args: argparse.Namespace) -> int:
          arg("--max-queue", type=int, default=1024, metavar="N",
              help="requests allowed to wait for a batch slot before the server answers 503 "
                   "(default: %(default)s)"),
-         CONFIG_ARG)
+         CONFIG_ARG, CALIBRATION_ARG)
 def serve_command(args: argparse.Namespace) -> int:
     from fusegen.serve.main import serve
 
     if args.max_queue < 1:
         raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
     return serve(args.model, args.host, args.port, args.api_key, _parse_config(args.config),
-                 args.served_model_name, args.max_queue)
+                 args.served_model_name, args.max_queue, args.calibration)
 
 
 @command("chat", "a multi-turn conversation in the terminal through the tokenizer's chat template: "
@@ -270,7 +284,7 @@ def serve_command(args: argparse.Namespace) -> int:
          MODEL_ARG,
          arg("--system", metavar="TEXT", default=None, help="a system message opening the conversation"),
          *SAMPLING_ARGS,
-         CONFIG_ARG)
+         CONFIG_ARG, CALIBRATION_ARG)
 def chat_command(args: argparse.Namespace) -> int:
     from fusegen.chat import ChatSession, run_repl
 
@@ -279,7 +293,8 @@ def chat_command(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"{args.model}: its tokenizer has no chat template; use `generate --prompt`")
-    compiled = fusegen.compile(load_model(args.model), config=config)
+    calibration = prepare(args.model, config, args.calibration, tokenizer)
+    compiled = compile_calibrated(load_model(args.model), config, calibration)
     session = ChatSession(compiled, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature if args.do_sample else 0.0, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed)

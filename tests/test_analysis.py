@@ -236,11 +236,12 @@ def test_run_cli(mini, monkeypatch, tmp_path, capsys):
     """The command's wiring; loading and compiling are stubbed (the mini model stands in)."""
     seen = {}
     monkeypatch.setattr("fusegen.models.load_model", lambda name: seen.setdefault("model", name))
-    monkeypatch.setattr(fusegen, "compile", lambda model, config, progress: seen.update(
-        config=config, progress=progress) or mini)
+    monkeypatch.setattr(fusegen, "compile", lambda model, config, progress, calibration_ids: seen.update(
+        config=config, progress=progress, calibration_ids=calibration_ids) or mini)
     png, out = tmp_path / "r.png", tmp_path / "r.json"
     assert run_cli("some/dir", 2, 16, "h200", "bf16", str(png), str(out), "block_size=8") == 0
     assert seen["model"] == "some/dir" and seen["config"].block_size == 8 and seen["progress"]
+    assert seen["calibration_ids"] is None   # the config fits nothing on calibration text
     assert "ridge 206.0" in capsys.readouterr().out
     assert png.stat().st_size > 10_000
     assert json.loads(out.read_text())["dtype"] == "bfloat16"

@@ -204,3 +204,45 @@ def test_export_without_a_tokenizer_works_and_run_says_it_has_none(tiny_llama_di
     assert fusegen.load(out).generate_batch([[5, 6, 7]], 3)     # token ids work
     assert main(["run", str(out), "--prompt", "hi"]) == 2
     assert "was exported without a tokenizer" in _one_error_line(capsys.readouterr().err)
+
+
+def _counters(out: str, pass_name: str) -> dict:
+    """The counters of ``pass_name``'s row in the table ``inspect`` prints."""
+    row = next(line for line in out.splitlines() if f" {pass_name} " in line)
+    return dict(item.split("=") for item in row.split("  ")[-1].strip().split(", "))
+
+
+def test_int4_from_the_cli_is_calibrated_with_awq(tiny_chat_dir, capsys):
+    assert main(["inspect", str(tiny_chat_dir), "--config", "weights=int4"]) == 0
+    captured = capsys.readouterr()
+    assert "calibrating int4 AWQ scales on fusegen/data/calibration.txt" in captured.err
+    counters = _counters(captured.out, "quantize_weights")
+    assert int(counters["awq_linears"]) == int(counters["linears_quantized"]) > 0, counters
+    assert float(counters["awq_output_error"]) <= float(counters["plain_output_error"]), counters
+
+
+def test_gqa_from_the_cli_calibrates_on_the_given_text(tiny_chat_dir, tmp_path, capsys):
+    text = tmp_path / "calibration.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    assert main(["inspect", str(tiny_chat_dir), "--config", "gqa_kv_heads=1", "--calibration", str(text)]) == 0
+    captured = capsys.readouterr()
+    assert f"calibrating gqa_kv_heads=1 on {text}" in captured.err
+    assert _counters(captured.out, "convert_mha_to_gqa")["kv_heads_after"] == "1"
+
+
+@pytest.mark.parametrize("content, problem", [(None, "no such file"), ("", "the file is empty"),
+                                              (" \n", "the file is empty")])
+def test_a_missing_or_empty_calibration_file_is_one_line(content, problem, tmp_path, capsys):
+    text = tmp_path / "calibration.txt"
+    if content is not None:
+        text.write_text(content)
+    # The model path does not exist either: the file is checked first.
+    assert main(["inspect", str(tmp_path / "missing"), "--config", "weights=int4", "--calibration", str(text)]) == 2
+    assert _one_error_line(capsys.readouterr().err) == f"fusegen-cli: error: --calibration {text}: {problem}"
+
+
+def test_int4_of_a_model_without_a_tokenizer_says_how_to_go_on(tiny_llama_dir, capsys, monkeypatch):
+    monkeypatch.setattr("fusegen.cli.load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    assert main(["inspect", str(tiny_llama_dir), "--config", "weights=int4"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "int4 AWQ scales needs calibration tokens" in line and "int4_awq=0 compiles plain int4" in line

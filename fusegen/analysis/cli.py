@@ -10,15 +10,18 @@ from fusegen.progress import stage
 
 
 def run_cli(model_name: str, batch: int, seq: int, gpu: str, dtype: str | None, plot: str | None,
-            json_path: str | None, config: str | None) -> int:
-    """``fusegen-cli analyze``: load, compile, analyse, print the table; write the PNG and
+            json_path: str | None, config: str | None, calibration: str | None = None) -> int:
+    """``fusegen-cli analyze``: load, compile (with calibration tokens from the text file
+    ``calibration`` if the config needs them), analyse, print the table; write the PNG and
     JSON when asked."""
-    import fusegen
+    from fusegen.calibration import compile_calibrated, prepare
     from fusegen.config import CompileConfig
     from fusegen.models import load_model
 
     spec, override = gpu_spec(gpu), parse_dtype(dtype)  # bad names fail before the slow part
-    compiled = fusegen.compile(load_model(model_name), CompileConfig.from_string(config or ""), progress=True)
+    compile_config = CompileConfig.from_string(config or "")
+    tokens = prepare(model_name, compile_config, calibration)
+    compiled = compile_calibrated(load_model(model_name), compile_config, tokens, progress=True)
     with stage(f"analysing the optimized graph at batch {batch}, sequence {seq}"):
         result = analyze(compiled, batch, seq, spec, override)
     print(result.table())

@@ -16,22 +16,28 @@ from fusegen.serve.app import ServedModel, build_app
 SWITCH_INTERVAL_S = 0.0005
 
 
-def load_served(model: str, config=None, name: str | None = None, progress: bool = True) -> ServedModel:
-    """An artifact directory (``fusegen-cli export``) or a model name/directory, compiled now."""
+def load_served(model: str, config=None, name: str | None = None, progress: bool = True,
+                calibration: str | None = None) -> ServedModel:
+    """An artifact directory (``fusegen-cli export``) or a model name/directory, compiled now
+    (with calibration tokens from the text file ``calibration`` if the config needs them)."""
     import fusegen
     from fusegen.artifact import MANIFEST
+    from fusegen.calibration import compile_calibrated, prepare
     from fusegen.models import load_model, load_tokenizer
 
     if (Path(model) / MANIFEST).is_file():
         if config is not None:
             raise ValueError("--config applies when compiling; an artifact keeps the config it was compiled with")
+        if calibration is not None:
+            raise ValueError("--calibration applies when compiling; an artifact was calibrated when exported")
         compiled = fusegen.load(model, progress=progress)
         tokenizer = compiled.tokenizer
         if tokenizer is None:
             raise ValueError(f"{model} was exported without a tokenizer; the server needs one")
     else:
         tokenizer = load_tokenizer(model)
-        compiled = fusegen.compile(load_model(model), config=config, progress=progress)
+        tokens = prepare(model, config, calibration, tokenizer)
+        compiled = compile_calibrated(load_model(model), config, tokens, progress=progress)
     if compiled.kind != "paged":
         raise ValueError(f"this graph is {compiled.kind}; serving needs the paged graph (the default config)")
     return ServedModel(name or Path(model).name or model, compiled.engine(), tokenizer,
@@ -72,11 +78,11 @@ def _is_loopback(host: str) -> bool:
 
 
 def serve(model: str, host: str, port: int, api_key: str | None, config=None, name: str | None = None,
-          max_waiting: int = 1024) -> int:
+          max_waiting: int = 1024, calibration: str | None = None) -> int:
     import uvicorn
 
     check_bind(host, port, api_key)
-    served = load_served(model, config, name)
+    served = load_served(model, config, name, calibration=calibration)
     app = build_app(served, api_key=api_key, max_waiting=max_waiting)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     print(f"fusegen-cli: serving {served.name} on http://{host}:{port}/v1 "

@@ -32,6 +32,7 @@ from fusegen.fused_group import FusedGroup
 from fusegen.passes.infra import PROVENANCE
 
 IR_VERSION = 1
+SHAPE = "fusegen_shape"   # node.meta key of a rebuilt node: its recorded dtype and shape (text)
 OP_NAMESPACES = ("aten", "prims", "fusegen")
 # Ops that reach outside the tensors they are given (files, printing, the process): a graph
 # never needs them, and a stored graph must not be able to name them.
@@ -67,7 +68,7 @@ def graph_to_ir(gm: fx.GraphModule) -> dict:
     for node in gm.graph.nodes:
         entry = {"name": node.name, "op": node.op, "target": _target_to_ir(gm, node, modules),
                  "args": [_value_to_ir(a, node) for a in node.args], "kwargs": _value_to_ir(dict(node.kwargs), node)}
-        shape = _meta_to_ir(node.meta.get("val")) if "val" in node.meta else node.meta.get("fusegen_shape")
+        shape = shape_record(node.meta.get("val")) if "val" in node.meta else node.meta.get(SHAPE)
         if shape is not None:
             entry["shape"] = shape
         if node.meta.get(PROVENANCE):
@@ -164,13 +165,13 @@ def _value_to_ir(value, node: fx.Node | None):
     raise ArtifactFormatError("graph", f"{where} of type {type(value).__name__} cannot be stored")
 
 
-def _meta_to_ir(val):
+def shape_record(val):
     """Shape and dtype of a node's value (dims as ints or their symbolic expression's text)."""
     if isinstance(val, torch.Tensor):
         return {"dtype": str(val.dtype).removeprefix("torch."),
                 "shape": [d if isinstance(d, int) else str(d) for d in val.shape]}
     if isinstance(val, (list, tuple)):
-        return {"items": [_meta_to_ir(v) for v in val]}
+        return {"items": [shape_record(v) for v in val]}
     if isinstance(val, torch.SymInt):
         return {"symint": str(val)}
     if isinstance(val, int) and not isinstance(val, bool):
@@ -231,7 +232,7 @@ def ir_to_graph_module(ir: dict, tensors: dict[str, torch.Tensor], device: torch
         if entry.get("made_by"):
             node.meta[PROVENANCE] = entry["made_by"]
         if "shape" in entry:
-            node.meta["fusegen_shape"] = entry["shape"]
+            node.meta[SHAPE] = entry["shape"]
         env[name] = node
     if sum(n.op == "output" for n in graph.nodes) != 1:
         raise ArtifactFormatError(where, "the graph needs exactly one output node")

@@ -180,14 +180,14 @@ def test_a_loaded_model_saves_the_same_graph(saved, tmp_path):
     fusegen.load(again)
 
 
-def test_what_a_loaded_model_cannot_do_is_said(saved, tmp_path):
+def test_a_loaded_model_is_analysed_and_viewed_like_the_compiled_one(llama, saved, tmp_path):
+    """The loaded graph carries the compiled graph's symbolic shapes (artifact/shapes.py):
+    the cost model and the ONNX view take it."""
     from fusegen.analysis import analyze
 
     loaded = fusegen.load(saved)
-    with pytest.raises(ValueError, match="loaded from an artifact"):
-        analyze(loaded, 8, 128)
-    with pytest.raises(ValueError, match="loaded from an artifact"):
-        loaded.save(tmp_path / "with-onnx", onnx=True)
+    assert str(analyze(loaded, 8, 128)) == str(analyze(llama, 8, 128))
+    assert (loaded.save(tmp_path / "with-onnx", onnx=True) / "model.onnx").is_file()
 
 
 # --- damaged artifacts ----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import torch
 
 from fusegen.artifact import binaries
 from fusegen.artifact.format import GRAPH, MANIFEST, inside
+from fusegen.artifact.shapes import add_shape_values
 from fusegen.artifact.sign import check_signature
 from fusegen.artifact.verify import read_json, read_manifest, read_verified, verify_files
 from fusegen.artifact.weights import read_weights
@@ -68,6 +69,8 @@ def load(directory, device: str | torch.device | None = None, *, trusted_keys=No
     if manifest.get("kind") != _graph_kind(gm):
         raise ArtifactFormatError(MANIFEST, f"kind {manifest.get('kind')!r}, but the graph is {_graph_kind(gm)}")
     clock.lap("graph")
+    add_shape_values(gm, target, GRAPH)   # before kernels attach: FusedGroups propagate by reference
+    clock.lap("shapes")
     kernels = _load_kernels(directory, gm, manifest["kernels"], files, _kernels_launch(target))
     clock.lap("kernels")
     compiled = _compiled_model(manifest, gm, target, kernels, runtime)
@@ -198,20 +201,12 @@ def _load_kernels(directory: Path, gm, kernels: list, files: dict, launch: bool)
 
 
 def _regenerate(module: FusedGroup, group: str, rel: str) -> str:
-    """The group's kernel source as codegen writes it, from the loaded group graph (whose
-    values carry dtypes as text: give codegen meta tensors of those dtypes meanwhile)."""
-    nodes = list(module.reference.graph.nodes)
+    """The group's kernel source as codegen writes it, from the loaded group graph (with
+    the shape values add_shape_values gave it)."""
     try:
-        for node in nodes:
-            shape = node.meta.get("fusegen_shape")
-            if isinstance(shape, dict) and isinstance(shape.get("dtype"), str):
-                node.meta["val"] = torch.empty((), dtype=getattr(torch, shape["dtype"]), device="meta")
         return group_source(module)
     except Exception as e:  # a group graph codegen cannot take: the IR was edited
         raise ArtifactFormatError(rel, f"group {group!r} does not generate a kernel ({type(e).__name__}: {e})") from None
-    finally:
-        for node in nodes:
-            node.meta.pop("val", None)
 
 
 def _kernels_launch(target: torch.device) -> bool:

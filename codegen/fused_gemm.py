@@ -682,10 +682,10 @@ def fuse_gemms(gm: fx.GraphModule, prologues: bool = True, rotary: bool = True) 
     """Rewrite ``gm`` (a routed step graph) in place; counters of what was fused."""
     stats: Counter = Counter()
     if any("val" not in n.meta for n in gm.graph.nodes if n.op == "call_function" and n.target in LINEARS):
-        # A graph loaded from an artifact keeps its shapes as text (fusegen_shape), not as the
-        # values the matching below reads: its linears run unfused.
-        logging.getLogger("fusegen.gemm").info("GEMM fusion skipped: the graph carries no shape values "
-                                               "(loaded from an artifact)")
+        # The matching below reads shape values: compiled graphs carry them from capture,
+        # loaded ones from fusegen/artifact/shapes.py; a graph without them runs unfused.
+        logging.getLogger("fusegen.gemm").warning("GEMM fusion skipped: the graph's linears carry no "
+                                                  "shape values (node.meta['val'])")
         stats["skipped_no_shapes"] = 1
         return stats
     index = {n: i for i, n in enumerate(gm.graph.nodes)}

@@ -157,3 +157,29 @@ def test_a_graph_without_shape_values_runs_unfused(llama):
     assert fused_gemm.fuse_gemms(routed) == {"skipped_no_shapes": 1}
     assert len(routed.graph.nodes) == before
     assert all("val" in n.meta for n in llama.graph_module.graph.nodes if n.op == "placeholder")
+
+
+_STRUCTURE = ("gemm_prologues", "gemm_epilogues", "gemm_qkv_epilogues", "linears_unfused", "skipped_no_shapes")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_gpu_a_loaded_bf16_model_fuses_and_generates_like_the_compiled_one(monkeypatch, tmp_path):
+    """Engine set-up on CUDA plans the loaded graph's fused GEMMs and skinny-GEMM shapes as
+    the compiled graph's; with the template and every fused call forced on (whatever the
+    measurements say), both run the same kernels and give the same greedy tokens in bf16."""
+    import functools
+
+    monkeypatch.setattr(skinny_gemm.GemmTable, "lookup", skinny_gemm.GemmTable.best_template)
+    monkeypatch.setattr(fused_gemm, "measure_fused", functools.partial(fused_gemm.measure_fused, margin=1e9))
+    monkeypatch.setattr(skinny_gemm, "TABLE", skinny_gemm.GemmTable())
+    compiled = fusegen.compile(mini_model("llama").to("cuda", torch.bfloat16))
+    loaded = fusegen.load(compiled.save(tmp_path / "artifact"))
+    engines = [m.engine(num_blocks=64, max_num_batched_tokens=16, max_num_seqs=4) for m in (compiled, loaded)]
+    want, got = (e.setup for e in engines)
+    assert {k: got["gemm_fusion"].get(k) for k in _STRUCTURE} == {k: want["gemm_fusion"].get(k) for k in _STRUCTURE}
+    assert got["gemm_fusion"]["gemm_qkv_epilogues"] == 2 and "skipped_no_shapes" not in got["gemm_fusion"]
+    assert all(c["chosen"] == "fused" for c in got["gemm_fusion"]["calls"])
+    assert sorted((g["M"], g["N"], g["K"]) for g in got["gemm"]) == sorted((g["M"], g["N"], g["K"]) for g in want["gemm"])
+    prompts = [[5, 9, 33, 2, 17, 88, 41], [7, 3], [64] * 5]
+    assert engines[1].generate_batch(prompts, 10, eos_token_ids=[]) == engines[0].generate_batch(prompts, 10, eos_token_ids=[])

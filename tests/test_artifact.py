@@ -117,14 +117,14 @@ def test_a_tensor_named_twice_is_stored_once(tmp_path):
     """Aliases (one tensor under two names) are written once and come back as one tensor;
     a view of the same storage is stored as its own copy."""
     from fusegen.artifact.export import _write_weights
-    from fusegen.artifact.load import _read_weights
+    from fusegen.artifact.weights import read_weights
 
     base = torch.randn(4, 8)
     tensors = {"a": base, "b": base, "c": base[1:], "d": torch.randn(3)}
     index = _write_weights(tensors, tmp_path, progress=False)
     assert index["aliases"] == {"b": "a"} and set(index["tensors"]) == {"a", "c", "d"}
     assert index["bytes"] == (32 + 24 + 3) * 4
-    back = _read_weights(tmp_path, index, torch.device("cpu"), progress=False)
+    back = read_weights(tmp_path, index, {}, torch.device("cpu"), streamed=False)
     assert back["b"] is back["a"] and back["c"].data_ptr() != back["a"].data_ptr()
     for name, tensor in tensors.items():
         assert torch.equal(back[name], tensor), name

@@ -74,7 +74,7 @@ def _graph_bodies(directory: Path) -> dict[str, str]:
     return {p.name: p.read_text().split("\n\n", 1)[1] for p in sorted(directory.glob("[0-9][0-9]_*.py"))}
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("family", list(MODELS))
 def test_stamped_compile_equals_the_whole_model_compile(family, tmp_path):
     model = _model(family)
     stamped = fusegen.compile(model, dump_dir=tmp_path / "stamped")

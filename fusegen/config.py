@@ -32,7 +32,7 @@ class CompileConfig:
     # Lossy, opt-in: reduce the number of KV heads to this many (0 = keep).
     gqa_kv_heads: int = 0
     gqa_method: str = "lsq"
-    gqa_refit_steps: int = 200   # Adam steps per layer of gqa_method=refit (0: grouping and lsq only)
+    gqa_refit_steps: int = 400   # Adam steps per layer of gqa_method=refit (0: grouping and lsq only)
     # Lossy, opt-in: linear weights stored as int8 / fp8 / int4 (the LM head too if asked).
     weights: str = "none"
     quantize_lm_head: bool = False

@@ -29,12 +29,17 @@ MODELS = {
     "qwen2": lambda: hf.Qwen2ForCausalLM(hf.Qwen2Config(**_llama_like())),
     "gpt2": lambda: hf.GPT2LMHeadModel(hf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=LAYERS, n_head=4,
                                                      n_positions=256)),
+    # two layer kinds, not alternating: full attention in the first max_window_layers, then
+    # sliding windows (Qwen2's use_sliding_window; window 5 here)
+    "qwen2_sliding": lambda: hf.Qwen2ForCausalLM(hf.Qwen2Config(**_llama_like(
+        use_sliding_window=True, sliding_window=5, max_window_layers=2))),
     # two layer kinds: sliding-window (window 5; 4096 in Gemma-2-9B) and global, alternating
     "gemma2": lambda: hf.Gemma2ForCausalLM(hf.Gemma2Config(**_llama_like(
         head_dim=16, sliding_window=5, attn_logit_softcapping=50.0, final_logit_softcapping=30.0))),
 }
 EXPECTED = {  # (layers exported, layers stamped, kinds)
-    "llama": (2, 3, 1), "mistral": (2, 3, 1), "qwen2": (2, 3, 1), "gpt2": (2, 3, 1), "gemma2": (3, 2, 2),
+    "llama": (2, 3, 1), "mistral": (2, 3, 1), "qwen2": (2, 3, 1), "gpt2": (2, 3, 1), "qwen2_sliding": (3, 2, 2),
+    "gemma2": (3, 2, 2),
 }
 
 
@@ -84,6 +89,8 @@ def test_stamped_compile_equals_the_whole_model_compile(family, tmp_path):
     counters = {k: v for k, v in stamped.report.counters.items() if not k.startswith("capture.")}
     assert counters == {k: v for k, v in whole.report.counters.items() if not k.startswith("capture.")}
     assert stamped.report.counters["capture.layers_stamped"] == EXPECTED[family][1]
+    if family == "qwen2_sliding":   # the stamped layers 3 and 4 keep their template's window
+        assert stamped.report.counters["fuse_attention.sliding_window"] == 3
     assert _graph_bodies(tmp_path / "stamped") == _graph_bodies(tmp_path / "whole")
     assert len(_graph_bodies(tmp_path / "whole")) == len(stamped.report.records)
     torch.testing.assert_close(stamped.generate(ids[:1], max_new_tokens=6), whole.generate(ids[:1], max_new_tokens=6))

@@ -240,20 +240,19 @@ def _export_by_layer(model, wrapper, args, name: str, verify: bool):
     length = stack.export_length() if stack is not None else None
     if length is None:
         return None, "no stack of repeated decoder layers" if stack is None else "no layer to stamp"
-    layers = stack.layers
     with cut_to(stack, length):
         gm = _export_graph(wrapper, args, name, model)
         _check_dynamic(gm, name)
         if verify:
             _verify_all(gm, model, wrapper, args, name)
     try:
-        gm = stamp(gm, stack, layers, length)
+        gm = stamp(gm, stack, length)
         if verify:
             _verify_all(gm, model, wrapper, args, name)
     except (StampError, UnsupportedModelError) as exc:
         log.info("%s: exporting the whole model, not by layer: %s", name, exc)
         return None, str(exc)
-    return gm, {"layers_exported": length, "layers_stamped": len(layers) - length,
+    return gm, {"layers_exported": length, "layers_stamped": len(stack.layers) - length,
                 "layer_kinds": len(set(stack.kinds))}
 
 

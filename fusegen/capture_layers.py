@@ -129,8 +129,8 @@ def cut_to(stack: LayerStack, length: int):
             config.num_hidden_layers = len(full)
 
 
-def stamp(gm: fx.GraphModule, stack: LayerStack, layers: nn.ModuleList, exported: int) -> fx.GraphModule:
-    """Append layers ``exported .. len(layers)-1`` to ``gm`` (captured with the first
+def stamp(gm: fx.GraphModule, stack: LayerStack, exported: int) -> fx.GraphModule:
+    """Append layers ``exported .. len(stack.layers)-1`` to ``gm`` (captured with the first
     ``exported``), each a copy of its kind's template over its own weights, and register
     those weights on ``gm``. Raises StampError when the graph is not a chain of layers."""
     prefix = f"{WRAPPED}.{stack.path}."
@@ -150,6 +150,7 @@ def stamp(gm: fx.GraphModule, stack: LayerStack, layers: nn.ModuleList, exported
     attrs_after = _last_layer_attr(gm, owner, exported - 1)
     body_after = members[-1][-1]
     hidden = last
+    layers = stack.layers
     for layer in range(exported, len(layers)):
         j = stack.template(layer, exported)
         hidden, attrs_after, body_after = _copy_layer(gm, members[j], owner, j, layer, outputs[j - 1], hidden,
@@ -266,18 +267,14 @@ def _register(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
 
 
 def _stack_renamer(src: str, dst: str):
-    """Module-stack metadata of a copied node: layer ``src`` paths become layer ``dst``'s."""
-    def one(s: str) -> str:
-        return s.replace(src, dst) if s.startswith(src) else s
+    """Module-stack metadata of a copied node: layer ``src``'s paths, in the keys and the
+    values alike (``L__self__m.model.layers.1.mlp``), become layer ``dst``'s."""
+    layer = re.compile(re.escape(src.rstrip(".")) + r"(?=\.|$)")
+    dst = dst.rstrip(".")
 
     def rename(stack: dict) -> dict:
-        key_src, key_dst = _key_form(src), _key_form(dst)
-        return {k.replace(key_src, key_dst): (one(path), cls) for k, (path, cls) in stack.items()}
+        return {layer.sub(dst, k): (layer.sub(dst, path), cls) for k, (path, cls) in stack.items()}
     return rename
-
-
-def _key_form(path: str) -> str:
-    return path.rstrip(".").replace(".", "_")
 
 
 _SUFFIX = re.compile(r"_\d+$")

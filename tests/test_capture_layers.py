@@ -66,6 +66,8 @@ def test_stamped_capture_prints_the_whole_models_graph(family):
                                                "layer_kinds": kinds}
     assert whole.meta["fusegen_capture"]["layers_stamped"] == 0
     assert stamped.code == whole.code
+    stacks = [[n.meta.get("nn_module_stack") for n in gm.graph.nodes] for gm in (stamped, whole)]
+    assert stacks[0] == stacks[1]   # each stamped node names its own layer's modules
     assert dict(stamped.named_parameters()).keys() == dict(whole.named_parameters()).keys()
     ids, mask = _inputs()
     pos = (mask.cumsum(-1) - 1).clamp(min=0)

@@ -458,8 +458,20 @@ def compile(model: nn.Module, config: CompileConfig | str | None = None, *, dump
     if not config.gqa_kv_heads:   # the lossy conversion measures and reports its own change
         with stage("checking the compiled graph against the model"), \
                 _reference(model, config, ctx.reference_changes):
-            check_compiled(compiled, model)
+            check_compiled(_unquantized_cache(compiled), model)
     return compiled
+
+
+def _unquantized_cache(compiled: CompiledModel) -> CompiledModel:
+    """``compiled``, or with an fp8 KV pool (kv_dtype=fp8) the same graph over a pool in the
+    model's dtype, which stores and reads K and V as they are: the compile-time check then
+    holds every pass but the lossy storage to the model's own logits; quantize_kv_cache
+    measures that storage's change itself (its ``logit_error``)."""
+    kv = compiled.facts.get("kv")
+    if kv is None or not kv.quantized:
+        return compiled
+    return CompiledModel(compiled.graph_module, compiled.report,
+                         {**compiled.facts, "kv": kv.with_dtype(compiled.facts["dtype"])})
 
 
 def _reference(model: nn.Module, config: CompileConfig, changes: dict):
@@ -483,10 +495,11 @@ def _check_kernels_serve(model: nn.Module, facts: dict) -> None:
             attention.check_head_dim(facts["kv"].head_dim)
         except ValueError as exc:
             raise UnsupportedModelError(model_class_name(model), "attention", str(exc)) from None
-        if facts["kv"].dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        computed = facts["dtype"] if facts["kv"].quantized else facts["kv"].dtype   # an fp8 pool is read into it
+        if computed not in (torch.float16, torch.bfloat16, torch.float32):
             raise UnsupportedModelError(model_class_name(model), "attention",
                                         f"the CUDA attention kernels take float16, bfloat16 or float32, "
-                                        f"the model is {facts['kv'].dtype}; cast it first")
+                                        f"the model is {computed}; cast it first")
     attention.register()
 
 

@@ -12,6 +12,7 @@ from fusegen.errors import ConfigError
 GQA_METHODS = ("mean", "lsq", "refit")   # see passes/convert_mha_to_gqa.py
 WEIGHT_FORMATS = ("none", "int8", "fp8", "int4")   # see fusegen/quant.py
 SPECULATIVE = ("none", "ngram", "draft")           # see runtime/speculative.py
+KV_DTYPES = ("auto", "fp8")                         # see fusegen/kv.py, passes/quantize_kv_cache.py
 MAX_SPEC_K = 16
 
 
@@ -38,6 +39,10 @@ class CompileConfig:
     quantize_lm_head: bool = False
     # int4 with AWQ's per-input-channel scales where calibration tokens are given (fusegen/quant.py).
     int4_awq: bool = True
+    # Lossy, opt-in: the paged KV pool stored as fp8 (e4m3, half of bf16's bytes per token) with
+    # one fp32 scale per (layer, K|V, KV head), fit on calibration tokens where given
+    # (passes/quantize_kv_cache.py). "auto": the model's dtype.
+    kv_dtype: str = "auto"
     # Runtime shape of the paged KV pool.
     block_size: int = 16
     # Longest sequence (prompt + generated) the compiled model serves.
@@ -80,6 +85,11 @@ class CompileConfig:
             raise ConfigError(f"gqa_refit_steps must be >= 0, got {self.gqa_refit_steps}")
         if self.max_seq_len < 1:
             raise ConfigError(f"max_seq_len must be >= 1, got {self.max_seq_len}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ConfigError(f"kv_dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
+        if self.kv_dtype != "auto" and not self.paged_kv:
+            raise ConfigError(f"kv_dtype={self.kv_dtype} quantises the paged KV pool and needs paged_kv=1; "
+                              f"the dense cache (preset=dense_kv) and stateless graphs keep the model's dtype")
         if self.paged_kv and not self.insert_kv_cache:
             raise ConfigError("paged_kv needs insert_kv_cache")
         if self.insert_kv_cache and not self.fuse_attention:

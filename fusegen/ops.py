@@ -23,6 +23,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from fusegen.kv import FP8, byte_view, dequantize_kv, quantize_kv
+
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, scale: float, softcap: float) -> Tensor:
     """q [B,Hq,S,D], k/v [B,Hkv,L,D], keep broadcastable to [B,Hq,S,L] (bool)."""
@@ -169,8 +171,11 @@ def _(q, kv_cache, layer, key_mask, scale, causal, window, softcap):
 # Sequence n has seq_lens[n] tokens of context, the last qsl[n+1]-qsl[n] of them new.
 
 @torch.library.custom_op("fusegen::paged_kv_write", mutates_args=("kv_pool",))
-def paged_kv_write(kv_pool: Tensor, layer: int, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
-    """Scatter k, v [1,Hkv,T,D] (packed tokens) into their slots of ``layer``."""
+def paged_kv_write(kv_pool: Tensor, layer: int, k: Tensor, v: Tensor, slot_mapping: Tensor,
+                   kv_scales: Optional[Tensor] = None) -> None:
+    """Scatter k, v [1,Hkv,T,D] (packed tokens) into their slots of ``layer``. An fp8 pool
+    stores ``quantize_kv(x, kv_scales[layer, K|V, head])`` (``fusegen.kv``); a pool of any
+    other dtype stores the values as they are (``kv_scales`` unused)."""
     k_tok = k.transpose(1, 2).reshape(-1, k.shape[1], k.shape[3])  # [T, Hkv, D]
     v_tok = v.transpose(1, 2).reshape(-1, v.shape[1], v.shape[3])
     if slot_mapping.numel() != k_tok.shape[0]:
@@ -184,15 +189,34 @@ def paged_kv_write(kv_pool: Tensor, layer: int, k: Tensor, v: Tensor, slot_mappi
     # advanced-index assignment costs time in proportion to the whole pool on the CPU.
     block_size = kv_pool.shape[3]
     for kv, tokens in ((0, k_tok), (1, v_tok)):
-        rows = kv_pool[layer, kv]
+        stored = byte_view(_to_pool(tokens, kv_pool, kv_scales, layer, kv, "paged_kv_write"))
+        rows = byte_view(kv_pool[layer, kv])
         if rows.is_contiguous():
-            rows.view(-1, *kv_pool.shape[4:]).index_copy_(0, slots, tokens.to(kv_pool.dtype))
+            rows.view(-1, *kv_pool.shape[4:]).index_copy_(0, slots, stored)
         else:
-            rows[slots // block_size, slots % block_size] = tokens.to(kv_pool.dtype)
+            rows[slots // block_size, slots % block_size] = stored
+
+
+def _to_pool(tokens: Tensor, kv_pool: Tensor, kv_scales: Optional[Tensor], layer: int, kv: int, op: str) -> Tensor:
+    """Rows [..., Hkv, D] as the pool stores them: quantised with their heads' scales in an fp8
+    pool, else cast to the pool's dtype."""
+    if kv_pool.dtype != FP8:
+        return tokens.to(kv_pool.dtype)
+    return quantize_kv(tokens, _head_scales(kv_scales, kv_pool, layer, kv, op)[:, None])
+
+
+def _head_scales(kv_scales: Optional[Tensor], kv_pool: Tensor, layer: int, kv: int, op: str) -> Tensor:
+    """kv_scales[layer, kv] [Hkv] (fp32) of an fp8 pool, checked."""
+    shape = (kv_pool.shape[0], 2, kv_pool.shape[4])
+    if kv_scales is None or tuple(kv_scales.shape) != shape or kv_scales.dtype != torch.float32:
+        got = None if kv_scales is None else f"{kv_scales.dtype} {tuple(kv_scales.shape)}"
+        raise ValueError(f"fusegen.{op}: an fp8 pool {tuple(kv_pool.shape)} needs kv_scales, float32 "
+                         f"[layers, 2, Hkv] = {list(shape)}, got {got}")
+    return kv_scales[layer, kv]
 
 
 @paged_kv_write.register_fake
-def _(kv_pool, layer, k, v, slot_mapping):
+def _(kv_pool, layer, k, v, slot_mapping, kv_scales=None):
     return None
 
 
@@ -274,16 +298,18 @@ def paged_plan(kv_pool: Tensor, block_tables: Tensor, seq_lens: Tensor, query_st
 @torch.library.custom_op("fusegen::paged_attention", mutates_args=())
 def paged_attention(q: Tensor, kv_pool: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,
                     query_start_loc: Tensor, scale: float, causal: bool, window: int,
-                    softcap: float) -> Tensor:
+                    softcap: float, kv_scales: Optional[Tensor] = None) -> Tensor:
     """Attention of packed queries q [1,Hq,T,D] of N sequences over their paged context.
-    Covers packed varlen prefill (chunked or not) and batched decode (one query each)."""
+    Covers packed varlen prefill (chunked or not) and batched decode (one query each). An
+    fp8 pool is read as ``dequantize_kv(pool, kv_scales[layer, K|V, head])`` (in fp32)."""
     _check_paged_queries(q, kv_pool)
     plan = paged_plan(kv_pool, block_tables, seq_lens, query_start_loc)
-    return paged_attention_planned(q, kv_pool, layer, plan, scale, causal, window, softcap)
+    return paged_attention_planned(q, kv_pool, layer, plan, scale, causal, window, softcap, kv_scales)
 
 
 def paged_attention_planned(q: Tensor, kv_pool: Tensor, layer: int, plan: PagedPlan, scale: float,
-                            causal: bool, window: int, softcap: float) -> Tensor:
+                            causal: bool, window: int, softcap: float,
+                            kv_scales: Optional[Tensor] = None) -> Tensor:
     """``paged_attention`` with the step's plan made already (the CPU step graph makes it
     once for all layers).
 
@@ -295,7 +321,7 @@ def paged_attention_planned(q: Tensor, kv_pool: Tensor, layer: int, plan: PagedP
         raise ValueError(f"fusegen.paged_attention: query_start_loc {plan.starts} must end at "
                          f"most at T = {q.shape[2]}")
     return attend_by_group(q, plan, lambda group, group_q: _attend_group(
-        group_q, kv_pool, layer, group, scale, causal, window, softcap))
+        group_q, kv_pool, layer, group, scale, causal, window, softcap, kv_scales))
 
 
 def attend_by_group(q: Tensor, plan: PagedPlan, attend: Callable[[PagedGroup, Tensor], Tensor]) -> Tensor:
@@ -324,16 +350,23 @@ def _check_paged_queries(q: Tensor, kv_pool: Tensor) -> None:
 
 
 def _attend_group(q: Tensor, kv_pool: Tensor, layer: int, group: PagedGroup, scale: float,
-                  causal: bool, window: int, softcap: float) -> Tensor:
-    """Attention of a group's queries q [G,Hq,S,D] over its paged keys and values."""
+                  causal: bool, window: int, softcap: float, kv_scales: Optional[Tensor] = None) -> Tensor:
+    """Attention of a group's queries q [G,Hq,S,D] over its paged keys and values (an fp8
+    pool's dequantised in fp32, which ``_attend`` computes in anyway)."""
     k, v = gather_paged(kv_pool, layer, group.blocks, group.size, group.longest)
+    if kv_pool.dtype == FP8:
+        k = dequantize_kv(k, _head_scales(kv_scales, kv_pool, layer, 0, "paged_attention")[:, None, None])
+        v = dequantize_kv(v, _head_scales(kv_scales, kv_pool, layer, 1, "paged_attention")[:, None, None])
+    else:
+        k, v = k.to(q.dtype), v.to(q.dtype)
     keep, inside = group.mask(causal, window)
     v = v.masked_fill(~inside, 0.0)
-    return _attend(q, k.to(q.dtype), v.to(q.dtype), keep, scale, softcap)
+    return _attend(q, k, v, keep, scale, softcap)
 
 
 @paged_attention.register_fake
-def _(q, kv_pool, layer, block_tables, seq_lens, query_start_loc, scale, causal, window, softcap):
+def _(q, kv_pool, layer, block_tables, seq_lens, query_start_loc, scale, causal, window, softcap,
+      kv_scales=None):
     return torch.empty_like(q)
 
 

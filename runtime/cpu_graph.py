@@ -166,9 +166,9 @@ def _flat_copy(gm: fx.GraphModule) -> tuple[fx.Graph, Counter]:
             env[node] = graph.call_function(cpu_ops.paged_attention, (q, pool, layer, plan, *rest))
             stats["attention_planned"] += 1
         elif node.target is PAGED_KV_WRITE:
-            pool, layer, k, v, slot_mapping = _mapped(node.args, env)
+            pool, layer, k, v, slot_mapping, *scales = _mapped(node.args, env)
             slots = once(cpu_ops.kv_slots, (pool, slot_mapping), "kv_slots")
-            env[node] = graph.call_function(cpu_ops.paged_kv_write, (pool, layer, k, v, slots))
+            env[node] = graph.call_function(cpu_ops.paged_kv_write, (pool, layer, k, v, slots, *scales))
             stats["kv_writes_planned"] += 1
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])

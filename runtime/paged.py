@@ -20,7 +20,7 @@ import torch
 from torch import fx
 
 from fusegen.fused_group import KERNELS_ENV
-from fusegen.kv import KVGeometry
+from fusegen.kv import KVGeometry, byte_view
 from fusegen.codegen import launch, skinny_gemm
 from fusegen.codegen.skinny_gemm import route_linears
 from fusegen.runtime.batch import BatchState, staged
@@ -95,7 +95,8 @@ class PagedRunner:
         if not copies:
             return
         index = staged([s for s, _ in copies] + [d for _, d in copies], torch.long, self.device).view(2, -1)
-        self.kv_pool.index_copy_(2, index[1], self.kv_pool.index_select(2, index[0]))
+        pool = byte_view(self.kv_pool)   # an fp8 pool's bytes: float8 has no index_copy_
+        pool.index_copy_(2, index[1], pool.index_select(2, index[0]))
 
     @torch.no_grad()
     def forward(self, entries: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, bool]:

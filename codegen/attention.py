@@ -20,6 +20,11 @@ wrapper can be captured in a CUDA graph; kernels are chosen from shapes only.
                           otherwise: _paged_prefill_kernel          fusegen::paged_attention
     flash_attention       _flash_fwd_kernel (dense)                 fusegen::attention (no key mask)
 
+An fp8 pool (kv_dtype=fp8: float8_e4m3fn with ``kv_scales`` [layers, 2, Hkv], see
+``fusegen.kv``) is written quantised (clamp(x / s, +-448), rounded to e4m3 in registers) and
+read as e4m3 tiles converted exactly to the compute dtype; the KV head's K scale multiplies
+the softmax scale and its V scale the output, so no tile is rescaled.
+
 Head dims: every multiple of 8 from 8 to 256 (``check_head_dim``), computed in tiles padded
 to the next power of two (see ``attention_common``).
 
@@ -54,7 +59,8 @@ import torch
 from torch import Tensor
 
 from fusegen.codegen.attention_common import (_TL_DTYPES, _check_attention_dtype, _check_head_dim,
-                                              _check_same_device, _device_guard, _fail, _scales)
+                                              _check_same_device, _device_guard, _fail, _scales,
+                                              check_kv_scales)
 # re-exported: the public names of the attention kernels live in this module
 from fusegen.codegen.attention_common import (MAX_HEAD_DIM, check_head_dim,  # noqa: F401
                                               head_dim_supported)
@@ -65,10 +71,11 @@ from fusegen.codegen.kv_write import paged_kv_write  # noqa: F401
 from fusegen.codegen.prefill_attention import (flash_attention, launch_paged_prefill,  # noqa: F401
                                                paged_prefill_grid)
 from fusegen.codegen.prefill_tuning import PREFILL_CONFIGS, default_prefill_config  # noqa: F401
+from fusegen.kv import FP8
 
 
 def _check_paged_inputs(q: Tensor, kv_pool: Tensor, layer: int, block_tables: Tensor,
-                        seq_lens: Tensor, query_start_loc: Tensor) -> None:
+                        seq_lens: Tensor, query_start_loc: Tensor, kv_scales: Optional[Tensor]) -> None:
     op = "paged_attention"
     if q.dim() != 4 or q.shape[0] != 1:
         _fail(op, f"queries must be packed as [1, Hq, T, D], got {tuple(q.shape)}")
@@ -79,7 +86,10 @@ def _check_paged_inputs(q: Tensor, kv_pool: Tensor, layer: int, block_tables: Te
         _fail(op, f"q {tuple(q.shape)} does not fit the pool's {hkv} KV heads of dim {D} "
                   f"(pool {tuple(kv_pool.shape)})")
     _check_attention_dtype(op, "q", q)
-    _check_attention_dtype(op, "kv_pool", kv_pool)
+    if kv_pool.dtype == FP8:
+        check_kv_scales(op, kv_pool, kv_scales)
+    else:
+        _check_attention_dtype(op, "kv_pool", kv_pool)
     _check_head_dim(op, D)
     if not 0 <= layer < kv_pool.shape[0]:
         _fail(op, f"layer {layer} out of range for a pool of {kv_pool.shape[0]} layers")
@@ -103,14 +113,18 @@ def _check_paged_inputs(q: Tensor, kv_pool: Tensor, layer: int, block_tables: Te
 
 def paged_attention(q: Tensor, kv_pool: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,
                     query_start_loc: Tensor, scale: float, causal: bool, window: int, softcap: float,
-                    *, num_splits: Optional[int] = None, config: Union[None, str, dict] = None) -> Tensor:
+                    kv_scales: Optional[Tensor] = None, *, num_splits: Optional[int] = None,
+                    config: Union[None, str, dict] = None) -> Tensor:
     """Triton version of ``fusegen.ops.paged_attention``: packed queries q [1, Hq, T, D] of N
     sequences over their paged context; returns [1, Hq, T, D] (q's strides), zeros for rows
     no sequence owns. N and T may be padded (sequences with no queries, tokens past
     query_start_loc[N]). T == N selects split-KV decode (``num_splits`` overrides the shape
     heuristic, a power of two), any other T the FlashAttention-2 kernel (``config`` picks its
-    tiles, see PREFILL_CONFIGS). Sequence values are not validated (that would sync)."""
-    _check_paged_inputs(q, kv_pool, layer, block_tables, seq_lens, query_start_loc)
+    tiles, see PREFILL_CONFIGS). Sequence values are not validated (that would sync). An fp8
+    pool (float8_e4m3fn) is dequantised in registers with ``kv_scales`` [layers, 2, Hkv];
+    other pools ignore it."""
+    _check_paged_inputs(q, kv_pool, layer, block_tables, seq_lens, query_start_loc, kv_scales)
+    kv_scales = kv_scales if kv_pool.dtype == FP8 else None
     out = torch.empty_like(q)
     T, N = q.shape[2], seq_lens.numel()
     if T == 0:
@@ -119,10 +133,10 @@ def paged_attention(q: Tensor, kv_pool: Tensor, layer: int, block_tables: Tensor
     with _device_guard(q):
         if T == N:
             launch_decode(q, kv_pool, layer, block_tables, seq_lens, query_start_loc, out,
-                          qk_scale, cap_scale, causal, window, softcap, num_splits)
+                          qk_scale, cap_scale, causal, window, softcap, num_splits, kv_scales)
         else:
             launch_paged_prefill(q, kv_pool, layer, block_tables, seq_lens, query_start_loc, out,
-                                 scale, qk_scale, cap_scale, causal, window, softcap, config)
+                                 scale, qk_scale, cap_scale, causal, window, softcap, config, kv_scales)
     return out
 
 
@@ -136,6 +150,11 @@ _registered = False
 
 def _kernel_supports(head_dim: int, *tensors: Tensor) -> bool:
     return all(t.dtype in _TL_DTYPES for t in tensors) and head_dim_supported(head_dim)
+
+
+def _pool_supported(head_dim: int, q: Tensor, kv_pool: Tensor) -> bool:
+    """The paged kernels read pools of the kernels' dtypes and fp8 ones (with scales)."""
+    return _kernel_supports(head_dim, q) and (kv_pool.dtype == FP8 or kv_pool.dtype in _TL_DTYPES)
 
 
 def register() -> None:
@@ -159,12 +178,12 @@ def register() -> None:
         return reference["attention"](q, k, v, key_mask, scale, causal, window, softcap)
 
     def paged_attention_cuda(q, kv_pool, layer, block_tables, seq_lens, query_start_loc, scale,
-                             causal, window, softcap):
-        if _kernel_supports(q.shape[-1], q, kv_pool):
+                             causal, window, softcap, kv_scales=None):
+        if _pool_supported(q.shape[-1], q, kv_pool):
             return paged_attention(q, kv_pool, layer, block_tables, seq_lens, query_start_loc,
-                                   scale, causal, window, softcap)
+                                   scale, causal, window, softcap, kv_scales)
         return reference["paged_attention"](q, kv_pool, layer, block_tables, seq_lens,
-                                            query_start_loc, scale, causal, window, softcap)
+                                            query_start_loc, scale, causal, window, softcap, kv_scales)
 
     torch.library.register_kernel("fusegen::attention", "cuda", attention_cuda)
     torch.library.register_kernel("fusegen::paged_attention", "cuda", paged_attention_cuda)

@@ -26,6 +26,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fusegen.kv import FP8
+
 LOG2E = 1.4426950408889634
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -251,6 +253,17 @@ def head_dim_pad(head_dim: int) -> int:
 def _check_attention_dtype(op: str, name: str, t: Tensor) -> None:
     if t.dtype not in _TL_DTYPES:
         _fail(op, f"{name} has dtype {t.dtype}; the kernels take float16, bfloat16 or float32")
+
+
+def check_kv_scales(op: str, kv_pool: Tensor, kv_scales) -> None:
+    """An fp8 pool's scales: float32 [layers, 2, Hkv], contiguous, on the pool's device."""
+    shape = (kv_pool.shape[0], 2, kv_pool.shape[4])
+    if not isinstance(kv_scales, Tensor) or tuple(kv_scales.shape) != shape or kv_scales.dtype != torch.float32 \
+            or not kv_scales.is_contiguous() or kv_scales.device != kv_pool.device:
+        got = "None" if not isinstance(kv_scales, Tensor) else \
+            f"{kv_scales.dtype} {tuple(kv_scales.shape)} strides {kv_scales.stride()} on {kv_scales.device}"
+        _fail(op, f"an fp8 pool {tuple(kv_pool.shape)} needs kv_scales, contiguous float32 [layers, 2, Hkv] = "
+                  f"{list(shape)} on {kv_pool.device}, got {got}")
 
 
 def _check_same_device(op: str, **tensors: Tensor) -> None:

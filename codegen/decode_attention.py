@@ -38,7 +38,7 @@ DECODE_PROGRAMS_PER_SM = 4
 
 @triton.jit
 def _decode_split_kernel(Q, KPool, VPool, Out, PartOut, PartLse, BlockTables, SeqLens,
-                         QueryStartLoc,
+                         QueryStartLoc, KScale, VScale,
                          stride_qh, stride_qt, stride_qd,
                          stride_kh, stride_kb, stride_kr, stride_kd,
                          stride_oh, stride_ot, stride_od,
@@ -47,7 +47,7 @@ def _decode_split_kernel(Q, KPool, VPool, Out, PartOut, PartLse, BlockTables, Se
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, PAGE: tl.constexpr,
                          HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                          NUM_SPLITS: tl.constexpr, SEQS_PAD: tl.constexpr,
-                         CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
+                         CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, QUANT: tl.constexpr,
                          DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_GDC: tl.constexpr):
     """Flash-Decoding (Dao, Haziza, Massa, Sizov 2023), split step, for one (token t, KV head,
     split): the GROUP query heads sharing the KV head form the rows of one [GROUP_PAD, D_PAD]
@@ -60,6 +60,10 @@ def _decode_split_kernel(Q, KPool, VPool, Out, PartOut, PartLse, BlockTables, Se
     Each packed token finds its own sequence (the n with qsl[n] <= t < qsl[n+1]) and its
     position, so any batch with T == N tokens is handled, not only one query per sequence;
     tokens no sequence owns come out as zeros.
+
+    QUANT (an fp8 pool): K and V tiles load as e4m3 and convert to DTYPE exactly; the KV
+    head's K scale multiplies qk_scale (q.k = k_scale q.k8) and its V scale the output
+    (sum_j p_j V_j = v_scale sum_j p_j V8_j), so nothing per element is rescaled.
     """
     if USE_GDC:
         tl.extra.cuda.gdc_wait()
@@ -72,6 +76,8 @@ def _decode_split_kernel(Q, KPool, VPool, Out, PartOut, PartLse, BlockTables, Se
     t = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    if QUANT:
+        qk_scale = qk_scale * tl.load(KScale + kvh)
 
     offs_n = tl.arange(0, SEQS_PAD)
     starts = tl.load(QueryStartLoc + offs_n, mask=offs_n <= num_seqs, other=2147483647)
@@ -128,6 +134,8 @@ def _decode_split_kernel(Q, KPool, VPool, Out, PartOut, PartLse, BlockTables, Se
                                   HEAD_DIM, D_PAD, CAUSAL, SOFTCAP, True, True, DTYPE,
                                   DOT_PRECISION)
 
+    if QUANT:
+        acc = acc * tl.load(VScale + kvh)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     mask = _tile_mask(head_ok, d_ok, HEAD_DIM < D_PAD)
     if NUM_SPLITS == 1:
@@ -215,9 +223,10 @@ def decode_num_splits(num_tokens: int, kv_heads: int, max_keys: int, multiproces
 
 def launch_decode(q: Tensor, kv_pool: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,
                   query_start_loc: Tensor, out: Tensor, qk_scale: float, cap_scale: float,
-                  causal: bool, window: int, softcap: float, num_splits) -> None:
+                  causal: bool, window: int, softcap: float, num_splits, kv_scales=None) -> None:
     """Decode attention of T == N packed tokens into ``out``; inputs already checked by
-    ``paged_attention``. ``num_splits`` None: ``decode_num_splits`` from the shapes."""
+    ``paged_attention`` (``kv_scales``: an fp8 pool's). ``num_splits`` None:
+    ``decode_num_splits`` from the shapes."""
     Hq, T, D = q.shape[1], q.shape[2], q.shape[3]
     page, hkv = kv_pool.shape[3], kv_pool.shape[4]
     N = seq_lens.numel()
@@ -236,8 +245,11 @@ def launch_decode(q: Tensor, kv_pool: Tensor, layer: int, block_tables: Tensor, 
         part_lse = torch.empty((T, Hq, num_splits), dtype=torch.float32, device=q.device)
     else:  # written straight to out; the pointers are unused
         part_out = part_lse = out
+    quant = kv_scales is not None
+    k_scale, v_scale = (kv_scales[layer, 0], kv_scales[layer, 1]) if quant else (seq_lens, seq_lens)
     _decode_split_kernel[(T, hkv, num_splits)](
         q, k_pool, v_pool, out, part_out, part_lse, block_tables, seq_lens, query_start_loc,
+        k_scale, v_scale,
         q.stride(1), q.stride(2), q.stride(3),
         kh, kb, kr, kd,
         out.stride(1), out.stride(2), out.stride(3),
@@ -245,7 +257,7 @@ def launch_decode(q: Tensor, kv_pool: Tensor, layer: int, block_tables: Tensor, 
         block_tables.stride(0), N, qk_scale, cap_scale, window,
         GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), PAGE=page, HEAD_DIM=D,
         D_PAD=head_dim_pad(D), BLOCK_N=cfg["BLOCK_N"], NUM_SPLITS=num_splits,
-        SEQS_PAD=_next_pow2(N + 1), CAUSAL=bool(causal), SOFTCAP=softcap > 0.0,
+        SEQS_PAD=_next_pow2(N + 1), CAUSAL=bool(causal), SOFTCAP=softcap > 0.0, QUANT=quant,
         DTYPE=_TL_DTYPES[q.dtype], DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(q))
     if num_splits > 1:

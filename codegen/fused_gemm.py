@@ -638,6 +638,8 @@ def _match_qkv(gm: fx.GraphModule, linear: fx.Node, index: dict):
     if write.target is not torch.ops.fusegen.paged_kv_write.default or len(k_items) != 1 \
             or set(k_items[0].users) != {write} or write.args[2] is not k_items[0] or write.args[3] is not v_heads:
         return None
+    if len(write.args) > 5 and write.args[5] is not None:   # an fp8 pool's write quantises: its own kernel
+        return None
     if any(index[u] <= index[write] for g in q[0].users for u in g.users):
         return None
     return q[0], k[0], write, sizes, D, q[1], k[1]

@@ -33,10 +33,10 @@ from fusegen.codegen.prefill_tuning import resolve_config, tuning_key
 def _flash_block(q_head, o_head, k_head, v_head, table, q_first, q_len, kv_len, m0,
                  stride_qt, stride_qd, stride_ot, stride_od,
                  stride_kb, stride_kr, stride_kd, stride_vb, stride_vr, stride_vd,
-                 qk_scale, cap_scale, window,
+                 qk_scale, cap_scale, window, v_scale,
                  PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                 SOFTCAP: tl.constexpr, PAGED: tl.constexpr, DTYPE: tl.constexpr,
+                 SOFTCAP: tl.constexpr, PAGED: tl.constexpr, QUANT: tl.constexpr, DTYPE: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
     """FlashAttention-2 forward (Dao 2023) of query rows m0 .. m0 + BLOCK_M of one sequence
     and one head (rows q_first + i of q_head / o_head, i < q_len; keys of k_head, v_head,
@@ -47,7 +47,9 @@ def _flash_block(q_head, o_head, k_head, v_head, table, q_first, q_len, kv_len, 
 
     Key tiles run in the three stretches of ``_key_stretches``: masked tiles at the window's
     start, unmasked tiles that every row of the block sees whole, masked tiles at the causal
-    diagonal; tiles outside the union of the block's rows' ranges are skipped.
+    diagonal; tiles outside the union of the block's rows' ranges are skipped. QUANT (an fp8
+    pool): K and V load as e4m3, their K scale is already in qk_scale and ``v_scale``
+    multiplies the output.
     """
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
@@ -75,6 +77,8 @@ def _flash_block(q_head, o_head, k_head, v_head, table, q_first, q_len, kv_len, 
                                   stride_vb, stride_vr, stride_vd, PAGE, BLOCK_N, HEAD_DIM, D_PAD,
                                   CAUSAL, SOFTCAP, PAGED, True, DTYPE, DOT_PRECISION)
 
+    if QUANT:
+        acc = acc * v_scale
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptrs = o_head + rows[:, None] * stride_ot + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(o_head.dtype.element_ty), mask=_tile_mask(row_ok, d_ok, HEAD_DIM < D_PAD))
@@ -106,12 +110,12 @@ def _flash_fwd_kernel(Q, K, V, Out,
                  K, 0, q_len, kv_len, block_m * BLOCK_M,  # K: no block table in this layout
                  stride_qt, stride_qd, stride_ot, stride_od,
                  0, stride_kt, stride_kd, 0, stride_vt, stride_vd,
-                 qk_scale, cap_scale, window, 1, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, CAUSAL,
-                 SOFTCAP, False, DTYPE, DOT_PRECISION)
+                 qk_scale, cap_scale, window, 1.0, 1, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, CAUSAL,
+                 SOFTCAP, False, False, DTYPE, DOT_PRECISION)
 
 
 @triton.jit
-def _paged_prefill_kernel(Q, KPool, VPool, Out, BlockTables, SeqLens, QueryStartLoc,
+def _paged_prefill_kernel(Q, KPool, VPool, Out, BlockTables, SeqLens, QueryStartLoc, KScale, VScale,
                           stride_qh, stride_qt, stride_qd,
                           stride_kh, stride_kb, stride_kr, stride_kd,
                           stride_vh, stride_vb, stride_vr, stride_vd,
@@ -120,11 +124,12 @@ def _paged_prefill_kernel(Q, KPool, VPool, Out, BlockTables, SeqLens, QueryStart
                           GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
                           D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           SEQS_PAD: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
-                          DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                          QUANT: tl.constexpr, DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Paged attention of packed queries ([1, Hq, T, D], sequence n owns rows
     qsl[n]:qsl[n+1]) over keys gathered through each sequence's block table, one program per
     (packed tile, query head h): an owned tile (``_find_query_block``) runs ``_flash_block``
-    with KV head h // GROUP; a tile past the owned ones zeroes unowned rows instead.
+    with KV head h // GROUP; a tile past the owned ones zeroes unowned rows instead. QUANT:
+    an fp8 pool, KScale / VScale [Hkv] its layer's scales (folded as in the decode kernel).
     """
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(D_PAD >= 16 and (D_PAD & (D_PAD - 1)) == 0 and D_PAD >= HEAD_DIM,
@@ -142,12 +147,16 @@ def _paged_prefill_kernel(Q, KPool, VPool, Out, BlockTables, SeqLens, QueryStart
     q_len = tl.load(QueryStartLoc + n + 1) - q_first
     kv_len = tl.load(SeqLens + n)
     kvh = h // GROUP
+    v_scale = 1.0
+    if QUANT:
+        qk_scale = qk_scale * tl.load(KScale + kvh)
+        v_scale = tl.load(VScale + kvh)
     _flash_block(Q + h * stride_qh, o_head, KPool + kvh * stride_kh, VPool + kvh * stride_vh,
                  BlockTables + n.to(tl.int64) * stride_bt, q_first, q_len, kv_len,
                  block_m * BLOCK_M, stride_qt, stride_qd, stride_ot, stride_od,
                  stride_kb, stride_kr, stride_kd, stride_vb, stride_vr, stride_vd,
-                 qk_scale, cap_scale, window, PAGE, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, CAUSAL,
-                 SOFTCAP, True, DTYPE, DOT_PRECISION)
+                 qk_scale, cap_scale, window, v_scale, PAGE, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, CAUSAL,
+                 SOFTCAP, True, QUANT, DTYPE, DOT_PRECISION)
 
 
 def paged_prefill_grid(num_tokens: int, num_seqs: int, block_m: int, q_heads: int) -> tuple:
@@ -158,14 +167,15 @@ def paged_prefill_grid(num_tokens: int, num_seqs: int, block_m: int, q_heads: in
 
 
 def launch_paged_prefill(q, kv_pool, layer, block_tables, seq_lens, query_start_loc, out, scale,
-                         qk_scale, cap_scale, causal, window, softcap, config) -> None:
+                         qk_scale, cap_scale, causal, window, softcap, config, kv_scales=None) -> None:
     """The T != N path of ``paged_attention`` on checked inputs: the Hopper kernel or
-    ``_paged_prefill_kernel``, as ``prefill_tuning.resolve_config`` picks from ``config``."""
+    ``_paged_prefill_kernel``, as ``prefill_tuning.resolve_config`` picks from ``config``
+    (``kv_scales``: an fp8 pool's)."""
     Hq, T = q.shape[1], q.shape[2]
     page, hkv = kv_pool.shape[3], kv_pool.shape[4]
     N = seq_lens.numel()
     run_args = (q, kv_pool, layer, block_tables, seq_lens, query_start_loc, out, qk_scale,
-                cap_scale, causal, window, softcap)
+                cap_scale, causal, window, softcap, kv_scales)
 
     def launch(cfg):
         grid_tiles = paged_prefill_grid(T, N, cfg["BLOCK_M"], Hq)[0]
@@ -175,19 +185,23 @@ def launch_paged_prefill(q, kv_pool, layer, block_tables, seq_lens, query_start_
             _launch_paged_fa2(*run_args, cfg, grid_tiles)
 
     key = tuning_key("paged", q, Hq // hkv, causal, window, softcap, T, kv_pool.shape[2] * page, N, page)
+    if kv_scales is not None:
+        key += " kv-fp8"   # tiles tuned for another pool dtype are another choice
     launch(resolve_config("paged_attention", config, q, scale, (kv_pool,), key, launch))
 
 
 def _launch_paged_fa2(q, kv_pool, layer, block_tables, seq_lens, query_start_loc, out, qk_scale,
-                      cap_scale, causal, window, softcap, cfg, grid_tiles) -> None:
+                      cap_scale, causal, window, softcap, kv_scales, cfg, grid_tiles) -> None:
     Hq, T, D = q.shape[1], q.shape[2], q.shape[3]
     page, hkv = kv_pool.shape[3], kv_pool.shape[4]
     N = seq_lens.numel()
     k_pool, v_pool = kv_pool[layer, 0], kv_pool[layer, 1]  # [blocks, block_size, Hkv, D]
     kb, kr, kh, kd = k_pool.stride()
     vb, vr, vh, vd = v_pool.stride()
+    quant = kv_scales is not None
+    k_scale, v_scale = (kv_scales[layer, 0], kv_scales[layer, 1]) if quant else (seq_lens, seq_lens)
     _paged_prefill_kernel[(grid_tiles, Hq)](
-        q, k_pool, v_pool, out, block_tables, seq_lens, query_start_loc,
+        q, k_pool, v_pool, out, block_tables, seq_lens, query_start_loc, k_scale, v_scale,
         q.stride(1), q.stride(2), q.stride(3),
         kh, kb, kr, kd,
         vh, vb, vr, vd,
@@ -195,7 +209,7 @@ def _launch_paged_fa2(q, kv_pool, layer, block_tables, seq_lens, query_start_loc
         N, T, qk_scale, cap_scale, window,
         GROUP=Hq // hkv, PAGE=page, HEAD_DIM=D, D_PAD=head_dim_pad(D),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], SEQS_PAD=_next_pow2(max(N, 1)),
-        CAUSAL=bool(causal), SOFTCAP=softcap > 0.0, DTYPE=_TL_DTYPES[q.dtype],
+        CAUSAL=bool(causal), SOFTCAP=softcap > 0.0, QUANT=quant, DTYPE=_TL_DTYPES[q.dtype],
         DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 

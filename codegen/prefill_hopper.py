@@ -65,11 +65,12 @@ def _rows_source(base, rows, stride_row, HEAD_DIM: tl.constexpr, BLOCK: tl.const
 def _kv_tile(k_src, v_src, table, tile, key_end, stride_kb, stride_kr, stride_vb, stride_vr,
              PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
              D_PAD: tl.constexpr, PAGED: tl.constexpr, MASKED: tl.constexpr,
-             KV_TMA: tl.constexpr):
+             KV_TMA: tl.constexpr, DTYPE: tl.constexpr):
     """K and V rows j = tile + [0, BLOCK_N) as [BLOCK_N, D_PAD] tiles. Through a descriptor
     (KV_TMA) a paged tile lies in one pool block, whose rows past the sequence hold stale
-    values: a masked tile zeroes them in V (their scores are masked, but 0 * NaN is not 0).
-    Pointer loads take rows out of range as 0 (MASKED tiles only) as ``_attend_tiles`` does."""
+    values: a masked tile zeroes them in V (their scores are masked, but 0 * NaN is not 0),
+    converted to DTYPE first (an fp8 pool's e4m3 has no arithmetic). Pointer loads take rows
+    out of range as 0 (MASKED tiles only) as ``_attend_tiles`` does."""
     j = tile + tl.arange(0, BLOCK_N)
     if KV_TMA:
         if PAGED:
@@ -79,7 +80,7 @@ def _kv_tile(k_src, v_src, table, tile, key_end, stride_kb, stride_kr, stride_vb
         k = k_src.load([row, 0])
         v = v_src.load([row, 0])
         if PAGED and MASKED:
-            v = tl.where((j < key_end)[:, None], v, 0.0)
+            v = tl.where((j < key_end)[:, None], v.to(DTYPE), 0.0)
     else:
         offs_d = tl.arange(0, D_PAD)
         if PAGED:
@@ -122,7 +123,7 @@ def _hopper_tiles(acc, l_i, m_i, q, pos, k_src, v_src, table, start, stop, key_e
     for tile in tl.range(start, stop, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         tile = tl.multiple_of(tile, BLOCK_N)
         k, v = _kv_tile(k_src, v_src, table, tile, key_end, stride_kb, stride_kr, stride_vb,
-                        stride_vr, PAGE, BLOCK_N, HEAD_DIM, D_PAD, PAGED, MASKED, KV_TMA)
+                        stride_vr, PAGE, BLOCK_N, HEAD_DIM, D_PAD, PAGED, MASKED, KV_TMA, DTYPE)
         qk = tl.dot(q, tl.trans(k.to(DTYPE)), input_precision=DOT_PRECISION)
         if MASKED or SOFTCAP:
             if SOFTCAP:
@@ -152,16 +153,17 @@ def _hopper_tiles(acc, l_i, m_i, q, pos, k_src, v_src, table, start, stop, key_e
 
 @triton.jit
 def _hopper_block(q_src, o_dst, k_src, v_src, table, q_len, kv_len, m0, stride_qt, stride_ot,
-                  stride_kb, stride_kr, stride_vb, stride_vr, qk_scale, cap_scale, window,
+                  stride_kb, stride_kr, stride_vb, stride_vr, qk_scale, cap_scale, window, v_scale,
                   PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                   SOFTCAP: tl.constexpr, PAGED: tl.constexpr, Q_TMA: tl.constexpr,
-                  KV_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, DTYPE: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  KV_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, QUANT: tl.constexpr,
+                  DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Attention of query rows m0 .. m0 + BLOCK_M of one sequence and head (the formula of
     ``prefill_attention._flash_block``): Q and O rows relative to the sequence's first row,
     key tiles in the stretches of ``_key_stretches``, masked ones only at the window's
-    start and at the diagonal."""
+    start and at the diagonal. QUANT (an fp8 pool): the K scale is in qk_scale, ``v_scale``
+    multiplies the output."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     row_ok = offs_m < q_len
@@ -190,6 +192,8 @@ def _hopper_block(q_src, o_dst, k_src, v_src, table, q_len, kv_len, m0, stride_q
                                   stride_vr, PAGE, BLOCK_N, HEAD_DIM, D_PAD, CAUSAL, SOFTCAP,
                                   PAGED, True, KV_TMA, False, DTYPE, DOT_PRECISION)
 
+    if QUANT:
+        acc = acc * v_scale
     out = (acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]).to(DTYPE)
     if Q_TMA:
         o_dst.store([m0, 0], out)
@@ -247,12 +251,12 @@ def _flash_hopper_kernel(Q, K, V, Out,
                              BLOCK_N, D_PAD, TMA)
         _hopper_block(q_src, o_dst, k_src, v_src, K, q_len, kv_len, block_m * BLOCK_M,
                       stride_qt, stride_ot, 0, stride_kt, 0, stride_vt,  # K: no block table
-                      qk_scale, cap_scale, window, 1, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, CAUSAL,
-                      SOFTCAP, False, TMA, TMA, WARP_SPECIALIZE, DTYPE, DOT_PRECISION)
+                      qk_scale, cap_scale, window, 1.0, 1, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, CAUSAL,
+                      SOFTCAP, False, TMA, TMA, WARP_SPECIALIZE, False, DTYPE, DOT_PRECISION)
 
 
 @triton.jit
-def _paged_hopper_kernel(Q, KPool, VPool, Out, BlockTables, SeqLens, QueryStartLoc,
+def _paged_hopper_kernel(Q, KPool, VPool, Out, BlockTables, SeqLens, QueryStartLoc, KScale, VScale,
                          stride_qh, stride_qt, stride_kh, stride_kb, stride_kr,
                          stride_vh, stride_vb, stride_vr, stride_oh, stride_ot, stride_bt,
                          num_seqs, num_tokens, pool_rows, qk_scale, cap_scale, window,
@@ -260,7 +264,7 @@ def _paged_hopper_kernel(Q, KPool, VPool, Out, BlockTables, SeqLens, QueryStartL
                          D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          SEQS_PAD: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
                          Q_TMA: tl.constexpr, KV_TMA: tl.constexpr,
-                         WARP_SPECIALIZE: tl.constexpr, DTYPE: tl.constexpr,
+                         WARP_SPECIALIZE: tl.constexpr, QUANT: tl.constexpr, DTYPE: tl.constexpr,
                          DOT_PRECISION: tl.constexpr):
     """Paged attention of packed queries ([1, Hq, T, D], sequence n owns rows
     qsl[n]:qsl[n+1]), one program per (query head h = z G + x, packed tile y) of the grid
@@ -268,7 +272,8 @@ def _paged_hopper_kernel(Q, KPool, VPool, Out, BlockTables, SeqLens, QueryStartL
     then the next G heads (their K/V stay in L2, as in ``_dense_tile``). The packed tiles of
     ``prefill_attention._paged_prefill_kernel`` (``_find_query_block``, unowned rows zeroed
     past the owned tiles), keys through the sequence's block table. KV_TMA needs
-    block_size % BLOCK_N == 0 and consecutive pool rows (pool_rows = blocks * block_size)."""
+    block_size % BLOCK_N == 0 and consecutive pool rows (pool_rows = blocks * block_size).
+    QUANT: an fp8 pool, KScale / VScale [Hkv] its layer's scales."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(D_PAD >= 16 and (D_PAD & (D_PAD - 1)) == 0 and D_PAD >= HEAD_DIM,
                      "D_PAD must be a power of two >= 16 covering HEAD_DIM")
@@ -285,6 +290,10 @@ def _paged_hopper_kernel(Q, KPool, VPool, Out, BlockTables, SeqLens, QueryStartL
     q_len = tl.load(QueryStartLoc + n + 1) - q_first.to(tl.int32)
     kv_len = tl.load(SeqLens + n)
     kvh = h // GROUP
+    v_scale = 1.0
+    if QUANT:
+        qk_scale = qk_scale * tl.load(KScale + kvh)
+        v_scale = tl.load(VScale + kvh)
     q_src = _rows_source(Q + h * stride_qh + q_first * stride_qt, q_len, stride_qt, HEAD_DIM,
                          BLOCK_M, D_PAD, Q_TMA)
     o_dst = _rows_source(Out + h * stride_oh + q_first * stride_ot, q_len, stride_ot, HEAD_DIM,
@@ -295,9 +304,9 @@ def _paged_hopper_kernel(Q, KPool, VPool, Out, BlockTables, SeqLens, QueryStartL
                          KV_TMA)
     _hopper_block(q_src, o_dst, k_src, v_src, BlockTables + n.to(tl.int64) * stride_bt,
                   q_len, kv_len, block_m * BLOCK_M, stride_qt, stride_ot,
-                  stride_kb, stride_kr, stride_vb, stride_vr, qk_scale, cap_scale, window,
+                  stride_kb, stride_kr, stride_vb, stride_vr, qk_scale, cap_scale, window, v_scale,
                   PAGE, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, CAUSAL, SOFTCAP, True, Q_TMA, KV_TMA,
-                  WARP_SPECIALIZE, DTYPE, DOT_PRECISION)
+                  WARP_SPECIALIZE, QUANT, DTYPE, DOT_PRECISION)
 
 
 # ------------------------------------------------------------------------------------------
@@ -383,9 +392,9 @@ def launch_flash_hopper(q: Tensor, k: Tensor, v: Tensor, out: Tensor, qk_scale: 
 def launch_paged_hopper(q: Tensor, kv_pool: Tensor, layer: int, block_tables: Tensor,
                         seq_lens: Tensor, query_start_loc: Tensor, out: Tensor, qk_scale: float,
                         cap_scale: float, causal: bool, window: int, softcap: float,
-                        cfg: dict, grid_tiles: int) -> None:
+                        kv_scales, cfg: dict, grid_tiles: int) -> None:
     """``_paged_hopper_kernel`` on checked inputs over ``grid_tiles`` packed tiles per head
-    (``prefill_attention.paged_prefill_grid``)."""
+    (``prefill_attention.paged_prefill_grid``); ``kv_scales``: an fp8 pool's, else None."""
     Hq, T = q.shape[1], q.shape[2]
     num_blocks, page, hkv = kv_pool.shape[2], kv_pool.shape[3], kv_pool.shape[4]
     N = seq_lens.numel()
@@ -399,9 +408,11 @@ def launch_paged_hopper(q: Tensor, kv_pool: Tensor, layer: int, block_tables: Te
     if (q_tma or kv_tma) and q.is_cuda:
         _set_tma_allocator()
     group = math.gcd(Hq, HEAD_GROUP)
+    quant = kv_scales is not None
+    k_scale, v_scale = (kv_scales[layer, 0], kv_scales[layer, 1]) if quant else (seq_lens, seq_lens)
     _paged_hopper_kernel[(group, grid_tiles, Hq // group)](
-        q, k_pool, v_pool, out, block_tables, seq_lens, query_start_loc,
+        q, k_pool, v_pool, out, block_tables, seq_lens, query_start_loc, k_scale, v_scale,
         q.stride(1), q.stride(2), kh, kb, kr, vh, vb, vr, out.stride(1), out.stride(2),
         block_tables.stride(0), N, T, num_blocks * page, qk_scale, cap_scale, window,
         GROUP=Hq // hkv, PAGE=page, SEQS_PAD=_next_pow2(max(N, 1)), Q_TMA=q_tma, KV_TMA=kv_tma,
-        **_common(q, cfg, softcap, causal))
+        QUANT=quant, **_common(q, cfg, softcap, causal))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import threading
 import time
 from collections import Counter
@@ -30,6 +31,8 @@ from fusegen.runtime.kv_manager import KVCacheManager
 from fusegen.runtime.paged import Chunk, PagedRunner, packed_inputs
 from fusegen.runtime.draft import DraftProposer
 from fusegen.runtime.speculative import NgramProposer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,6 +73,7 @@ class CompiledModel:
         names = {n.target for n in gm.graph.nodes if n.op == "placeholder"}
         self.kind = "paged" if "kv_pool" in names else "dense" if "kv_cache" in names else "stateless"
         self.tokenizer_path = None  # set when loaded from an artifact that ships its tokenizer
+        self.tp_group = None   # this process's rank when compiled or loaded with tp > 1 (fusegen/distributed.py)
         self._tokenizer = None
         if facts.get("device") is not None and torch.device(facts["device"]).type == "cpu":
             # the layout the CPU BLAS reads fastest in decode (values unchanged), for every
@@ -152,7 +156,7 @@ class CompiledModel:
         if self.kind != "paged":
             raise ValueError(f"engine needs a paged graph, this one is {self.kind}; compile with paged_kv=1")
         with stage(f"setting up the engine on {self.device}"):
-            runner = PagedRunner(self.graph_module, self.facts["kv"], num_blocks or self._auto_blocks(), self.device)
+            runner = self._runner(num_blocks or self._auto_blocks())
             kwargs.setdefault("max_num_batched_tokens", self.config.max_num_batched_tokens)
             kwargs.setdefault("max_num_seqs", self.config.max_num_seqs)
             if "proposer" not in kwargs:
@@ -162,7 +166,9 @@ class CompiledModel:
             kwargs.setdefault("max_model_len", self._max_len())
             engine = Engine(runner, sorted(_eos_set(self.facts.get("eos_token_id"))),
                             vocab_size=self.facts.get("vocab_size"), **kwargs)
-            if cuda_graphs and self.config.cuda_graphs and self.device.type == "cuda":
+            if cuda_graphs and self.config.cuda_graphs and self.device.type == "cuda" and self.tp_group is not None:
+                log.info("tp=%d: the engine runs its steps eagerly (no CUDA graphs across ranks yet)", self.config.tp)
+            elif cuda_graphs and self.config.cuda_graphs and self.device.type == "cuda":
                 seqs, tokens = kwargs["max_num_seqs"], kwargs["max_num_batched_tokens"]
                 # a speculating decode enters the step as 1 + k one-token entries
                 entries = seqs * (1 + kwargs["proposer"].k) if kwargs["proposer"] is not None else seqs
@@ -171,6 +177,36 @@ class CompiledModel:
                                       epilogues=self.config.gemm_epilogue, lazy=self.config.lazy_cuda_graphs)
             runner.step_graph()   # on the CPU its flat copy is made now, not in the first step
         return engine
+
+    def _runner(self, num_blocks: int) -> PagedRunner:
+        """The engine's runner: with tp > 1 rank 0's, which broadcasts every step to the
+        other ranks (they run ``follow``)."""
+        group = self.tp_group
+        if group is None:
+            return PagedRunner(self.graph_module, self.facts["kv"], num_blocks, self.device)
+        if not group.is_driver:
+            raise ValueError(f"rank {group.rank} of tp={group.size}: only rank 0 runs the engine; the other "
+                             f"ranks call follow(), which runs its steps")
+        from fusegen.runtime.tensor_parallel import LeadRunner
+
+        return LeadRunner(self.graph_module, self.facts["kv"], num_blocks, self.device, group)
+
+    def follow(self) -> int:
+        """Ranks > 0 of a tensor-parallel model: run the steps of rank 0's engines on this
+        rank's shard until rank 0 calls ``stop_followers``; returns how many ran."""
+        from fusegen.runtime.tensor_parallel import follow
+
+        if self.tp_group is None or self.tp_group.is_driver:
+            raise ValueError("follow() is for ranks > 0 of a tensor-parallel model (tp > 1)")
+        return follow(self.graph_module, self.facts["kv"], self.device, self.tp_group)
+
+    def stop_followers(self) -> None:
+        """Rank 0 of a tensor-parallel model: let the other ranks' ``follow`` return."""
+        from fusegen.runtime.tensor_parallel import stop_followers
+
+        if self.tp_group is None or not self.tp_group.is_driver:
+            raise ValueError("stop_followers() is for rank 0 of a tensor-parallel model (tp > 1)")
+        stop_followers(self.tp_group, self.device)
 
     def _proposer(self, draft, runner: PagedRunner, max_model_len: int, max_num_seqs: int,
                   max_num_batched_tokens: int, cuda_graphs: bool):
@@ -445,7 +481,8 @@ def compile(model: nn.Module, config: CompileConfig | str | None = None, *, dump
         start = time.perf_counter()
         gm = capture(model, by_layer=config.capture_by_layer)
         capture_seconds = time.perf_counter() - start
-        ctx = PassContext(config=config, calibration_ids=calibration_ids, facts=_model_facts(model))
+        ctx = PassContext(config=config, calibration_ids=calibration_ids, facts=_model_facts(model),
+                          tp_group=_tp_group(config, model))
         dump = DumpWriter(directory) if directory else None
         gm, records = run_pipeline(gm, ctx, dump, capture_seconds, on_pass=lambda name: steps.update(1, name))
         steps.update(1, "kernels")
@@ -455,6 +492,7 @@ def compile(model: nn.Module, config: CompileConfig | str | None = None, *, dump
         _check_kernels_serve(model, ctx.facts)
     report = CompileReport(model_class_name(model), config, records, str(directory) if directory else None)
     compiled = CompiledModel(gm, report, ctx.facts)
+    compiled.tp_group = ctx.tp_group
     if not config.gqa_kv_heads:   # the lossy conversion measures and reports its own change
         with stage("checking the compiled graph against the model"), \
                 _reference(model, config, ctx.reference_changes):
@@ -472,6 +510,16 @@ def _unquantized_cache(compiled: CompiledModel) -> CompiledModel:
         return compiled
     return CompiledModel(compiled.graph_module, compiled.report,
                          {**compiled.facts, "kv": kv.with_dtype(compiled.facts["dtype"])})
+
+
+def _tp_group(config: CompileConfig, model: nn.Module):
+    """This process's rank among ``config.tp`` (None for tp=1): the process group torchrun
+    or ``fusegen-cli --tp`` started (fusegen/distributed.py)."""
+    if config.tp == 1:
+        return None
+    from fusegen.distributed import join
+
+    return join(config.tp, next(model.parameters()).device)
 
 
 def _reference(model: nn.Module, config: CompileConfig, changes: dict):

@@ -71,6 +71,9 @@ class CompileConfig:
     spec_k: int = 4
     spec_ngram: int = 3
     spec_draft: str = ""
+    # Tensor parallelism over this many ranks, one process each (passes/shard_tensor_parallel.py,
+    # fusegen/distributed.py): NCCL on CUDA, gloo on the CPU.
+    tp: int = 1
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -95,6 +98,15 @@ class CompileConfig:
         if self.insert_kv_cache and not self.fuse_attention:
             raise ConfigError("insert_kv_cache needs fuse_attention")
         self._check_speculative()
+        self._check_tp()
+
+    def _check_tp(self) -> None:
+        if self.tp < 1:
+            raise ConfigError(f"tp must be >= 1, got {self.tp}")
+        if self.tp > 1 and self.weights != "none":
+            raise ConfigError(f"tp={self.tp} shards float linears; weights={self.weights} needs tp=1")
+        if self.tp > 1 and self.speculative != "none":
+            raise ConfigError(f"tp={self.tp} runs the plain engine; speculative={self.speculative} needs tp=1")
 
     def _check_speculative(self) -> None:
         if self.speculative not in SPECULATIVE:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch import fx
@@ -22,6 +22,9 @@ from fusegen.config import CompileConfig
 from fusegen.errors import GraphRefusedError, VerificationError
 from fusegen.fused_group import FusedGroup
 
+if TYPE_CHECKING:
+    from fusegen.distributed import TPGroup
+
 PROVENANCE = "fusegen_pass"  # node.meta key: which pass (or "capture") made the node
 
 
@@ -30,6 +33,8 @@ class PassContext:
     config: CompileConfig = field(default_factory=CompileConfig)
     # [N, S] int64 token ids some passes calibrate on (e.g. convert_mha_to_gqa).
     calibration_ids: Optional[torch.Tensor] = None
+    # This process's rank among config.tp (shard_tensor_parallel); None when tp=1.
+    tp_group: Optional["TPGroup"] = None
     # Free-form facts passes hand to later passes and to the runtime (e.g. model geometry).
     facts: dict = field(default_factory=dict)
     # What a lossy pass changed that the compile-time check's reference must change too, by

@@ -19,6 +19,7 @@ from fusegen.passes.insert_paged_blocks import insert_paged_blocks
 from fusegen.passes.normalize_graph import normalize_graph
 from fusegen.passes.quantize_kv_cache import quantize_kv_cache
 from fusegen.passes.quantize_weights import quantize_weights
+from fusegen.passes.shard_tensor_parallel import shard_tensor_parallel
 
 
 def build_pipeline(cfg: CompileConfig) -> list[GraphPass]:
@@ -36,6 +37,9 @@ def build_pipeline(cfg: CompileConfig) -> list[GraphPass]:
         # Phase 3 - state: K/V written to a cache, then the cache becomes a paged pool.
         insert_kv_cache if cfg.insert_kv_cache else None,
         insert_paged_blocks if cfg.paged_kv else None,
+        # Tensor parallelism: this rank's heads and columns, collectives between the ranks
+        # (after the KV passes: the cache becomes the rank's heads).
+        shard_tensor_parallel if cfg.tp > 1 else None,
         # Opt-in, lossy: the paged pool stored as fp8 with per-head scales.
         quantize_kv_cache if cfg.kv_dtype == "fp8" else None,
         # Phase 4 - kernels: small ops grouped for generated Triton kernels.

@@ -30,9 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fusegen.codegen.launch import pdl
-from fusegen.codegen import skinny_gemm
-from fusegen.codegen.skinny_gemm import MAX_M, WORKSPACE, Choice, GemmConfig, _finish_tile, candidates
+from fusegen.codegen import launch, skinny_gemm
+from fusegen.codegen.launch import pdl, prefetch_rows
+from fusegen.codegen.skinny_gemm import MAX_M, WORKSPACE, Choice, GemmConfig, _finish_tile, _prefetch, candidates
 from fusegen.fused_group import kernels_wanted
 from fusegen.quant import FORMATS, GROUP, dequantize
 
@@ -81,16 +81,13 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, a_ptr, bias_ptr, y_ptr, part_ptr, co
                        HAS_ACT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
-                       USE_GDC: tl.constexpr):
+                       USE_GDC: tl.constexpr, PREFETCH: tl.constexpr = 0):
     """y[m, n] = sum_k x[m, k] a[k] W[n, k] + bias[n], W dequantized from q and s per FMT
     (0 int8, 1 fp8, 2 int4 in groups of GROUP_K, unpacked SUB_K = min(BLOCK_K, GROUP_K) at a
     time); IEEE keeps fp32 dots out of tf32. See the module docstring."""
     if FMT == 2:   # a K block lies in one group or is a whole number of groups
         tl.static_assert(BLOCK_K % SUB_K == 0, "int4: BLOCK_K must be a multiple of SUB_K")
         tl.static_assert(GROUP_K % SUB_K == 0, "int4: SUB_K must divide the group")
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -98,6 +95,13 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, a_ptr, bias_ptr, y_ptr, part_ptr, co
     n_ok = rn[:, None] < N
     k_chunk = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K   # each split's K range, whole BLOCK_Ks
     k_begin = pid_k * k_chunk
+    if USE_GDC:
+        if PREFETCH > 0:   # the packed weight is no kernel's output: prefetch it before the wait
+            per_byte = 2 if FMT == 2 else 1   # weights per byte of q
+            span = tl.minimum(k_chunk, K - k_begin) // per_byte
+            prefetch_rows(q_ptr + rn * stride_qn + k_begin // per_byte, tl.minimum(span, PREFETCH) // 16 * 16, rn < N)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(k_begin, k_begin + k_chunk, BLOCK_K):
         if FMT == 2:
@@ -191,7 +195,8 @@ def quant_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, bias:
         FMT=CODES[fmt], GROUP_K=GROUP, SUB_K=min(config.block_k, GROUP), HAS_ACT=act_scale is not None,
         HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
         BLOCK_M=bm, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
-        USE_DOT=config.dot, EVEN_K=even_k, num_warps=config.warps, num_stages=config.stages, **pdl(x))
+        USE_DOT=config.dot, EVEN_K=even_k, num_warps=config.warps, num_stages=config.stages, **pdl(x),
+        **_prefetch(data, config))
     return y.view(*x.shape[:-1], N)
 
 
@@ -317,4 +322,5 @@ def route_quantized(routed, ms, device) -> list[Choice]:
         skinny_gemm.TABLE.measure(sorted(s[2:] for s in shapes if s[:2] == (fmt, dtype)), ms, dtype, device,
                       operand=OPERANDS[fmt])
     return [c for key, c in skinny_gemm.TABLE.choices.items()
-            if c.fmt != "none" and c.M in ms and (c.fmt, key[3], c.N, c.K, key[4]) in shapes]
+            if c.fmt != "none" and c.M in ms and (c.fmt, key[3], c.N, c.K, key[4]) in shapes
+            and (key[-1] == "pdl") == launch.enabled()]

@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from fusegen.codegen.launch import pdl
+from fusegen.codegen import launch
+from fusegen.codegen.launch import pdl, prefetch_rows
 from fusegen.fused_group import kernels_wanted
 
 MAX_M = 64   # the template serves at most this many packed tokens
@@ -37,10 +38,7 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr,
                         M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
-                        EVEN_K: tl.constexpr, USE_GDC: tl.constexpr):
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+                        EVEN_K: tl.constexpr, USE_GDC: tl.constexpr, PREFETCH: tl.constexpr = 0):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -48,6 +46,12 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr,
     rk = tl.arange(0, BLOCK_K)
     k_chunk = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K   # each split's K range, whole BLOCK_Ks
     k_begin = pid_k * k_chunk
+    if USE_GDC:
+        if PREFETCH > 0:   # W is no kernel's output: its stream starts before the wait (launch.py)
+            span = tl.minimum(k_chunk, K - k_begin) * (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
+            prefetch_rows(w_ptr + rn * stride_wn + k_begin, tl.minimum(span, PREFETCH) // 16 * 16, rn < N)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     m_ok = rm[:, None] < M
     n_ok = rn[:, None] < N
     x_rows = x_ptr + rm[:, None] * stride_xm
@@ -175,8 +179,16 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         M, N, K, x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SPLIT_K=config.split_k, USE_DOT=config.dot, EVEN_K=even_k,
-        num_warps=config.warps, num_stages=config.stages, **pdl(x))
+        num_warps=config.warps, num_stages=config.stages, **pdl(x), **_prefetch(weight, config))
     return y.view(*x.shape[:-1], N)
+
+
+def _prefetch(weight: torch.Tensor, config: GemmConfig) -> dict:
+    """``PREFETCH``: the bytes per weight row a program prefetches before its PDL wait (none
+    off PDL). Shared by the quantized-weight template."""
+    if not (launch.enabled() and weight.is_cuda and launch.prefetchable(weight)):
+        return {}
+    return {"PREFETCH": max(launch.PREFETCH_BYTES // config.block_n, 16)}
 
 
 # --- the measured table ----------------------------------------------------------------------
@@ -287,8 +299,11 @@ def operand_for(fmt: str):
 
 
 def table_key(M: int, N: int, K: int, dtype, has_bias: bool, fmt: str = "none") -> tuple:
-    """The table's key; a plain weight's is (M, N, K, dtype, has_bias)."""
-    return (M, N, K, dtype, has_bias) if fmt == "none" else (M, N, K, dtype, has_bias, fmt)
+    """The table's key; a plain weight's is (M, N, K, dtype, has_bias). Under dependent
+    launches (launch.py) it ends in "pdl": the template then overlaps the kernel before it,
+    which cuBLAS does not, so the choice is measured and looked up apart."""
+    key = (M, N, K, dtype, has_bias) if fmt == "none" else (M, N, K, dtype, has_bias, fmt)
+    return key + ("pdl",) if launch.enabled() else key
 
 
 class GemmTable:
@@ -410,7 +425,8 @@ def route_linears(gm, ms, device, epilogues: bool = True, kv_pool=None) -> tuple
     for dtype in {s[3] for s in shapes}:
         TABLE.measure(sorted(s[:3] for s in shapes if s[3] == dtype), ms, dtype, device)
     choices = [c for key, c in TABLE.choices.items()
-               if c.fmt == "none" and c.M in ms and (c.N, c.K, key[4], key[3]) in shapes]
+               if c.fmt == "none" and c.M in ms and (c.N, c.K, key[4], key[3]) in shapes
+               and (key[-1] == "pdl") == launch.enabled()]
     from fusegen.codegen.quant_gemm import route_quantized   # its weights' linears, on the same table
 
     choices += route_quantized(routed, ms, device)

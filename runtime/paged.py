@@ -81,12 +81,13 @@ class PagedRunner:
 
         if self.batch is None:
             raise ValueError("capture_graphs needs the batch state: call allocate_batch first")
-        if skinny_gemms:
-            self.graph_gm, self.gemm_choices, self.gemm_fusion = route_linears(
-                self.gm, [b for b in decode_buckets if b <= skinny_gemm.MAX_M], self.device, epilogues,
-                kv_pool=self.kv_pool)
-            self.gemm_fusion["calls"] = list(skinny_gemm.FUSED_REPORT)
         self.pdl = pdl and launch.supported(self.device)   # the captures launch with it (StepGraphs)
+        if skinny_gemms:   # measured as the graphs will launch them, with or without PDL
+            with launch.dependent_launches(self.pdl):
+                self.graph_gm, self.gemm_choices, self.gemm_fusion = route_linears(
+                    self.gm, [b for b in decode_buckets if b <= skinny_gemm.MAX_M], self.device, epilogues,
+                    kv_pool=self.kv_pool)
+            self.gemm_fusion["calls"] = list(skinny_gemm.FUSED_REPORT)
         self.graphs = StepGraphs(self, decode_buckets, token_buckets, lazy)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:

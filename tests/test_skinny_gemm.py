@@ -140,3 +140,36 @@ def test_gpu_table_and_graph_capture():
         graph.replay()
         want = torch.nn.functional.linear(x.double(), w.double())
         assert ((y.double() - want).norm() / want.norm()).item() < 1e-2
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K,config", [
+    (1, 2048, 2048, GemmConfig(16, 256, split_k=2)),
+    (1, 3001, 1000, GemmConfig(8, 128)),                  # ragged N, K not a multiple of the split
+    (8, 4096, 11008, GemmConfig(16, 128, split_k=4, dot=True)),
+])
+def test_gpu_dependent_launches_with_weight_prefetch(M, N, K, config):
+    """Under PDL each GEMM prefetches its weight before waiting for the kernel before it:
+    a chain x -> y1 -> y2 in one CUDA graph, where each input is the previous kernel's
+    output, gives the chained product, replay after replay with new inputs."""
+    from fusegen.codegen import launch
+
+    if not launch.supported("cuda"):
+        pytest.skip("PDL needs compute capability 9.0")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=g)
+    w1 = torch.randn(K, K, device="cuda", dtype=torch.bfloat16, generator=g) * K ** -0.5
+    w2 = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) * K ** -0.5
+    with launch.dependent_launches(True):
+        assert skinny_gemm._prefetch(w2, config)["PREFETCH"] > 0
+        skinny_linear(skinny_linear(x, w1, None, config), w2, None, config)   # compiles, sizes the workspace
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = skinny_linear(skinny_linear(x, w1, None, config), w2, None, config)
+    for _ in range(3):
+        x.copy_(torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=g))
+        graph.replay()
+        h = torch.nn.functional.linear(x.double(), w1.double()).to(torch.bfloat16).double()
+        want = torch.nn.functional.linear(h, w2.double())
+        assert ((y.double() - want).norm() / want.norm()).item() < 1e-2

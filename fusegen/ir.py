@@ -9,8 +9,9 @@ pickle. Every node is one JSON object::
      "made_by": "capture"}
 
 Targets are resolved against allow-lists only: registered operator overloads of the
-``aten``, ``prims`` and ``fusegen`` namespaces, the pure functions of ``operator`` and
-``math`` and torch's symbolic-int helpers, and ``FusedGroup`` submodules (whose graphs are
+``aten``, ``prims`` and ``fusegen`` namespaces (and the collectives of ``COLLECTIVES``), the
+pure functions of ``operator`` and ``math`` and torch's symbolic-int helpers, and
+``FusedGroup`` submodules (whose graphs are
 stored the same way, nested). ``get_attr`` targets name tensors, which travel separately
 (safetensors). Argument values are JSON scalars, lists, and tagged objects for tuples,
 dicts, dtypes, devices, memory formats, layouts, slices and non-finite floats. Anything
@@ -41,6 +42,10 @@ DENIED_OPS = {"from_file", "save", "_print", "_async_error", "_assert_async", "_
 # String arguments an allowed op may take (a mode, never a path).
 STRING_ARGS = {"approximate", "rounding_mode", "reduce", "side", "indexing", "interpolation",
                "padding_mode", "mode", "ord", "equation", "weight_format"}
+# The collectives of a tensor-parallel rank's graph (passes/shard_tensor_parallel.py), and the
+# strings they take: a reduction and the name of a process group (fusegen.load names its own).
+COLLECTIVES = {"_c10d_functional": {"all_reduce", "all_gather_into_tensor", "wait_tensor"}}
+COLLECTIVE_STRING_ARGS = {"reduce_op", "group_name"}
 
 _FUNCTIONS: dict[str, Callable] = {
     **{f"operator.{name}": getattr(operator, name) for name in (
@@ -119,7 +124,7 @@ def _target_to_ir(gm: fx.GraphModule, node: fx.Node, modules: dict):
     if node.op == "call_function":
         target = node.target
         if isinstance(target, torch._ops.OpOverload):
-            if target.namespace not in OP_NAMESPACES:
+            if target.namespace not in OP_NAMESPACES and target._opname not in COLLECTIVES.get(target.namespace, ()):
                 raise ArtifactFormatError("graph", f"node {node.name!r}: op namespace "
                                           f"{target.namespace!r} cannot be stored")
             return {"op": f"{target.namespace}::{target._opname}.{target._overloadname}"}
@@ -301,7 +306,8 @@ def _resolve_function(target, where: str, node: str) -> Callable:
         qualified = target["op"]
         namespace, _, rest = qualified.partition("::")
         opname, _, overload = rest.rpartition(".")
-        if namespace not in OP_NAMESPACES or not opname or not overload:
+        collective = opname in COLLECTIVES.get(namespace, ())
+        if (namespace not in OP_NAMESPACES and not collective) or not opname or not overload:
             raise ArtifactFormatError(where, f"node {node!r}: op {qualified!r} is not allowed")
         try:
             op = getattr(getattr(getattr(torch.ops, namespace), opname), overload)
@@ -309,7 +315,7 @@ def _resolve_function(target, where: str, node: str) -> Callable:
             raise ArtifactFormatError(where, f"node {node!r}: op {qualified!r} does not exist in "
                                       f"torch {torch.__version__}") from None
         strings = {a.name for a in op._schema.arguments if str(a.type) in ("str", "Optional[str]")}
-        if opname in DENIED_OPS or strings - STRING_ARGS:
+        if opname in DENIED_OPS or strings - STRING_ARGS - (COLLECTIVE_STRING_ARGS if collective else set()):
             raise ArtifactFormatError(where, f"node {node!r}: op {qualified!r} is not allowed in a "
                                       f"stored graph")
         return op

@@ -5,6 +5,7 @@ module, run every check; the tests read what each rank saw.
     KV heads   one KV head on two ranks: replicated, counted
     refusals   GPT-2 (Conv1D as addmm), 3 query heads, MLP width 65: errors naming them
     engine     greedy tokens through rank 0's engine (chunked prefill, shared prefix) = tp=1
+    artifact   per-rank shards exported, loaded on two ranks, the same logits and tokens
     dead rank  rank 1 exits; rank 0's next step raises naming rank 1, well within the timeout
 """
 
@@ -16,7 +17,7 @@ import tp_workers
 from fusegen.config import CompileConfig
 from fusegen.errors import ConfigError
 
-CHECKS = ["logits_families", "kv_replicated", "refusals", "engine_greedy", "rank_dies"]
+CHECKS = ["logits_families", "kv_replicated", "refusals", "engine_greedy", "artifact_round_trip", "rank_dies"]
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,13 @@ def test_engine_greedy_identical_to_tp1(ranks):
     assert lead["stats"]["prefill_chunks_cut"] >= 1
     # rank 1 ran every step rank 0 broadcast: the engine's and generate's
     assert other["steps"] > lead["steps"] > 0
+
+
+def test_artifact_round_trip(ranks):
+    lead, other = _ok(ranks[0], "artifact_round_trip"), _ok(ranks[1], "artifact_round_trip")
+    assert lead["max_error"] == 0.0 and other["max_error"] == 0.0
+    assert lead["ranks_stored"] == [0, 1]
+    assert lead["tokens"] == lead["want"]
 
 
 def test_dead_rank_is_named_not_waited_for(ranks):

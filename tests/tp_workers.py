@@ -155,6 +155,7 @@ def engine_greedy(rank: int, state: dict) -> dict:
         return {"steps": sharded.follow()}
     engine = sharded.engine(num_blocks=16, max_num_batched_tokens=32, max_num_seqs=4)
     tokens = engine.generate_batch(PROMPTS, max_new_tokens=8)
+    state["engine_tokens"] = tokens
     stats = dict(engine.stats)
     also = sharded.generate(torch.tensor([PROMPTS[2]]), max_new_tokens=5, eos_token_id=[]).tolist()
     sharded.stop_followers()
@@ -164,6 +165,26 @@ def engine_greedy(rank: int, state: dict) -> dict:
     return {"tokens": tokens, "want": want, "steps": engine.runner.steps, "stats": stats,
             "generate": also, "generate_want": whole.generate(torch.tensor([PROMPTS[2]]), max_new_tokens=5,
                                                               eos_token_id=[]).tolist()}
+
+
+def artifact_round_trip(rank: int, state: dict) -> dict:
+    """Per-rank shards exported by both ranks, loaded on both: the same logits and tokens."""
+    import fusegen
+
+    sharded = state["llama"]
+    directory = Path(os.environ["TP_OUT"]) / "artifact"
+    sharded.save(directory)
+    loaded = fusegen.load(directory)
+    out = {"max_error": (_logits(loaded) - _logits(sharded)).abs().max().item(),
+           "ranks_stored": sorted(int(p.name[4:]) for p in directory.glob("rank*")),
+           "tp_rank": loaded.tp_group.rank}
+    if rank != 0:
+        loaded.follow()
+        return out
+    out["tokens"] = loaded.engine(num_blocks=16, max_num_seqs=4).generate_batch(PROMPTS, max_new_tokens=4)
+    loaded.stop_followers()
+    out["want"] = [t[:4] for t in state["engine_tokens"]]
+    return out
 
 
 def rank_dies(rank: int, state: dict) -> dict:

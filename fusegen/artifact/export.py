@@ -31,7 +31,21 @@ def export(compiled: CompiledModel, directory, *, tokenizer=None, onnx: bool = F
     other non-empty directory is refused). ``tokenizer``: a HF tokenizer to ship along.
     ``sign_key``: an Ed25519 private key (PEM path or bytes) that signs the manifest.
     ``triton_binaries``: a CUDA model's artifact carries Triton's compiled kernels
-    (binaries.py; the engine is set up first, so that every kernel it runs is compiled)."""
+    (binaries.py; the engine is set up first, so that every kernel it runs is compiled).
+    A tensor-parallel model is exported by every rank at once: each writes its shard's
+    artifact under ``directory`` (tensor_parallel.py)."""
+    if compiled.tp_group is not None:
+        from fusegen.artifact.tensor_parallel import export_ranks
+
+        return export_ranks(compiled, directory, _write, tokenizer=tokenizer, onnx=onnx, sign_key=sign_key,
+                            # compiled binaries come from setting up an engine, which needs every rank
+                            progress=progress and compiled.tp_group.rank == 0, triton_binaries=False)
+    return _write(compiled, directory, tokenizer=tokenizer, onnx=onnx, sign_key=sign_key, progress=progress,
+                  triton_binaries=triton_binaries)
+
+
+def _write(compiled: CompiledModel, directory, *, tokenizer, onnx: bool, sign_key, progress: bool,
+           triton_binaries: bool) -> Path:
     directory = check_destination(directory)
     if sign_key is not None:
         sign_key = read_key(sign_key, private=True)   # a bad key fails before the slow part

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import Counter
@@ -13,6 +14,7 @@ from fusegen.artifact import binaries
 from fusegen.artifact.format import GRAPH, MANIFEST, inside
 from fusegen.artifact.shapes import add_shape_values
 from fusegen.artifact.sign import check_signature
+from fusegen.artifact.tensor_parallel import adopt, is_sharded, rank_directory
 from fusegen.artifact.verify import read_json, read_manifest, read_verified, verify_files
 from fusegen.artifact.weights import read_weights
 from fusegen.codegen import cache
@@ -45,6 +47,9 @@ def load(directory, device: str | torch.device | None = None, *, trusted_keys=No
     if not path.is_file():
         raise ArtifactMissingError(MANIFEST, "missing (not a fusegen artifact?)")
     data = path.read_bytes()
+    if is_sharded(_json_or_none(data)):   # a tensor-parallel model: this rank's artifact
+        return load(rank_directory(directory, json.loads(data), device), device, trusted_keys=trusted_keys,
+                    progress=progress, triton_binaries=triton_binaries, runtime=runtime)
     if trusted_keys is not None:
         check_signature(directory, data, trusted_keys)   # on the very bytes parsed next
     manifest = read_manifest(directory, data)
@@ -74,6 +79,8 @@ def load(directory, device: str | torch.device | None = None, *, trusted_keys=No
     kernels = _load_kernels(directory, gm, manifest["kernels"], files, _kernels_launch(target))
     clock.lap("kernels")
     compiled = _compiled_model(manifest, gm, target, kernels, runtime)
+    if compiled.config.tp > 1:
+        adopt(compiled, target)
     if manifest.get("tokenizer"):
         # Read now, right after its files were verified, not at first use.
         compiled.tokenizer_path = inside(directory, manifest["tokenizer"])
@@ -82,6 +89,13 @@ def load(directory, device: str | torch.device | None = None, *, trusted_keys=No
     compiled.load_seconds = clock.laps
     compiled.triton_binaries = installed
     return compiled
+
+
+def _json_or_none(data: bytes):
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None   # read_manifest names what is wrong with it
 
 
 def _kv_geometry(data) -> KVGeometry:

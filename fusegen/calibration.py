@@ -1,11 +1,12 @@
 """Calibration tokens for the compiles that the CLI commands run.
 
 A config with a pass that fits on real text — int4 weights with AWQ scales (``int4_awq``),
-fewer KV heads (``gqa_kv_heads``) — is compiled with ``calibration_ids``: the bundled
+fewer KV heads (``gqa_kv_heads``), fp8 KV scales (``kv_dtype=fp8``) — is compiled with
+``calibration_ids``: the bundled
 ``fusegen/data/calibration.txt`` (or the text of ``--calibration FILE``) tokenized with the
 model's own tokenizer and cut into windows as ``fusegen-cli quality`` cuts it
-(``fusegen.quality.calibration_ids``). Without them int4 would be plain int4 and
-convert_mha_to_gqa would refuse.
+(``fusegen.quality.calibration_ids``). Without them int4 would be plain int4,
+convert_mha_to_gqa would refuse and the fp8 KV scales would come from random tokens.
 
     calibration = prepare(name, config, path)          # before loading: bad file, no tokenizer
     compiled = compile_calibrated(model, config, calibration, progress=True)
@@ -38,6 +39,8 @@ def needs_calibration(config: CompileConfig | None) -> str | None:
         wanted.append("int4 AWQ scales")
     if config.gqa_kv_heads > 0:
         wanted.append(f"gqa_kv_heads={config.gqa_kv_heads}")
+    if config.kv_dtype == "fp8":
+        wanted.append("fp8 KV scales")
     return " and ".join(wanted) or None
 
 
@@ -88,10 +91,14 @@ def prepare(model_name: str, config: CompileConfig | None, path: str | None = No
         return None
     if tokenizer is None:
         tokenizer = _tokenizer(model_name, reason, config)
+        if tokenizer is None:
+            return None
     return Calibration(reason, path or BUNDLED, tokenizer, text)
 
 
 def _tokenizer(model_name: str, reason: str, config: CompileConfig):
+    """The model's tokenizer; None where the model has none and only the fp8 KV scales, which
+    have a fallback, wanted calibration text; otherwise a model without one is an error."""
     from fusegen.errors import ModelNotFoundError
     from fusegen.models import load_tokenizer
 
@@ -100,6 +107,10 @@ def _tokenizer(model_name: str, reason: str, config: CompileConfig):
     except ModelNotFoundError as exc:
         if "no tokenizer files" not in str(exc):
             raise
+    if needs_calibration(config.replace(kv_dtype="auto")) is None:   # only the fp8 KV scales want it
+        log.info("note: %s has no tokenizer files to tokenize calibration text; the fp8 KV scales come "
+                 "from random token ids (passes/quantize_kv_cache.py)", model_name)
+        return None
     way_out = "; int4_awq=0 compiles plain int4" if config.gqa_kv_heads == 0 else ""
     raise ValueError(f"{reason} needs calibration tokens, and {model_name} has no tokenizer files "
                      f"to make them from the calibration text{way_out}") from None

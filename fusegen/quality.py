@@ -159,7 +159,7 @@ def _kv_bytes(compiled, base: QualityRow) -> int:
 
 
 def _lossy_stats(compiled) -> dict:
-    lossy = ("convert_mha_to_gqa", "quantize_weights")
+    lossy = ("convert_mha_to_gqa", "quantize_weights", "quantize_kv_cache")
     return {f"{r.name}.{k}": v for r in compiled.report.records if r.name in lossy
             for k, v in {**r.stats, "seconds": round(r.seconds, 2)}.items()}
 

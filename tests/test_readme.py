@@ -57,7 +57,7 @@ def _table_after(heading: str) -> list[list[str]]:
 
 def test_pass_table_is_the_pipeline():
     rows = _table_after("### The passes")
-    everything = CompileConfig(gqa_kv_heads=1, weights="int8")
+    everything = CompileConfig(gqa_kv_heads=1, weights="int8", kv_dtype="fp8")
     assert [name.strip("`") for _, name, _ in rows] == [p.name for p in build_pipeline(everything)]
     default = [p.name for p in build_pipeline(CompileConfig())]
     for step, name, _ in rows:

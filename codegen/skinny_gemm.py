@@ -251,6 +251,7 @@ class Choice:
     us: float
     cublas_us: float            # the baseline's time
     fmt: str = "none"           # the weight's storage format (fusegen/quant.py)
+    template_us: float = float("inf")   # the template's best time, chosen or not
 
     @property
     def kernel(self) -> str:
@@ -358,7 +359,7 @@ class GemmTable:
                         raise RuntimeError(f"skinny GEMM {best} disagrees with F.linear at M{M} N{N} K{K} "
                                            f"(weights {operand.fmt})")
                 config = best if best_us < margin * base_us else None
-                choice = Choice(M, N, K, config, best_us if config else base_us, base_us, operand.fmt)
+                choice = Choice(M, N, K, config, best_us if config else base_us, base_us, operand.fmt, best_us)
                 self.choices[key] = choice
                 made.append(choice)
         return made
@@ -375,7 +376,7 @@ class GemmTable:
             base = "cuBLAS" if c.fmt == "none" else "dequant"
             weights = "" if c.fmt == "none" else f" {c.fmt}"
             lines.append(f"M{c.M:<3} N{c.N:<6} K{c.K:<6}{weights:<5} {c.kernel:<34} {c.us:8.1f} us  "
-                         f"({base} {c.cublas_us:8.1f} us){share}")
+                         f"({base} {c.cublas_us:8.1f} us, template {c.template_us:8.1f} us){share}")
         return "\n".join(lines)
 
 

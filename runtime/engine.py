@@ -129,7 +129,7 @@ class Engine:
             return {"capture_s": 0.0, "graph_memory_bytes": 0, "graphs": 0, "buckets": [], "captured": [],
                     "lazy": False, "gemm": [], "gemm_fusion": {}, "pdl": False}
         gemm = [{"M": c.M, "N": c.N, "K": c.K, "weights": c.fmt, "kernel": c.kernel, "us": c.us,
-                 "cublas_us": c.cublas_us} for c in self.runner.gemm_choices]
+                 "cublas_us": c.cublas_us, "template_us": c.template_us} for c in self.runner.gemm_choices]
         return {"capture_s": g.capture_s, "graph_memory_bytes": g.memory_bytes,
                 "graphs": len(g.graphs), "buckets": g.buckets, "captured": g.captured, "lazy": g.lazy,
                 "gemm": gemm, "gemm_fusion": self.runner.gemm_fusion,

@@ -24,7 +24,9 @@ A paged tile reads one block only when block_size is a multiple of BLOCK_N; smal
 (16 with BLOCK_N 64) gather their rows with pointer loads (sm90's TMA has no row gather).
 The same body runs with pointer loads for every tile (``TMA`` False) where a layout does not
 allow descriptors (strides not multiples of 16 bytes, a last stride other than 1), which is
-also how the interpreter tests both paths. Descriptors made on the device need a global
+also how the interpreter tests both paths. An fp8 pool (kv_dtype=fp8) is read the same way,
+its e4m3 tiles converted to the compute dtype in registers (``fusegen.codegen.attention``).
+Descriptors made on the device need a global
 scratch slot each, which Triton takes from ``triton.set_allocator`` at launch
 (``_set_tma_allocator``).
 """

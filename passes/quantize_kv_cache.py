@@ -51,7 +51,7 @@ SAMPLE_SEQUENCES, SAMPLE_LENGTH, SAMPLE_MARGIN, SAMPLE_SEED = 2, 64, 2.0, 0
 _TINY = 1e-8                 # a head that is all zeros keeps a scale > 0
 
 
-def step_inputs(ids: torch.Tensor, geometry: KVGeometry, pool_dtype: torch.dtype, device) -> dict:
+def _prefill_inputs(ids: torch.Tensor, geometry: KVGeometry, pool_dtype: torch.dtype, device) -> dict:
     """The paged step graph's inputs for one sequence ``ids`` [L] prefilled from position 0
     into blocks 0, 1, ... of a fresh pool; logits of every token."""
     L, bs = ids.numel(), geometry.block_size
@@ -90,7 +90,7 @@ def _amax(gm: fx.GraphModule, sequences, geometry: KVGeometry, device) -> tuple[
     sequence's logits), the graph run with a pool in the model's dtype."""
     amax, first = torch.zeros(geometry.scales_shape(), device=device), None
     for ids in sequences:
-        inputs = step_inputs(ids, geometry, geometry.dtype, device)
+        inputs = _prefill_inputs(ids, geometry, geometry.dtype, device)
         logits = gm(**inputs)[0]
         first = logits if first is None else first
         amax = torch.maximum(amax, inputs["kv_pool"].abs().float().amax(dim=(2, 3, 5)))
@@ -99,7 +99,7 @@ def _amax(gm: fx.GraphModule, sequences, geometry: KVGeometry, device) -> tuple[
 
 @torch.no_grad()
 def _logit_error(gm: fx.GraphModule, ids: torch.Tensor, want: torch.Tensor, geometry: KVGeometry, device) -> float:
-    got = gm(**step_inputs(ids, geometry, FP8, device))[0].float()
+    got = gm(**_prefill_inputs(ids, geometry, FP8, device))[0].float()
     want = want.float()
     return float((got - want).abs().max() / want.abs().max().clamp_min(1.0))
 

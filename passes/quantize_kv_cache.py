@@ -39,7 +39,8 @@ from torch import fx
 
 from fusegen.errors import PassError
 from fusegen.kv import FP8, FP8_MAX, KVGeometry
-from fusegen.passes.infra import PassContext, PassResult, add_buffer, call_nodes, fresh_val, graph_pass, placeholders, val
+from fusegen.passes.infra import (PassContext, PassResult, add_buffer, call_nodes, fresh_val, graph_pass,
+                                  placeholders, val)
 
 log = logging.getLogger("fusegen.passes")
 ops = torch.ops.fusegen

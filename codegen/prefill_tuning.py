@@ -235,3 +235,19 @@ def stored_choices() -> dict:
     """What this process measured or looked up, for benchmarks' reports."""
     disk = _read_disk()
     return {k: disk.get(k, {"choice": v}) for k, v in _choices.items()}
+
+
+def seed_choices(choices: dict) -> int:
+    """Take tuned choices (``stored_choices()``'s keys, each with its "choice") made on
+    another machine as if measured here; a key names its GPU and Triton release, so only
+    those of this device ever match. Returns how many were new; an unknown configuration
+    name raises ValueError."""
+    added = 0
+    for key, entry in choices.items():
+        name = entry.get("choice") if isinstance(entry, dict) else None
+        if not isinstance(key, str) or name not in PREFILL_CONFIGS:
+            raise ValueError(f"prefill tuning entry {key!r}: {entry!r} names no configuration")
+        if key not in _choices:
+            _choices[key] = name
+            added += 1
+    return added

@@ -18,6 +18,7 @@ the device (``GemmTable.measure``) when the engine is set up; ``linear`` looks t
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from dataclasses import dataclass
 
@@ -111,6 +112,9 @@ def _finish_tile(acc, pid_n, pid_k, M, N, y_ptr, stride_ym, bias_ptr, scale_ptr,
                 total += tl.load(bias_ptr + cn, mask=cn < N, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=y_mask)
             tl.atomic_xchg(count_ptr + pid_n, 0)
+
+
+SEED_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -315,6 +319,40 @@ class GemmTable:
     def __init__(self):
         self.choices: dict[tuple, Choice] = {}
         self.trace: dict[tuple, dict[GemmConfig, float]] = {}   # every candidate's time
+        self.measured = 0   # shapes timed on the device by this table (seeded ones are not)
+
+    def export(self) -> list[dict]:
+        """The choices as JSON rows (an artifact ships them: fusegen/artifact/tuning.py)."""
+        rows = []
+        for key, c in self.choices.items():
+            row = {"M": c.M, "N": c.N, "K": c.K, "dtype": str(key[3]).removeprefix("torch."),
+                   "bias": bool(key[4]), "fmt": c.fmt, "pdl": key[-1] == "pdl", "us": c.us,
+                   "cublas_us": c.cublas_us,
+                   "template_us": c.template_us if c.template_us != float("inf") else None,
+                   "config": None if c.config is None else dataclasses.asdict(c.config)}
+            rows.append(row)
+        return rows
+
+    def seed(self, rows: list[dict]) -> int:
+        """Take ``export()`` rows measured on this kind of device as if measured here (a
+        shape already in the table keeps its own); returns how many were new. A malformed
+        row raises ValueError."""
+        added = 0
+        for row in rows:
+            try:
+                dtype = SEED_DTYPES[row["dtype"]]
+                config = None if row["config"] is None else GemmConfig(**row["config"])
+                M, N, K = (int(row[k]) for k in ("M", "N", "K"))
+                key = (M, N, K, dtype, bool(row["bias"])) + ((row["fmt"],) if row["fmt"] != "none" else ())
+                key += ("pdl",) if row["pdl"] else ()
+                choice = Choice(M, N, K, config, float(row["us"]), float(row["cublas_us"]), row["fmt"],
+                                float("inf") if row.get("template_us") is None else float(row["template_us"]))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"GEMM table row {row!r}: {exc}") from None
+            if key not in self.choices:
+                self.choices[key] = choice
+                added += 1
+        return added
 
     def best_template(self, M: int, N: int, K: int, dtype, has_bias: bool, fmt: str = "none") -> GemmConfig | None:
         """The template's fastest measured configuration, whether or not it beat the baseline."""
@@ -343,6 +381,7 @@ class GemmTable:
                 key = table_key(M, N, K, dtype, has_bias, operand.fmt)
                 if key in self.choices or M > MAX_M:
                     continue
+                self.measured += 1
                 x = torch.randn(M, K, device=device, dtype=dtype, generator=gen)
                 base_us = _time_us([lambda w=w: operand.baseline(x, w, b) for w in ws])
                 timings = self.trace[key] = {}

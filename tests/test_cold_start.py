@@ -15,7 +15,7 @@ import torch
 
 import fusegen
 from fusegen.artifact import format as artifact_format, weights as artifact_weights
-from fusegen.codegen import triton_cache
+from fusegen.codegen import launch, prefill_tuning, skinny_gemm, triton_cache
 from fusegen.config import CompileConfig
 from fusegen.errors import ArtifactFormatError, ArtifactTamperedError, ConfigError
 from fusegen.runtime.cuda_graphs import StepGraphs
@@ -228,6 +228,83 @@ def test_lazy_capture_is_a_runtime_field_a_loaded_model_may_set(llama, tmp_path)
     assert CompileConfig.from_string("lazy_cuda_graphs=1").lazy_cuda_graphs
 
 
+# --- measured kernel choices ------------------------------------------------------------------
+
+PREFILL_KEY = "NVIDIA H200 | triton 3.6.0 | paged bfloat16 D128 causal1 window0 softcap0 group4 page16 T512 L512 R1 auto"
+OTHER_GPU_KEY = "NVIDIA A100-SXM4-80GB | triton 3.6.0 | flash bfloat16 D64 causal1 window0 softcap0 group1 page0 T64 L64 R8 auto"
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """A process that measured one GEMM shape under PDL, one where cuBLAS won, and prefill
+    tiles on this H200 and on another GPU; both tables restored afterwards."""
+    table = skinny_gemm.GemmTable()
+    table.choices[(1, 2048, 8192, torch.bfloat16, False, "pdl")] = skinny_gemm.Choice(
+        1, 2048, 8192, skinny_gemm.GemmConfig(16, 256, split_k=4), 9.5, 13.4, "none", 9.5)
+    table.choices[(4, 3072, 2048, torch.bfloat16, False)] = skinny_gemm.Choice(4, 3072, 2048, None, 6.6, 6.6, "none", 7.9)
+    monkeypatch.setattr(skinny_gemm, "TABLE", table)
+    monkeypatch.setattr(prefill_tuning, "_choices", {PREFILL_KEY: "hopper_m128_n64_w8_s3",
+                                                     OTHER_GPU_KEY: "hopper_m64_n64_w4_s3"})
+    monkeypatch.setattr(prefill_tuning, "_read_disk", lambda: {})
+    return table
+
+
+def test_measured_choices_travel_with_the_artifact(llama, on_gpu, measured, tmp_path, monkeypatch):
+    """Exported on the H200: the GEMM rows and this GPU's prefill classes are in the
+    manifest; loaded into a process that measured nothing, they are its table, and an
+    engine there times none of those shapes again."""
+    saved = llama.save(tmp_path / "artifact")
+    record = _manifest(saved)["tuning"]
+    assert record["target"] == KEY.to_dict() and record["prefill"] == {PREFILL_KEY: {"choice": "hopper_m128_n64_w8_s3"}}
+    assert sorted((r["M"], r["pdl"], r["config"] is None) for r in record["gemm"]) == [(1, True, False), (4, False, True)]
+    fresh = skinny_gemm.GemmTable()
+    monkeypatch.setattr(skinny_gemm, "TABLE", fresh)
+    monkeypatch.setattr(prefill_tuning, "_choices", {})
+    loaded = fusegen.load(saved)
+    assert (loaded.tuning.gemm, loaded.tuning.prefill) == (2, 1)
+    assert prefill_tuning._choices == {PREFILL_KEY: "hopper_m128_n64_w8_s3"}
+    assert fresh.choices == measured.choices and fresh.measured == 0
+    with launch.dependent_launches(True):
+        assert fresh.lookup(1, 2048, 8192, torch.bfloat16, False) == skinny_gemm.GemmConfig(16, 256, split_k=4)
+    assert fresh.lookup(1, 2048, 8192, torch.bfloat16, False) is None       # measured under PDL only
+    assert fresh.lookup(4, 3072, 2048, torch.bfloat16, False) is None       # cuBLAS won there
+
+
+def test_measured_choices_of_another_gpu_are_left_alone(llama, on_gpu, measured, tmp_path, monkeypatch, caplog):
+    saved = llama.save(tmp_path / "artifact")
+    fresh = skinny_gemm.GemmTable()
+    monkeypatch.setattr(skinny_gemm, "TABLE", fresh)
+    monkeypatch.setattr(prefill_tuning, "_choices", {})
+    other = triton_cache.TargetKey("3.6.0", "NVIDIA A100-SXM4-80GB", (8, 0))
+    monkeypatch.setattr(triton_cache.TargetKey, "of", classmethod(lambda cls, device: other))
+    with caplog.at_level("INFO", logger="fusegen.artifact"):
+        loaded = fusegen.load(saved)
+    assert (loaded.tuning.gemm, loaded.tuning.prefill) == (0, 0)
+    assert loaded.tuning.reason == "compiled with GPU NVIDIA H200, this is NVIDIA A100-SXM4-80GB"
+    assert "measured kernel choices are not used" in caplog.text
+    assert fresh.choices == {} and prefill_tuning._choices == {}
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t["gemm"][0].update(dtype="float8"), "GEMM table row"),
+    (lambda t: t["gemm"][0].update(config={"block_n": 16, "tiles": 3}), "GEMM table row"),
+    (lambda t: t["prefill"].update({PREFILL_KEY: {"choice": "no_such_tiles"}}), "names no configuration"),
+    (lambda t: t.update(gemm="rows"), "malformed field 'tuning'"),
+])
+def test_a_malformed_tuning_record_is_refused(llama, on_gpu, measured, tmp_path, monkeypatch, edit, message):
+    saved = llama.save(tmp_path / "artifact")
+    manifest = _manifest(saved)
+    edit(manifest["tuning"])
+    (saved / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(skinny_gemm, "TABLE", skinny_gemm.GemmTable())
+    with pytest.raises(ArtifactFormatError, match=message):
+        fusegen.load(saved)
+
+
+def test_a_cpu_export_ships_no_measured_choices(llama, tmp_path):
+    assert _manifest(llama.save(tmp_path / "artifact"))["tuning"] is None
+
+
 # --- on the GPU --------------------------------------------------------------------------------
 
 CHILD = """
@@ -238,7 +315,9 @@ with triton_cache.count_compiles() as counts:
     out = model.generate(torch.tensor([[5, 9, 3, 77, 12, 40]], device="cuda"), 12)
     torch.cuda.synchronize()
 report = model.triton_binaries
+from fusegen.codegen import skinny_gemm
 print(json.dumps({"tokens": out[0].tolist(), "hits": counts["hits"], "misses": counts["misses"],
+                  "gemm_measured": skinny_gemm.TABLE.measured, "gemm_seeded": model.tuning.gemm,
                   "seeded": report.seeded, "ignored": report.ignored, "reasons": report.reasons,
                   "captured": model._engine.setup["captured"]}))
 """
@@ -253,7 +332,8 @@ def test_a_fresh_process_loads_the_shipped_binaries_and_compiles_no_kernel(tmp_p
     want = compiled.generate(ids, 12)[0].tolist()
     saved = compiled.save(tmp_path / "artifact")
     assert len(_manifest(saved)["triton_binaries"]["entries"]) > 0
-    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "empty-triton-cache"))
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "empty-triton-cache"),
+               FUSEGEN_CACHE=str(tmp_path / "empty-fusegen-cache"))
     done = subprocess.run([sys.executable, "-c", CHILD, str(saved)], capture_output=True, text=True,
                           timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -262,3 +342,4 @@ def test_a_fresh_process_loads_the_shipped_binaries_and_compiles_no_kernel(tmp_p
     assert got["misses"] == 0 and got["hits"] > 0, got
     assert got["seeded"] > 0 and got["ignored"] == 0, got
     assert len(got["captured"]) <= 2, got   # lazily: the prompt's bucket and the decode bucket
+    assert got["gemm_seeded"] > 0 and got["gemm_measured"] == 0, got   # the shipped GEMM table

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import fusegen
-from fusegen.artifact import binaries
+from fusegen.artifact import binaries, tuning
 from fusegen.artifact.sign import read_key, sign
 from fusegen.artifact.format import (FORMAT, FORMAT_VERSION, GRAPH, MANIFEST, SHARD_BYTES, TOKENIZER,
                                      chunk_count, hash_chunk)
@@ -69,6 +69,7 @@ def _write(compiled: CompiledModel, directory, *, tokenizer, onnx: bool, sign_ke
             to_onnx(gm, staging / "model.onnx", facts=compiled.facts, progress=progress)
         manifest = _manifest(compiled, weights, kernels, tokenizer is not None)
         manifest["triton_binaries"] = compiled_kernels
+        manifest[tuning.FIELD] = tuning.write(compiled)   # after binaries.write has set the engine up
         manifest["files"] = _hash_tree(staging, progress)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
         if sign_key is not None:

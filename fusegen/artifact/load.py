@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from fusegen.artifact import binaries
+from fusegen.artifact import binaries, tuning
 from fusegen.artifact.format import GRAPH, MANIFEST, inside
 from fusegen.artifact.shapes import add_shape_values
 from fusegen.artifact.sign import check_signature
@@ -63,6 +63,7 @@ def load(directory, device: str | torch.device | None = None, *, trusted_keys=No
     verify_files(directory, files, hashed=read_now, progress=progress)  # graph, kernels: as read
     clock.lap("verify")
     installed = binaries.install(directory, manifest, target, triton_binaries)   # before any kernel compiles
+    tuned = tuning.install(manifest, target)   # before an engine measures its kernels
     clock.lap("binaries")
     tensors = read_weights(directory, weights, files, target, progress, streamed)
     if target.type == "cuda":
@@ -88,6 +89,7 @@ def load(directory, device: str | torch.device | None = None, *, trusted_keys=No
     clock.lap("model")
     compiled.load_seconds = clock.laps
     compiled.triton_binaries = installed
+    compiled.tuning = tuned
     return compiled
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 import fusegen
+from fusegen.artifact import tuning
 from fusegen.artifact.format import (BINARIES, FORMAT, FORMAT_VERSION, GRAPH, HASH_CHUNK, MANIFEST, chunk_count,
                                      chunk_digests, hash_chunk, inside)
 from fusegen.codegen.triton_cache import SAFE_NAME, TargetKey
@@ -92,6 +93,7 @@ def _check_layout(m: dict) -> None:
             f"tokenizer {tokenizer!r} is not a listed folder")
     _field(m, "facts", dict)
     _check_binaries(m.get("triton_binaries"), files)
+    tuning.check(m.get(tuning.FIELD))
     try:
         CompileConfig.from_string(_field(m, "compile_config", str))
         torch.device(_field(m, "device", str))

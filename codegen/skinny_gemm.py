@@ -330,6 +330,9 @@ class GemmTable:
                    "cublas_us": c.cublas_us,
                    "template_us": c.template_us if c.template_us != float("inf") else None,
                    "config": None if c.config is None else dataclasses.asdict(c.config)}
+            trace = self.trace.get(key)
+            best = min(trace, key=trace.get) if trace else None
+            row["best"] = None if best is None else dataclasses.asdict(best)   # what fused GEMMs build on
             rows.append(row)
         return rows
 
@@ -351,6 +354,8 @@ class GemmTable:
                 raise ValueError(f"GEMM table row {row!r}: {exc}") from None
             if key not in self.choices:
                 self.choices[key] = choice
+                if row.get("best") is not None:
+                    self.trace[key] = {GemmConfig(**row["best"]): choice.template_us}
                 added += 1
         return added
 

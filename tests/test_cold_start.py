@@ -242,6 +242,8 @@ def measured(monkeypatch):
     table.choices[(1, 2048, 8192, torch.bfloat16, False, "pdl")] = skinny_gemm.Choice(
         1, 2048, 8192, skinny_gemm.GemmConfig(16, 256, split_k=4), 9.5, 13.4, "none", 9.5)
     table.choices[(4, 3072, 2048, torch.bfloat16, False)] = skinny_gemm.Choice(4, 3072, 2048, None, 6.6, 6.6, "none", 7.9)
+    table.trace[(4, 3072, 2048, torch.bfloat16, False)] = {skinny_gemm.GemmConfig(16, 128, split_k=2): 7.9,
+                                                           skinny_gemm.GemmConfig(8, 256): 8.4}
     monkeypatch.setattr(skinny_gemm, "TABLE", table)
     monkeypatch.setattr(prefill_tuning, "_choices", {PREFILL_KEY: "hopper_m128_n64_w8_s3",
                                                      OTHER_GPU_KEY: "hopper_m64_n64_w4_s3"})
@@ -268,6 +270,8 @@ def test_measured_choices_travel_with_the_artifact(llama, on_gpu, measured, tmp_
         assert fresh.lookup(1, 2048, 8192, torch.bfloat16, False) == skinny_gemm.GemmConfig(16, 256, split_k=4)
     assert fresh.lookup(1, 2048, 8192, torch.bfloat16, False) is None       # measured under PDL only
     assert fresh.lookup(4, 3072, 2048, torch.bfloat16, False) is None       # cuBLAS won there
+    # the template's best stays known where cuBLAS won: the fused GEMMs are built on it
+    assert fresh.best_template(4, 3072, 2048, torch.bfloat16, False) == skinny_gemm.GemmConfig(16, 128, split_k=2)
 
 
 def test_measured_choices_of_another_gpu_are_left_alone(llama, on_gpu, measured, tmp_path, monkeypatch, caplog):

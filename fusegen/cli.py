@@ -1,9 +1,9 @@
 """``fusegen-cli``: the command line.
 
     fusegen-cli inspect  [MODEL] [--dump-dir DIR] [--html FILE] [--config STR]
-    fusegen-cli generate [MODEL] --prompt TEXT [...]
-    fusegen-cli export   [MODEL] -o DIR [--dtype bf16|fp16|fp32] [--onnx] [--config STR]
-    fusegen-cli run      DIR --prompt TEXT [...]
+    fusegen-cli generate [MODEL] --prompt TEXT [--tp N] [...]
+    fusegen-cli export   [MODEL] -o DIR [--dtype bf16|fp16|fp32] [--onnx] [--config STR] [--tp N]
+    fusegen-cli run      DIR --prompt TEXT [--tp N] [...]
     fusegen-cli chat     [MODEL] [--system TEXT] [...]
     fusegen-cli analyze  [MODEL] --batch B --seq T --gpu h100 [--plot PNG] [--json FILE]
     fusegen-cli quality  [MODEL] [--config STR] [--length N] [--json FILE]
@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 import fusegen
-from fusegen import __version__
+from fusegen import __version__, tp_launch
 from fusegen.calibration import compile_calibrated, prepare
 from fusegen.config import CompileConfig
 from fusegen.errors import FusegenError
@@ -67,9 +67,24 @@ CALIBRATION_ARG = arg("--calibration", metavar="FILE", default=None,
                       help="text the lossy passes that need it fit on (int4 AWQ scales, gqa_kv_heads), "
                            "tokenized with the model's tokenizer (default: fusegen/data/calibration.txt)")
 
+TP_ARG = arg("--tp", type=int, default=1, metavar="N",
+             help="tensor parallelism over N ranks, one process each (one per GPU; gloo on the CPU), which "
+                  "this command spawns; under torchrun, N must be its --nproc-per-node (default: 1)")
 
-def _parse_config(text: str | None) -> CompileConfig | None:
-    return None if text is None else CompileConfig.from_string(text)
+
+def _parse_config(text: str | None, tp: int = 1) -> CompileConfig | None:
+    config = None if text is None else CompileConfig.from_string(text)
+    if tp != 1:
+        config = (config or CompileConfig()).replace(tp=tp)
+    return config
+
+
+def _follower(compiled) -> bool:
+    """A rank > 0 of a tensor-parallel model: it runs rank 0's steps (True once they end)."""
+    if compiled.tp_group is None or compiled.tp_group.is_driver:
+        return False
+    compiled.follow()
+    return True
 
 
 # --- subcommands ----------------------------------------------------------------------------
@@ -187,15 +202,21 @@ GENERATION_ARGS = (
 
 
 @command("generate", "generate text from a prompt, streaming tokens as they are produced",
-         MODEL_ARG, *GENERATION_ARGS, CONFIG_ARG, CALIBRATION_ARG)
+         MODEL_ARG, *GENERATION_ARGS, CONFIG_ARG, CALIBRATION_ARG, TP_ARG)
 def generate_command(args: argparse.Namespace) -> int:
-    config = _parse_config(args.config)
+    config = _parse_config(args.config, args.tp)
     _check_generation_args(args)
     tokenizer = load_tokenizer(args.model)
     calibration = prepare(args.model, config, args.calibration, tokenizer)
     model = load_model(args.model)
     compiled = compile_calibrated(model, config, calibration, progress=True)
-    return _stream_completion(compiled, tokenizer, args)
+    if _follower(compiled):
+        return 0
+    try:
+        return _stream_completion(compiled, tokenizer, args)
+    finally:
+        if compiled.tp_group is not None:
+            compiled.stop_followers()
 
 
 EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -211,13 +232,13 @@ EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.fl
              help="also write the optimized graph as DIR/model.onnx (fused ops in the 'fusegen' domain)"),
          arg("--sign", metavar="KEY", default=None,
              help="sign the manifest with this Ed25519 private key (PEM); `run --trusted-key` checks it"),
-         CONFIG_ARG, CALIBRATION_ARG)
+         CONFIG_ARG, CALIBRATION_ARG, TP_ARG)
 def export_command(args: argparse.Namespace) -> int:
     from fusegen.artifact import check_destination, export
 
     from fusegen.artifact.sign import read_key
 
-    config = _parse_config(args.config)
+    config = _parse_config(args.config, args.tp)
     check_destination(args.output)  # before the slow part
     sign_key = read_key(args.sign, private=True) if args.sign else None
     tokenizer = _optional_tokenizer(args.model)
@@ -226,6 +247,8 @@ def export_command(args: argparse.Namespace) -> int:
     compiled = compile_calibrated(model, config, calibration, progress=True)
     directory = export(compiled, args.output, tokenizer=tokenizer, onnx=args.onnx, sign_key=sign_key,
                        progress=True)
+    if compiled.tp_group is not None and not compiled.tp_group.is_driver:
+        return 0
     total = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
     print(f"wrote {directory} ({total / 2**20:.1f} MiB): {compiled.report.model_class}, "
           f"{len(compiled.facts['kernels'])} kernels, config {compiled.config}")
@@ -237,7 +260,10 @@ def export_command(args: argparse.Namespace) -> int:
          *GENERATION_ARGS,
          arg("--device", default=None, help="where to run (default: the device it was compiled for)"),
          arg("--trusted-key", metavar="PUB", action="append", default=None,
-             help="an Ed25519 public key (PEM) the artifact must be signed with (repeatable)"))
+             help="an Ed25519 public key (PEM) the artifact must be signed with (repeatable)"),
+         arg("--tp", type=int, default=1, metavar="N",
+             help="the ranks of an artifact exported with --tp N, one process each, which this command "
+                  "spawns (default: 1)"))
 def run_command(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -245,14 +271,34 @@ def run_command(args: argparse.Namespace) -> int:
 
     _check_generation_args(args)
     _check_device(args.device)
-    if Path(args.artifact).is_dir() and read_manifest(Path(args.artifact)).get("tokenizer") is None:
+    if Path(args.artifact).is_dir() and read_manifest(_first_rank(Path(args.artifact))).get("tokenizer") is None:
         raise ValueError(f"{args.artifact} was exported without a tokenizer; use fusegen.load() "
                          f"with token ids instead")
     compiled = fusegen.load(args.artifact, device=args.device, trusted_keys=args.trusted_key, progress=True)
     if compiled.tokenizer is None:
         raise ValueError(f"{args.artifact} was exported without a tokenizer; use fusegen.load() "
                          f"with token ids instead")
-    return _stream_completion(compiled, compiled.tokenizer, args)
+    if _follower(compiled):
+        return 0
+    try:
+        return _stream_completion(compiled, compiled.tokenizer, args)
+    finally:
+        if compiled.tp_group is not None:
+            compiled.stop_followers()
+
+
+def _first_rank(directory):
+    """An artifact's directory, or rank 0's of a tensor-parallel one (exported with --tp)."""
+    import json
+
+    from fusegen.artifact import MANIFEST
+    from fusegen.artifact.tensor_parallel import is_sharded, rank_dir
+
+    try:
+        sharded = is_sharded(json.loads((directory / MANIFEST).read_bytes()))
+    except (OSError, ValueError):
+        return directory   # read_manifest names the problem
+    return directory / rank_dir(0) if sharded else directory
 
 
 @command("serve", "serve the model over an OpenAI-compatible HTTP API (/v1/completions, "
@@ -411,6 +457,11 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version, and argparse's own usage errors
         return 0 if e.code is None else e.code if isinstance(e.code, int) else EXIT_USER_ERROR
     try:
+        if getattr(args, "tp", 1) < 1:
+            raise ValueError(f"--tp must be >= 1, got {args.tp}")
+        if getattr(args, "tp", 1) > 1 and not tp_launch.under_launcher():
+            _parse_config(getattr(args, "config", None), args.tp)   # a bad config fails once, not per rank
+            return tp_launch.spawn(sys.argv[1:] if argv is None else list(argv), args.tp)
         with _progress_messages_on_stderr():
             return args.run(args)
     except (FusegenError, FileNotFoundError, FileExistsError, ValueError) as e:

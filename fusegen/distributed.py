@@ -71,7 +71,7 @@ def join(tp: int, device: torch.device | str | None = None) -> TPGroup:
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
             raise ConfigError(f"tp={tp} runs one process per rank: start them with torchrun "
-                              f"--nproc-per-node {tp} (or fusegen-cli generate/serve/export --tp {tp}); "
+                              f"--nproc-per-node {tp} (or fusegen-cli generate/export/run --tp {tp}); "
                               f"this process has no RANK/WORLD_SIZE")
         cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
         if cuda:
@@ -92,6 +92,15 @@ def check_devices(tp: int) -> None:
     count = torch.cuda.device_count()
     if count < tp:
         raise ConfigError(f"tp={tp} needs {tp} GPUs, this machine has {count}")
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (MASTER_PORT of ranks spawned here)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def check_failure(group: TPGroup, what: str, exc: BaseException) -> TensorParallelError:

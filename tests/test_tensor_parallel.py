@@ -114,3 +114,14 @@ def test_fewer_gpus_than_tp(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ConfigError, match="tp=2 needs 2 GPUs, this machine has 1"):
         check_devices(2)
+
+
+def test_cli_generate_tp2_spawns_ranks_and_matches_tp1(tiny_chat_dir, capfd, monkeypatch):
+    from fusegen.cli import main
+
+    monkeypatch.setenv("FUSEGEN_TP_TIMEOUT", str(tp_workers.TIMEOUT_S))
+    argv = ["generate", str(tiny_chat_dir), "--prompt", "Hello", "--max-new-tokens", "6"]
+    assert main(argv) == 0
+    want = capfd.readouterr().out
+    assert main(argv + ["--tp", "2"]) == 0
+    assert capfd.readouterr().out == want

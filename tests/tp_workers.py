@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import time
 import traceback
@@ -21,15 +20,11 @@ TP = 2
 TIMEOUT_S = 30   # of each collective (FUSEGEN_TP_TIMEOUT): a dead rank is found well within the test
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(checks: list[str], out_dir: Path, tp: int = TP, backend_env: dict | None = None) -> list[dict]:
     """Run ``checks`` (names of functions of this module) on ``tp`` spawned ranks; their results."""
     import torch.multiprocessing as mp
+
+    from fusegen.distributed import free_port
 
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(tp),
            "FUSEGEN_TP_TIMEOUT": str(TIMEOUT_S), "TP_OUT": str(out_dir), **(backend_env or {})}

@@ -58,7 +58,13 @@ def _table_after(heading: str) -> list[list[str]]:
 def test_pass_table_is_the_pipeline():
     rows = _table_after("### The passes")
     everything = CompileConfig(gqa_kv_heads=1, weights="int8", kv_dtype="fp8")
-    assert [name.strip("`") for _, name, _ in rows] == [p.name for p in build_pipeline(everything)]
+    # tp > 1 excludes weights=int8: its pass is merged in where its own pipeline puts it
+    names = [p.name for p in build_pipeline(everything)]
+    sharded = [p.name for p in build_pipeline(CompileConfig(gqa_kv_heads=1, kv_dtype="fp8", tp=2))]
+    for before, name in zip(sharded, sharded[1:]):
+        if name not in names:
+            names.insert(names.index(before) + 1, name)
+    assert [name.strip("`") for _, name, _ in rows] == names
     default = [p.name for p in build_pipeline(CompileConfig())]
     for step, name, _ in rows:
         name = name.strip("`")

@@ -194,3 +194,27 @@ def rank_dies(rank: int, state: dict) -> dict:
     except Exception as exc:  # noqa: BLE001
         return {"error_message": f"{type(exc).__name__}: {exc}", "after_s": time.perf_counter() - start}
     return {"error_message": None, "after_s": time.perf_counter() - start}
+
+
+def cuda_logits_and_greedy(rank: int, state: dict) -> dict:
+    """On GPU r (NCCL): the mini Llama at tp=2 against tp=1 on GPU 0, logits and greedy tokens."""
+    from families import left_padded, mini_model
+
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    sharded = _compile(mini_model("llama").to(device), f"tp={TP}")
+    ids, mask = left_padded([6, 3, 5], 7, seed=1)
+    got = sharded(ids.to(device), mask.to(device))[mask.to(device).bool()]
+    out = {"backend": sharded.tp_group.backend}
+    if rank != 0:
+        sharded.follow()
+        return out
+    tokens = sharded.engine(num_blocks=16, max_num_seqs=4).generate_batch(PROMPTS, max_new_tokens=8)
+    sharded.stop_followers()
+    whole = _compile(mini_model("llama").to(device), "default")
+    want = whole(ids.to(device), mask.to(device))[mask.to(device).bool()]
+    out["max_error"] = (got - want).abs().max().item()
+    out["max_logit"] = want.abs().max().item()
+    out["tokens"] = tokens
+    out["want"] = whole.engine(num_blocks=16, max_num_seqs=4).generate_batch(PROMPTS, max_new_tokens=8)
+    return out

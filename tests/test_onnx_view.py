@@ -266,6 +266,11 @@ def _t(x):
     return torch.from_numpy(x.copy())
 
 
+def _maybe(x):
+    """An optional input: None where the node leaves it empty (kv_scales of a float pool)."""
+    return None if x is None else _t(x)
+
+
 class Attention(OpRun):
     op_domain = "fusegen"
 
@@ -277,19 +282,19 @@ class Attention(OpRun):
 class PagedKVWrite(OpRun):
     op_domain = "fusegen"
 
-    def _run(self, kv_pool, k, v, slot_mapping, layer=None, **_):
+    def _run(self, kv_pool, k, v, slot_mapping, kv_scales=None, layer=None, **_):
         pool = _t(kv_pool)
-        ops.paged_kv_write(pool, layer, _t(k), _t(v), _t(slot_mapping))
+        ops.paged_kv_write(pool, layer, _t(k), _t(v), _t(slot_mapping), _maybe(kv_scales))
         return (pool.numpy(),)
 
 
 class PagedAttention(OpRun):
     op_domain = "fusegen"
 
-    def _run(self, q, kv_pool, block_tables, seq_lens, query_start_loc, layer=None, scale=None,
-             causal=None, window=None, softcap=None, **_):
+    def _run(self, q, kv_pool, block_tables, seq_lens, query_start_loc, kv_scales=None, layer=None,
+             scale=None, causal=None, window=None, softcap=None, **_):
         out = ops.paged_attention(_t(q), _t(kv_pool), layer, _t(block_tables), _t(seq_lens),
-                                  _t(query_start_loc), scale, bool(causal), window, softcap)
+                                  _t(query_start_loc), scale, bool(causal), window, softcap, _maybe(kv_scales))
         return (out.numpy(),)
 
 

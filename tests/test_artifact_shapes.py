@@ -183,3 +183,37 @@ def test_gpu_a_loaded_bf16_model_fuses_and_generates_like_the_compiled_one(monke
     assert sorted((g["M"], g["N"], g["K"]) for g in got["gemm"]) == sorted((g["M"], g["N"], g["K"]) for g in want["gemm"])
     prompts = [[5, 9, 33, 2, 17, 88, 41], [7, 3], [64] * 5]
     assert engines[1].generate_batch(prompts, 10, eos_token_ids=[]) == engines[0].generate_batch(prompts, 10, eos_token_ids=[])
+
+
+def test_a_graph_torch_cannot_follow_symbolically_loads_without_values(llama, tmp_path, monkeypatch, caplog):
+    """Where the symbolic propagation fails although the ops take the graph at one size (a
+    torch release whose guards cannot evaluate the loaded symbols), the model loads without
+    shape values, says so, and generates what the compiled model does, its linears unfused."""
+    from fusegen.artifact import shapes
+
+    saved = llama.save(tmp_path / "artifact")
+
+    def fails(gm):
+        raise RuntimeError("s44")
+    monkeypatch.setattr(shapes, "_propagate_symbolically", fails)
+    with caplog.at_level("WARNING", logger="fusegen.artifact"):
+        loaded = fusegen.load(saved)
+    assert "propagate at one size but not symbolically" in caplog.text and "RuntimeError: s44" in caplog.text
+    assert not _records(loaded.graph_module)
+    _, _, stats = skinny_gemm.route_linears(loaded.graph_module, [], "cpu")
+    assert stats == {"skipped_no_shapes": 1}
+    ids = torch.tensor([[5, 9, 3, 77, 12]])
+    assert torch.equal(loaded.generate(ids, 6), llama.generate(ids, 6))
+
+
+def test_a_graph_that_fails_at_one_size_too_is_refused(llama, tmp_path, monkeypatch):
+    from fusegen.artifact import shapes
+
+    saved = llama.save(tmp_path / "artifact")
+
+    def edit(graph):
+        _node(graph, "input_ids")["shape"]["shape"] = ["s43", "s53", 3]
+    _rewrite_graph(saved, edit)
+    monkeypatch.setattr(shapes, "_propagate_symbolically", lambda gm: (_ for _ in ()).throw(RuntimeError("s44")))
+    with pytest.raises(ArtifactFormatError, match=r"do not propagate \(RuntimeError: s44\)"):
+        fusegen.load(saved)

@@ -25,7 +25,7 @@ from fusegen.config import CompileConfig
 from fusegen.errors import ArtifactError, ArtifactFormatError, ArtifactMissingError, ArtifactTamperedError
 from fusegen.fused_group import KERNELS_ENV, FusedGroup
 from fusegen.kv import KVGeometry
-from fusegen.ir import ir_to_graph_module, value_from_json
+from fusegen.ir import SHAPE, ir_to_graph_module, value_from_json
 from fusegen.passes.dump import PassRecord
 
 
@@ -218,11 +218,20 @@ def _load_kernels(directory: Path, gm, kernels: list, files: dict, launch: bool)
 
 def _regenerate(module: FusedGroup, group: str, rel: str) -> str:
     """The group's kernel source as codegen writes it, from the loaded group graph (with
-    the shape values add_shape_values gave it)."""
+    the shape values add_shape_values gave it; a graph loaded without them gets meta
+    tensors of the recorded dtypes meanwhile, which is all codegen reads of them)."""
+    bare = [n for n in module.reference.graph.nodes if "val" not in n.meta]
     try:
+        for node in bare:
+            shape = node.meta.get(SHAPE)
+            if isinstance(shape, dict) and isinstance(shape.get("dtype"), str):
+                node.meta["val"] = torch.empty((), dtype=getattr(torch, shape["dtype"]), device="meta")
         return group_source(module)
     except Exception as e:  # a group graph codegen cannot take: the IR was edited
         raise ArtifactFormatError(rel, f"group {group!r} does not generate a kernel ({type(e).__name__}: {e})") from None
+    finally:
+        for node in bare:
+            node.meta.pop("val", None)
 
 
 def _kernels_launch(target: torch.device) -> bool:

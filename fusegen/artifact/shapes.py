@@ -19,11 +19,13 @@ parsed (a small grammar: ints, symbols, ``+ - *``), never evaluated as Python.
 from __future__ import annotations
 
 import ast
+import logging
 import re
 
 import sympy
 import torch
 from torch import fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils._sympy.numbers import int_oo
@@ -35,6 +37,7 @@ from fusegen.fused_group import FusedGroup
 from fusegen.ir import SHAPE, shape_record
 from fusegen.passes.infra import propagate_shapes
 
+log = logging.getLogger("fusegen.artifact")
 _BACKED, _UNBACKED = re.compile(r"s(\d+)"), re.compile(r"u(\d+)")
 MAX_UNBACKED = 1000   # unbacked symbols are made one by one up to the recorded index
 _OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b}
@@ -50,11 +53,50 @@ def add_shape_values(gm: fx.GraphModule, device: torch.device, where: str) -> in
     for node in inputs:
         node.meta["val"] = symbols.tensor(node.meta.get(SHAPE), node.name, device)
     try:
-        propagate_shapes(gm, reuse=True)
-    except Exception as e:  # an op refused its arguments' shapes or dtypes: the IR was edited
-        raise ArtifactFormatError(where, f"the graph's shapes do not propagate ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        _propagate_symbolically(gm)
+    except Exception as e:  # an op refused its arguments' shapes or dtypes, or torch could not follow
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        _fall_back_to_one_size(gm, inputs, symbols, device, where, why)
+        return 0
     return _check_records(gm, where)
+
+
+def _propagate_symbolically(gm: fx.GraphModule) -> None:
+    """Under the Python dispatcher, as torch.export traces: composite ops such as
+    aten.matmul then decompose in Python over symbolic sizes. Without it, torch 2.11's C++
+    matmul on CUDA reads the sizes as ints (aten.size), a guard on the loaded symbols."""
+    with enable_python_dispatcher():
+        propagate_shapes(gm, reuse=True)
+
+
+def _fall_back_to_one_size(gm, inputs, symbols: "_Symbols", device, where: str, why: str) -> None:
+    """After the symbolic propagation failed: if the graph's ops take its inputs at one size
+    (every symbol at its hint, no ShapeEnv, so no guard can fail), the IR is consistent and
+    the failure was torch's symbolic machinery (a guard some torch releases cannot evaluate
+    on these symbols): the graph is left without shape values, as artifacts were loaded
+    before they had any, and runs with its linears unfused (codegen/fused_gemm.py skips a
+    graph without values). Otherwise its ops refuse its shapes: the IR was edited."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    try:
+        with mode:
+            for node in inputs:
+                node.meta["val"] = torch.empty(symbols.concrete(node.meta["val"].shape),
+                                               dtype=node.meta["val"].dtype, device=device)
+        propagate_shapes(gm, reuse=True)
+    except Exception:   # noqa: BLE001 - inconsistent at any size
+        raise ArtifactFormatError(where, f"the graph's shapes do not propagate ({why})") from None
+    finally:
+        _drop_values(gm)
+    log.warning("%s: the graph's shapes propagate at one size but not symbolically in torch %s (%s); "
+                "it is loaded without shape values, so its linears are not fused with their neighbours",
+                where, torch.__version__, why)
+
+
+def _drop_values(gm: fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        node.meta.pop("val", None)
+        if node.op == "call_module" and isinstance(getattr(gm, node.target, None), FusedGroup):
+            _drop_values(getattr(gm, node.target).reference)
 
 
 def _check_records(gm: fx.GraphModule, where: str, group: str = "") -> int:
@@ -95,6 +137,19 @@ class _Symbols:
         except Exception as e:  # e.g. a negative or overflowing size
             raise ArtifactFormatError(self.where, f"input {name!r}: no tensor has the shape {dims} "
                                       f"({type(e).__name__})") from None
+
+    def concrete(self, sizes) -> list[int]:
+        """``sizes`` with every symbol at its hint (an unbacked one at a prime of its own)."""
+        values = self.__dict__.setdefault("_values", dict(self.hints))
+        out = []
+        for d in sizes:
+            if isinstance(d, torch.SymInt):
+                expr = d.node.expr
+                for symbol in sorted(expr.free_symbols - values.keys(), key=str):
+                    values[symbol] = sympy.nextprime(max(values.values(), default=1000))
+                d = int(expr.subs(values))
+            out.append(d)
+        return out
 
     def size(self, text, name: str):
         """A SymInt of the graph's ShapeEnv for a recorded dim such as ``"u3 + 1"``."""

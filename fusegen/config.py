@@ -34,6 +34,8 @@ class CompileConfig:
     gqa_kv_heads: int = 0
     gqa_method: str = "lsq"
     gqa_refit_steps: int = 400   # Adam steps per layer of gqa_method=refit (0: grouping and lsq only)
+    # ... then Adam steps of distillation against the original logits (passes/gqa_distill.py; 0: none).
+    gqa_distill_steps: int = 0
     # Lossy, opt-in: linear weights stored as int8 / fp8 / int4 (the LM head too if asked).
     weights: str = "none"
     quantize_lm_head: bool = False
@@ -86,6 +88,8 @@ class CompileConfig:
             raise ConfigError(f"gqa_kv_heads must be >= 0, got {self.gqa_kv_heads}")
         if self.gqa_refit_steps < 0:
             raise ConfigError(f"gqa_refit_steps must be >= 0, got {self.gqa_refit_steps}")
+        if self.gqa_distill_steps < 0:
+            raise ConfigError(f"gqa_distill_steps must be >= 0, got {self.gqa_distill_steps}")
         if self.max_seq_len < 1:
             raise ConfigError(f"max_seq_len must be >= 1, got {self.max_seq_len}")
         if self.kv_dtype not in KV_DTYPES:

@@ -14,6 +14,9 @@ activations the already converted layers produce and fits its merged K/V and its
 projections (D x D factors per head, from the lsq merge) so that the residual stream after
 its attention is the original model's again. ``gqa_refit_steps`` Adam steps per layer.
 
+``gqa_distill_steps`` (any method, opt-in; gqa_distill.py) then fits the converted layers'
+q/k/v/o weights to the original graph's next-token distributions on the calibration text.
+
 Quality is always measured: perplexity of the graph on the calibration tokens before and
 after, and how far each layer's attention output (as the residual stream after it) is from
 the original's (``attention_error_after``, mean over layers of the relative squared error),
@@ -26,6 +29,7 @@ needs separate q/k/v/o linears and rotary (if any) in the rotate_half layout.
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 
@@ -35,6 +39,7 @@ from torch import fx, nn
 from fusegen.errors import PassError
 from fusegen.passes import gqa_merge
 from fusegen.passes.gqa_calibrated_refit import attention_layer, refit_layers
+from fusegen.passes.gqa_distill import distill_attention
 from fusegen.passes.gqa_layers import (KEEP_HEADS, NAME, Recorder, back_to_linear, follow_head_count,
                                        forward_to_linear, graph_args, layer_output, set_weight)
 from fusegen.passes.infra import (PassContext, PassResult, call_nodes, erase_unused, getattr_path,
@@ -152,6 +157,7 @@ def convert_mha_to_gqa(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         raise PassError(NAME, "needs calibration_ids (token ids of real text) to fit and to measure "
                               "the conversion; fusegen.data.calibration_text() is English text to tokenize")
     ids = ctx.calibration_ids
+    teacher = copy.deepcopy(gm) if ctx.config.gqa_distill_steps else None   # the graph before converting
     layers = [attention_layer(i, site, D) for i, site in enumerate(sites)] if method == "refit" else None
     outputs = [layer_output(site) for site in sites]
     wanted = outputs + ([n for layer in layers for n in (layer.k, layer.v)] if layers else [])
@@ -163,6 +169,8 @@ def convert_mha_to_gqa(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     refresh_vals(gm, touched)
     erase_unused(gm)
     gm.recompile()
+    if teacher is not None:
+        extra.update(distill_attention(gm, teacher, sites, ids, ctx.config.gqa_distill_steps))
     _, ppl_after, converted = _calibrate(gm, sites, ids, outputs)
     itemsize = val(sites[0].args[1]).element_size()
     stats = {

@@ -4,6 +4,7 @@
     fusegen-cli generate [MODEL] --prompt TEXT [--tp N] [...]
     fusegen-cli export   [MODEL] -o DIR [--dtype bf16|fp16|fp32] [--onnx] [--config STR] [--tp N]
     fusegen-cli run      DIR --prompt TEXT [--tp N] [...]
+    fusegen-cli serve    [MODEL|DIR] [--port P] [--tp N] [...]
     fusegen-cli chat     [MODEL] [--system TEXT] [...]
     fusegen-cli analyze  [MODEL] --batch B --seq T --gpu h100 [--plot PNG] [--json FILE]
     fusegen-cli quality  [MODEL] [--config STR] [--length N] [--json FILE]
@@ -315,14 +316,26 @@ def _first_rank(directory):
          arg("--max-queue", type=int, default=1024, metavar="N",
              help="requests allowed to wait for a batch slot before the server answers 503 "
                   "(default: %(default)s)"),
-         CONFIG_ARG, CALIBRATION_ARG)
+         CONFIG_ARG, CALIBRATION_ARG, TP_ARG)
 def serve_command(args: argparse.Namespace) -> int:
     from fusegen.serve.main import serve
 
+    _check_serve_args(args)
+    return serve(args.model, args.host, args.port, args.api_key, _parse_config(args.config, args.tp),
+                 args.served_model_name, args.max_queue, args.calibration)
+
+
+def _check_serve_args(args: argparse.Namespace) -> None:
+    from fusegen.serve.main import check_bind
+
     if args.max_queue < 1:
         raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
-    return serve(args.model, args.host, args.port, args.api_key, _parse_config(args.config),
-                 args.served_model_name, args.max_queue, args.calibration)
+    if tp_launch.rank() == 0:
+        check_bind(args.host, args.port, args.api_key)
+
+
+# what a command checks once before its ranks are spawned (each rank checks again)
+_BEFORE_SPAWN = {"serve": _check_serve_args}
 
 
 @command("chat", "a multi-turn conversation in the terminal through the tokenizer's chat template: "
@@ -461,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--tp must be >= 1, got {args.tp}")
         if getattr(args, "tp", 1) > 1 and not tp_launch.under_launcher():
             _parse_config(getattr(args, "config", None), args.tp)   # a bad config fails once, not per rank
+            _BEFORE_SPAWN.get(args.command, lambda _: None)(args)
             return tp_launch.spawn(sys.argv[1:] if argv is None else list(argv), args.tp)
         with _progress_messages_on_stderr():
             return args.run(args)

@@ -105,8 +105,14 @@ def free_port() -> int:
 
 def check_failure(group: TPGroup, what: str, exc: BaseException) -> TensorParallelError:
     """The error to raise for collective ``what`` that raised ``exc``: names the ranks whose
-    heartbeat is older than three beats (or that the store, on rank 0, cannot be read for)."""
-    return TensorParallelError(group.rank, what, _silent_ranks(group), exc)
+    heartbeat is older than three beats (or that the store, on rank 0, cannot be read for).
+    A peer that died just now still has a fresh heartbeat, so where none is stale the
+    heartbeats are read once more, three beats later."""
+    silent = _silent_ranks(group)
+    if not silent:
+        time.sleep(3 * HEARTBEAT + 0.5)
+        silent = _silent_ranks(group)
+    return TensorParallelError(group.rank, what, silent, exc)
 
 
 def collective(group: TPGroup, what: str, fn, *args, **kwargs):

@@ -6,13 +6,24 @@ Rank 0 keeps the terminal; the other ranks' standard output is dropped, and a ra
 failed has its standard error shown after rank 0's (only its last line where rank 0 failed
 too: a user error, such as a tp that does not divide the heads, happens on every rank
 alike). The exit status is the worst rank's.
+
+Rank 0 leads the shutdown: the ranks run in a process group of their own, so a Ctrl-C in
+the terminal reaches this process only, which passes SIGINT and SIGTERM on to rank 0 (the
+server stops and then stops the followers; generate ends as on one process). A rank still
+running ``FUSEGEN_TP_TIMEOUT`` + 10 s after rank 0 ended is killed and named.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import tempfile
+import threading
+import time
+
+GRACE_S = 10.0   # past the collective timeout, how long followers may outlive rank 0
 
 
 def under_launcher() -> bool:
@@ -40,18 +51,56 @@ def spawn(argv: list[str], tp: int) -> int:
         logs = [os.path.join(folder, f"rank{r}.log") if r else None for r in range(tp)]
         processes = [context.Process(target=_rank_main, args=(argv, r, env, logs[r]), name=f"fusegen-rank-{r}")
                      for r in range(tp)]
-        for process in processes:
-            process.start()
-        for process in processes:
-            process.join()
+        with _signals_to(processes[0]):
+            for process in processes:
+                process.start()
+            stuck = _join(processes)
         codes = [p.exitcode if p.exitcode is not None else 1 for p in processes]
-        _show_failures(codes, logs)
+        for r, seconds in stuck:
+            sys.stderr.write(f"rank {r}: still running {seconds:.0f} s after rank 0 ended; killed\n")
+        _show_failures(codes, logs, skip={r for r, _ in stuck})
     return max(codes, key=abs)
 
 
-def _show_failures(codes: list[int], logs: list[str | None]) -> None:
+@contextlib.contextmanager
+def _signals_to(lead):
+    """SIGINT and SIGTERM to this process go on to rank 0, which stops the others."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def forward(signum, frame):
+        if lead.is_alive():
+            os.kill(lead.pid, signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _join(processes) -> list[tuple[int, float]]:
+    """Wait for rank 0, then for the others a bounded time; kill those still running."""
+    from fusegen.distributed import timeout_seconds
+
+    processes[0].join()
+    ended, grace = time.monotonic(), timeout_seconds() + GRACE_S
+    for process in processes[1:]:
+        process.join(max(0.0, ended + grace - time.monotonic()))
+    stuck = [(r, time.monotonic() - ended) for r, p in enumerate(processes) if p.is_alive()]
+    for r, _ in stuck:
+        processes[r].kill()
+        processes[r].join()
+    return stuck
+
+
+def _show_failures(codes: list[int], logs: list[str | None], skip: set = frozenset()) -> None:
     for r in range(1, len(codes)):
-        if codes[r]:
+        if codes[r] < 0 and r not in skip:
+            sys.stderr.write(f"rank {r}: ended by {signal.Signals(-codes[r]).name}\n")
+        elif codes[r] and r not in skip:
             with open(logs[r], "rb") as f:
                 lines = f.read().decode(errors="replace").strip().splitlines() or ["(no output)"]
             # where rank 0 failed too, each rank saw the same error, or the loss of rank 0
@@ -61,6 +110,7 @@ def _show_failures(codes: list[int], logs: list[str | None]) -> None:
 
 def _rank_main(argv: list[str], rank_: int, env: dict, log: str | None) -> None:
     os.environ.update(env, RANK=str(rank_), LOCAL_RANK=str(rank_))
+    os.setpgrp()   # out of the terminal's foreground group: signals come through the launcher
     if log is not None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
         os.dup2(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), 2)

@@ -16,24 +16,27 @@ collective raises ``TensorParallelError`` naming this rank and the silent ones w
 is gone or the group's timeout passes (fusegen/distributed.py); none waits forever.
 
 Ops of the header: SETUP (a new pool of ``num_blocks``: an engine was made), STEP (copies of
-shared blocks, then one forward), STOP (``follow`` returns).
+shared blocks, then one forward), IDLE (nothing to run: an idle server's rank 0 sends one
+every quarter of the timeout, so that the followers' wait for the next header never times
+out while the ranks are alive), STOP (``follow`` returns).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from torch import fx
 
-from fusegen.distributed import TPGroup, collective
+from fusegen.distributed import TPGroup, collective, timeout_seconds
 from fusegen.kv import PAGED_INPUTS, KVGeometry
 from fusegen.runtime.batch import staged
 from fusegen.runtime.paged import PagedRunner
 
 log = logging.getLogger(__name__)
 
-STOP, SETUP, STEP = 0, 1, 2
+STOP, SETUP, STEP, IDLE = 0, 1, 2, 3
 HEADER = 8   # op, num_blocks | copies, T, N, M, R, payload length, step number
 # The int64 payload of a step, in order: copy sources, copy destinations, then these inputs.
 _PACKED = ("input_ids", "position_ids", "slot_mapping", "block_tables", "seq_lens", "query_start_loc",
@@ -62,12 +65,21 @@ class LeadRunner(PagedRunner):
         self.group = group
         self.steps = 0
         self._copies: list[tuple[int, int]] = []
+        self._idle_every = timeout_seconds() / 4
         self._send([SETUP, num_blocks])
 
     def _send(self, values: list[int]) -> None:
         header = torch.zeros(HEADER, dtype=torch.long, device=self.device)
         header[:len(values)] = torch.tensor(values, dtype=torch.long)
         _broadcast(self.group, header, f"the header of step {self.steps}")
+        self._sent = time.monotonic()
+
+    def idle(self) -> None:
+        """Call while there is nothing to step (as often as liked): an IDLE header once a
+        quarter of the timeout has passed since the last header. It raises
+        TensorParallelError, like a step, once a follower is gone."""
+        if time.monotonic() - self._sent >= self._idle_every:
+            self._send([IDLE])
 
     def capture_graphs(self, *args, **kwargs) -> None:
         raise ValueError("tensor-parallel engines run their steps eagerly (CUDA graphs need every rank's "
@@ -128,6 +140,8 @@ def follow(gm: fx.GraphModule, geometry: KVGeometry, device, group: TPGroup) -> 
                             f"the header of step {steps}").tolist()
         if header[0] == STOP:
             return steps
+        if header[0] == IDLE:
+            continue
         if header[0] == SETUP:
             runner = PagedRunner(gm, geometry, header[1], device)
             continue

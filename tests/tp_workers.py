@@ -182,6 +182,21 @@ def artifact_round_trip(rank: int, state: dict) -> dict:
     return out
 
 
+def idle_headers(rank: int, state: dict) -> dict:
+    """An idle engine's keep-alive headers between steps: the follower skips them."""
+    sharded = state["llama"]
+    if rank != 0:
+        return {"steps": sharded.follow()}
+    engine = sharded.engine(num_blocks=8)
+    engine.runner._idle_every = 0.0   # every call sends one
+    for _ in range(3):
+        engine.runner.idle()
+    tokens = engine.generate_batch([PROMPTS[2]], max_new_tokens=3)
+    engine.runner.idle()
+    sharded.stop_followers()
+    return {"tokens": tokens, "want": [state["engine_tokens"][2][:3]], "steps": engine.runner.steps}
+
+
 def rank_dies(rank: int, state: dict) -> dict:
     """Rank 1 exits; rank 0's next step fails with an error naming it, within the timeout."""
     sharded = state["llama"]

@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from fusegen.distributed import TensorParallelError
 from fusegen.runtime.engine import Engine
 from fusegen.serve.choices import Choice, chat_logprobs, completion_logprobs
 from fusegen.serve.loop import EngineLoop, Overloaded, Spec
@@ -57,8 +58,11 @@ class ServedModel:
         return min(self.max_model_len, kv.num_blocks * kv.block_size + 1)   # the last token is never cached
 
 
-def build_app(served: ServedModel, api_key: str | None = None, max_waiting: int = 1024) -> FastAPI:
-    loop = EngineLoop(served.engine, max_waiting)
+def build_app(served: ServedModel, api_key: str | None = None, max_waiting: int = 1024,
+              on_fatal=None) -> FastAPI:
+    """``on_fatal(exc)``: called when the engine loop ends for good (a tensor-parallel rank
+    is gone)."""
+    loop = EngineLoop(served.engine, max_waiting, on_fatal)
     metrics = ServerMetrics(loop)
 
     @contextlib.asynccontextmanager
@@ -268,6 +272,8 @@ async def _submit(served, loop, body, prompts, budgets, top) -> list[tuple[Choic
         raise OpenAIError(503, f"the server is overloaded: {exc}; retry later", type="server_overloaded") from None
     except ValueError as exc:
         raise OpenAIError(400, str(exc), "prompt") from None
+    except TensorParallelError as exc:
+        raise OpenAIError(503, f"the engine stopped: {exc}", type="server_error") from None
     return [(Choice(index, sub.request_id, served.tokenizer, body.stops(), eos), sub)
             for index, sub in enumerate(subs)]
 

@@ -10,6 +10,11 @@ engine themselves.
 Because only this thread calls the engine, a step never waits on an HTTP handler and a
 handler never blocks the event loop on the engine's lock. One callback per step carries
 all of that step's events to the event loop.
+
+With tensor parallelism the engine is rank 0's: while it has nothing to step the thread calls
+its runner's ``idle`` (the followers' keep-alive), and a ``TensorParallelError`` (a rank is
+gone) is fatal: every request fails with it, the thread ends (``/health`` answers 503) and
+``on_fatal`` is called, which stops the server.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from fusegen.distributed import TensorParallelError
 from fusegen.runtime.engine import Engine
 from fusegen.runtime.scheduler import TokenEvent
 
@@ -55,9 +61,12 @@ class _Add:
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, max_waiting: int = 1024):
+    def __init__(self, engine: Engine, max_waiting: int = 1024, on_fatal=None):
         self.engine = engine
         self.max_waiting = max_waiting
+        self.on_fatal = on_fatal    # called (on the engine thread) with the error that ended the loop
+        self.fatal: TensorParallelError | None = None
+        self._idle = getattr(engine.runner, "idle", None)   # a LeadRunner's keep-alive
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._pending_adds = 0
         self._count_lock = threading.Lock()
@@ -98,6 +107,8 @@ class EngineLoop:
         """Queue requests together, all or none (they enter the same step); raises
         ``Overloaded``, or the engine's ``ValueError`` for the first bad one. A caller
         cancelled while waiting leaves nothing behind: its requests are aborted once added."""
+        if self.fatal is not None:
+            raise self.fatal
         waiting = self.num_waiting
         if waiting + len(specs) > self.max_waiting:
             raise Overloaded(f"{waiting} requests are waiting and this one adds {len(specs)} "
@@ -108,6 +119,8 @@ class EngineLoop:
             self._pending_adds += len(specs)
         self._commands.put(_Add(specs, sinks, future))
         self._wake.set()
+        if self.fatal is not None:   # the loop ended after the check above: nobody drains the queue
+            self._refuse_queued(self.fatal)
         try:
             ids = await asyncio.shield(asyncio.wrap_future(future))
         except asyncio.CancelledError:
@@ -134,8 +147,18 @@ class EngineLoop:
                 if not self.engine.has_unfinished():
                     self._wake.wait(0.05)
                     self._wake.clear()
+                    if self._idle is not None:
+                        self._idle()
                     continue
                 self._publish(self.engine.step())
+            except TensorParallelError as exc:
+                log.error("%s", exc)
+                self.fatal = exc
+                self._fail_all(exc)
+                self._refuse_queued(exc)
+                if self.on_fatal is not None:
+                    self.on_fatal(exc)
+                return
             except Exception as exc:  # noqa: BLE001 - the engine stays consistent; tell everyone
                 log.exception("engine step failed")
                 self._fail_all(exc)
@@ -195,6 +218,19 @@ class EngineLoop:
         self._sinks.clear()
         if deliveries:
             self._loop.call_soon_threadsafe(_deliver, deliveries)
+
+
+    def _refuse_queued(self, exc: Exception) -> None:
+        """Fail the adds still queued (the loop has ended)."""
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Add) and not command.future.done():
+                with self._count_lock:
+                    self._pending_adds -= len(command.specs)
+                command.future.set_exception(exc)
 
 
 def _deliver(deliveries: list) -> None:

@@ -1,6 +1,7 @@
 """End-to-end generation benchmark on the GPU, every system measured in this one run.
 
     python bench/e2e.py [--models 1b 7b] [--out bench/results/e2e.json]
+    python bench/e2e.py --tp 1 2 [--models 1b 7b]      # fusegen at tp=1 and tp=2, one process per GPU
 
 Random-weight bf16 Llama configs (Llama-2-7B, Llama-3.2-1B). For each:
 - decode ms/token at batch 1 (128 new tokens after a 32-token prompt, minus the prefill),
@@ -17,6 +18,11 @@ for HF eager, HF static cache + torch.compile (generate compiles the forward its
   decode phases: (full - one) / NEW; a phase of one kind: its wall time over its steps). The
   target: decode wall per step <= 1.05x GPU busy time at batch 1 and at batch 64.
 A short table is printed last.
+
+With ``--tp 1 2`` only fusegen runs, at each tensor-parallel size, in that many processes
+(one per GPU, torchrun's environment; rank 0 measures, the others follow its engine): the
+same decode at batch 1 and 64, TTFT and 64-request workload, each with its ratio against
+tp=1, saved to bench/results/e2e_tp.json.
 """
 
 from __future__ import annotations
@@ -180,21 +186,30 @@ def fusegen_decode(engine, prompts: list[list[int]], reset: bool) -> tuple[float
     return ms, add_wall(step_summary(log), "decode", ms)
 
 
-def compile_engine(model):
+def compile_engine(model, config: str = ENGINE_CONFIG):
     """(compiled, engine, compile seconds, engine set-up seconds: KV pool and CUDA graphs)."""
     start = time.perf_counter()
-    compiled = fusegen.compile(model, ENGINE_CONFIG)
+    compiled = fusegen.compile(model, config)
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
     engine = compiled.engine()  # KV pool + CUDA graphs for every step shape
     return compiled, engine, compile_s, time.perf_counter() - start
 
 
-def fusegen_measures(model, prompts, long_prompt, short_prompt) -> dict:
-    vocab = model.config.vocab_size
+def fusegen_measures(model, prompts, long_prompt, short_prompt, config: str = ENGINE_CONFIG) -> dict:
+    """With tp > 1 in ``config``: rank 0's part (the other ranks follow its engine)."""
+    compiled, engine, compile_s, engine_s = compile_engine(model, config)
+    try:
+        out = engine_measures(engine, model.config.vocab_size, prompts, long_prompt, short_prompt)
+    finally:
+        if compiled.tp_group is not None:
+            compiled.stop_followers()
+    return {"compile_s": compile_s, "engine_setup_s": engine_s, "engine_setup": engine.setup, **out}
+
+
+def engine_measures(engine, vocab: int, prompts, long_prompt, short_prompt) -> dict:
     rng = random.Random(2)
     fresh = lambda: [rng.randrange(3, vocab) for _ in range(len(long_prompt))]  # no prefix-cache hits
-    compiled, engine, compile_s, engine_s = compile_engine(model)
     steps = {}
     decode_ms, steps["decode_b1"] = fusegen_decode(engine, [short_prompt], reset=False)
     engine.generate_batch([fresh()], 1)
@@ -211,19 +226,23 @@ def fusegen_measures(model, prompts, long_prompt, short_prompt) -> dict:
     steps["workload_64"] = step_summary(log)
     batch = [[rng.randrange(3, vocab) for _ in range(32)] for _ in range(64)]
     decode64_ms, steps["decode_b64"] = fusegen_decode(engine, batch, reset=True)
-    return {"compile_s": compile_s, "engine_setup_s": engine_s, "engine_setup": engine.setup,
-            "decode_ms_per_token": decode_ms, "ttft_2048_ms": ttft * 1e3,
+    return {"decode_ms_per_token": decode_ms, "ttft_2048_ms": ttft * 1e3,
             "throughput_tok_s": len(prompts) * NEW / t, "decode_b64_ms_per_step": decode64_ms, "steps": steps}
+
+
+def inputs(vocab: int) -> tuple[list[int], list[int], list[list[int]]]:
+    """The 32-token decode prompt, the 2048-token TTFT prompt and the 64-request workload."""
+    rng = random.Random(1)
+    short = [rng.randrange(3, vocab) for _ in range(32)]
+    long_prompt = [rng.randrange(3, vocab) for _ in range(2048)]
+    return short, long_prompt, workload(vocab)
 
 
 def run(name: str, bandwidth: float, systems: set) -> dict:
     model = build(name)
     vocab = model.config.vocab_size
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    rng = random.Random(1)
-    short = [rng.randrange(3, vocab) for _ in range(32)]
-    long_prompt = [rng.randrange(3, vocab) for _ in range(2048)]
-    prompts = workload(vocab)
+    short, long_prompt, prompts = inputs(vocab)
     out = {"model": name, "weight_GB": weight_bytes / 1e9, "roofline_ms": weight_bytes / bandwidth * 1e3}
     with torch.no_grad():
         if "fusegen" in systems:
@@ -263,14 +282,112 @@ def print_steps(steps: dict) -> None:
           + f" (target <= {DECODE_TARGET}x)")
 
 
+# --- --tp: fusegen at each tensor-parallel size, one process per GPU --------------------------
+
+TP_MEASURES = (("decode_ms_per_token", "decode b1 ms/tok", False), ("ttft_2048_ms", "TTFT 2048 ms", False),
+               ("throughput_tok_s", "64 req tok/s", True), ("decode_b64_ms_per_step", "decode b64 ms/step", False))
+
+
+def tp_rank(rank: int, tp: int, models: list[str], env: dict, out: str) -> None:
+    """One rank of ``tp`` (spawned with torchrun's environment): rank 0 measures each model
+    (as fusegen_measures does at tp=1) and writes its rows to ``out``; the others follow."""
+    import os
+
+    os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.cuda.set_device(rank)
+    config = ENGINE_CONFIG + (f",tp={tp}" if tp > 1 else "")
+    bandwidth = copy_bandwidth()
+    rows = []
+    for name in models:
+        model = build(name)
+        with torch.no_grad():
+            if rank:
+                fusegen.compile(model, config).follow()
+            else:
+                weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+                short, long_prompt, prompts = inputs(model.config.vocab_size)
+                rows.append({"model": name, "tp": tp, "weight_GB": weight_bytes / 1e9, "copy_TBps": bandwidth / 1e12,
+                             "roofline_ms": weight_bytes / tp / bandwidth * 1e3,   # each GPU streams its 1/tp
+                             **fusegen_measures(model, prompts, long_prompt, short, config)})
+        del model
+        torch.cuda.empty_cache()
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(rows, f, default=str)
+
+
+def spawn_tp(tp: int, models: list[str]) -> list[dict]:
+    """Run ``tp_rank`` on ``tp`` spawned processes; rank 0's rows."""
+    import os
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from fusegen.distributed import free_port
+
+    env = {"WORLD_SIZE": str(tp), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    with tempfile.TemporaryDirectory(prefix="e2e-tp-") as folder:
+        out = os.path.join(folder, "rank0.json")
+        mp.start_processes(tp_rank, args=(tp, models, env, out), nprocs=tp, start_method="spawn")
+        with open(out) as f:
+            return json.load(f)
+
+
+def add_tp_ratios(rows: list[dict]) -> list[dict]:
+    """Each row's ratio against the tp=1 row of its model: tp=1 time / time (a speed-up),
+    or throughput / tp=1 throughput."""
+    base = {r["model"]: r for r in rows if r["tp"] == 1}
+    for r in rows:
+        b = base.get(r["model"])
+        r["vs_tp1"] = {key: None if b is None else (r[key] / b[key] if higher else b[key] / r[key])
+                       for key, _, higher in TP_MEASURES}
+    return rows
+
+
+def print_tp(rows: list[dict]) -> None:
+    print(f"{'model':5} {'tp':>2} " + " ".join(f"{label:>18} {'x tp1':>6}" for _, label, _ in TP_MEASURES)
+          + "  % of roofline (b1)")
+    for r in rows:
+        cells = " ".join(f"{r[key]:18.2f} {fmt(r['vs_tp1'][key]) + ('x' if r['vs_tp1'][key] else ''):>6}"
+                         for key, _, _ in TP_MEASURES)
+        print(f"{r['model']:5} {r['tp']:2d} {cells}  {100 * r['roofline_ms'] / r['decode_ms_per_token']:.0f}%")
+    print("x tp1: speed-up over tp=1 of the same model (tp > 1 steps eagerly: no CUDA graphs across ranks)")
+
+
+def main_tp(models: list[str], tps: list[int], out: str) -> None:
+    rows = add_tp_ratios([row for tp in tps for row in spawn_tp(tp, models)])
+    results = {"device": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(), "tp": tps,
+               "config": ENGINE_CONFIG, "rows": rows}
+    with open(out, "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    print(f"{results['device']} x {results['gpus']}, copy {rows[0]['copy_TBps']:.2f} TB/s per GPU; written to {out}")
+    print_tp(rows)
+
+
+def check_tp(tps: list[int] | None) -> None:
+    """Exit with one line where this machine has fewer GPUs than the largest tp."""
+    if tps and torch.cuda.device_count() < max(tps):
+        sys.exit(f"bench/e2e.py: error: --tp {' '.join(map(str, tps))} needs {max(tps)} GPUs, "
+                 f"this machine has {torch.cuda.device_count()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="fusegen end-to-end benchmark (GPU)")
     parser.add_argument("--models", nargs="+", default=["1b", "7b"])
     parser.add_argument("--systems", nargs="+", default=["fusegen", "hf", "hf_compile", "hf_batch"])
-    parser.add_argument("--out", default="bench/results/e2e.json")
+    parser.add_argument("--tp", nargs="+", type=int, default=None, metavar="N",
+                        help="fusegen only, at each tensor-parallel size (one process per GPU), with the "
+                             "ratio against tp=1; --systems is ignored")
+    parser.add_argument("--out", default=None, help="default: bench/results/e2e.json, with --tp e2e_tp.json")
     args = parser.parse_args()
+    if args.tp is not None and min(args.tp) < 1:
+        parser.error(f"--tp values must be >= 1, got {' '.join(map(str, args.tp))}")
     if not torch.cuda.is_available():
         sys.exit("bench/e2e.py: error: a CUDA GPU is needed (torch.cuda.is_available() is False)")
+    check_tp(args.tp)
+    if args.tp is not None:
+        return main_tp(args.models, sorted(set(args.tp)), args.out or "bench/results/e2e_tp.json")
+    args.out = args.out or "bench/results/e2e.json"
     bandwidth = copy_bandwidth()
     results = {"device": torch.cuda.get_device_name(), "copy_TBps": bandwidth / 1e12,
                "runs": [run(m, bandwidth, set(args.systems)) for m in args.models]}

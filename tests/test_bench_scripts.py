@@ -34,3 +34,36 @@ def test_a_bench_script_run_as_a_user_runs_it_imports_the_libraries_not_its_neig
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [
         "bench/e2e.py: error: a CUDA GPU is needed (torch.cuda.is_available() is False)"]
+
+
+def test_e2e_tp_refuses_fewer_gpus_than_the_largest_tp_and_bad_values(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCH))
+
+    def run(*argv):
+        monkeypatch.setattr(sys, "argv", ["bench/e2e.py", *argv])
+        with pytest.raises(SystemExit) as info:
+            runpy.run_path(str(BENCH / "e2e.py"), run_name="__main__")
+        return info.value.code
+
+    assert run("--tp", "0") == 2 and "--tp values must be >= 1, got 0" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert run("--tp", "1", "2") == "bench/e2e.py: error: a CUDA GPU is needed (torch.cuda.is_available() is False)"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert run("--tp", "1", "2") == "bench/e2e.py: error: --tp 1 2 needs 2 GPUs, this machine has 1"
+
+
+def test_e2e_tp_rows_carry_their_ratio_against_tp1(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCH))
+    e2e = runpy.run_path(str(BENCH / "e2e.py"), run_name="e2e")
+    measures = {"decode_ms_per_token": 10.0, "ttft_2048_ms": 100.0, "throughput_tok_s": 1000.0,
+                "decode_b64_ms_per_step": 20.0}
+    rows = [{"model": "1b", "tp": 1, "roofline_ms": 5.0, **measures},
+            {"model": "1b", "tp": 2, "roofline_ms": 2.5, **{k: v / 2 for k, v in measures.items()}}]
+    rows = e2e["add_tp_ratios"](rows)
+    assert rows[0]["vs_tp1"] == dict.fromkeys(measures, 1.0)
+    assert rows[1]["vs_tp1"] == {"decode_ms_per_token": 2.0, "ttft_2048_ms": 2.0, "throughput_tok_s": 0.5,
+                                 "decode_b64_ms_per_step": 2.0}
+    e2e["print_tp"](rows)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split()[:4] == ["1b", "2", "5.00", "2.00x"] and lines[2].endswith("50%")

@@ -187,6 +187,20 @@ def _prompt_text(text: str) -> str:
     return read.removesuffix("\n")
 
 
+def _prompt_read_here(argv: list[str], prompt: str | None) -> list[str]:
+    """``argv`` for the spawned ranks: a ``--prompt -`` already read from this process's stdin
+    (the ranks' stdin is not the terminal's) passed on as ``--prompt=TEXT``."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--prompt" and i + 1 < len(argv) and argv[i + 1] == "-":
+            out.append(f"--prompt={prompt}")
+            i += 2
+            continue
+        out.append(f"--prompt={prompt}" if argv[i] == "--prompt=-" else argv[i])
+        i += 1
+    return out
+
+
 SAMPLING_ARGS = (
     arg("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate at most"),
     arg("--do-sample", action="store_true", help="sample instead of greedy decoding"),
@@ -475,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "tp", 1) > 1 and not tp_launch.under_launcher():
             _parse_config(getattr(args, "config", None), args.tp)   # a bad config fails once, not per rank
             _BEFORE_SPAWN.get(args.command, lambda _: None)(args)
-            return tp_launch.spawn(sys.argv[1:] if argv is None else list(argv), args.tp)
+            spawned = sys.argv[1:] if argv is None else list(argv)
+            return tp_launch.spawn(_prompt_read_here(spawned, getattr(args, "prompt", None)), args.tp)
         with _progress_messages_on_stderr():
             return args.run(args)
     except (FusegenError, FileNotFoundError, FileExistsError, ValueError) as e:

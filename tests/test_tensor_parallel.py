@@ -12,6 +12,7 @@ module, run every check; the tests read what each rank saw.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -135,6 +136,10 @@ def test_cli_generate_tp2_spawns_ranks_and_matches_tp1(tiny_chat_dir, capfd, mon
     assert main(argv) == 0
     want = capfd.readouterr().out
     assert main(argv + ["--tp", "2"]) == 0
+    assert capfd.readouterr().out == want
+    # --prompt -: read once, by the launcher (the ranks' stdin is not the terminal's)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n"))
+    assert main([*argv[:2], "--prompt", "-", *argv[4:], "--tp", "2"]) == 0
     assert capfd.readouterr().out == want
 
 

@@ -63,7 +63,6 @@ def pdl(x: torch.Tensor) -> dict:
     return {"USE_GDC": True, "launch_pdl": True} if on else {"USE_GDC": False}
 
 
-
 def prefetchable(w: torch.Tensor) -> bool:
     """Whether ``w``'s rows can be prefetched by ``prefetch_rows``: unit column stride and
     16-byte aligned rows (the bulk prefetch's rule)."""

@@ -12,7 +12,9 @@ graph those values the way a compiled graph has them::
                         ──▶ each derived value printed again == its record, or refused
 
 The derived values are what the graph's ops compute, so the records only have to agree:
-an artifact whose shapes disagree with its ops was edited. Only placeholder records are
+an artifact whose shapes disagree with its ops was edited. Where torch cannot propagate
+the symbols although the ops take the graph at one size (every symbol at its hint), the
+graph is loaded without values, with a warning: it runs, its linears unfused. Only placeholder records are
 parsed (a small grammar: ints, symbols, ``+ - *``), never evaluated as Python.
 """
 
@@ -124,6 +126,7 @@ class _Symbols:
         self.symbols: dict[str, object] = {}    # recorded name -> sympy symbol
         self.hints: dict[object, int] = {}      # backed symbol -> its hint
         self.unbacked: dict[str, object] = {}   # every unbacked symbol made, by name
+        self.values_at_hints: dict[object, int] = {}   # every symbol's value in ``concrete``
 
     def tensor(self, record, name: str, device: torch.device) -> torch.Tensor:
         dims = record.get("shape") if isinstance(record, dict) else None
@@ -140,7 +143,8 @@ class _Symbols:
 
     def concrete(self, sizes) -> list[int]:
         """``sizes`` with every symbol at its hint (an unbacked one at a prime of its own)."""
-        values = self.__dict__.setdefault("_values", dict(self.hints))
+        values = self.values_at_hints
+        values.update({k: v for k, v in self.hints.items() if k not in values})
         out = []
         for d in sizes:
             if isinstance(d, torch.SymInt):

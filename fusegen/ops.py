@@ -106,6 +106,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale
               causal: bool, window: int, softcap: float) -> Tensor:
     """Scaled dot-product attention with GQA (k/v NOT expanded), causal / sliding window,
     optional tanh softcap and key padding mask ``key_mask`` [B, L] (nonzero = keep)."""
+    return attention_reference(q, k, v, key_mask, scale, causal, window, softcap)
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale: float,
+                        causal: bool, window: int, softcap: float) -> Tensor:
+    """``fusegen::attention``'s body as plain PyTorch, which autograd follows (the op has no
+    autograd formula; passes/gqa_distill.py differentiates through this)."""
     _check_heads(q, k, v, "attention")
     if q.shape[2] > k.shape[2]:
         raise ValueError(f"fusegen.attention: {q.shape[2]} queries but only {k.shape[2]} keys")
@@ -376,6 +383,11 @@ def _(q, kv_pool, layer, block_tables, seq_lens, query_start_loc, scale, causal,
 def rotate_half(x: Tensor) -> Tensor:
     """cat(-x[..., D/2:], x[..., :D/2]): the rotation half of rotary embeddings (RoFormer,
     Su et al. 2021) in the "rotate_half" layout HF models use."""
+    return rotate_half_reference(x)
+
+
+def rotate_half_reference(x: Tensor) -> Tensor:
+    """``fusegen::rotate_half``'s body as plain PyTorch (autograd follows it)."""
     half = x.shape[-1] // 2
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 

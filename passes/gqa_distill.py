@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, fx, nn
 
-from fusegen.ops import _attend, causal_keep
+from fusegen.ops import attention_reference, rotate_half_reference
 from fusegen.passes.gqa_layers import NAME, back_to_linear, forward_to_linear, graph_args
 from fusegen.passes.infra import getattr_path, refusal
 
@@ -31,22 +31,8 @@ aten = torch.ops.aten
 LEARNING_RATE = 3e-5   # Adam; the projections' entries are O(1e-2), so a step moves them ~0.3%
 WINDOWS_PER_STEP = 2
 KL_WINDOWS = 8         # the KL reported before and after: over the first windows only (it costs two forwards each)
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
-def _attention(q, k, v, key_mask, scale, causal, window, softcap):
-    keep = causal_keep(q.shape[2], k.shape[2], causal, window, q.device)[None, None]
-    if key_mask is not None:
-        keep = keep & key_mask.bool()[:, None, None, :]
-    return _attend(q, k, v, keep, scale, softcap)
-
-
-REFERENCES = {torch.ops.fusegen.attention.default: _attention,
-              torch.ops.fusegen.rotate_half.default: _rotate_half}
+REFERENCES = {torch.ops.fusegen.attention.default: attention_reference,
+              torch.ops.fusegen.rotate_half.default: rotate_half_reference}
 
 
 class _Differentiable(fx.Interpreter):

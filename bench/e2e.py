@@ -19,6 +19,11 @@ for HF eager, HF static cache + torch.compile (generate compiles the forward its
   target: decode wall per step <= 1.05x GPU busy time at batch 1 and at batch 64.
 A short table is printed last.
 
+``--variants bf16 weights=fp8 weights=int4 weights=fp8,kv_dtype=fp8`` measures fusegen once per
+compile config (``bf16``: none added), each under the key ``fusegen`` or ``fusegen[CONFIG]``
+with its own roofline (the bytes of the constants its graph reads: packed weights, scales) and
+its decode and throughput ratios against the first variant.
+
 With ``--tp 1 2`` only fusegen runs, at each tensor-parallel size, in that many processes
 (one per GPU, torchrun's environment; rank 0 measures, the others follow its engine): the
 same decode at batch 1 and 64, TTFT and 64-request workload, each with its ratio against
@@ -28,6 +33,7 @@ tp=1, saved to bench/results/e2e_tp.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
@@ -196,15 +202,19 @@ def compile_engine(model, config: str = ENGINE_CONFIG):
     return compiled, engine, compile_s, time.perf_counter() - start
 
 
-def fusegen_measures(model, prompts, long_prompt, short_prompt, config: str = ENGINE_CONFIG) -> dict:
-    """With tp > 1 in ``config``: rank 0's part (the other ranks follow its engine)."""
+def fusegen_measures(model, prompts, long_prompt, short_prompt, config: str = ENGINE_CONFIG,
+                     keep: bool = False) -> dict:
+    """With tp > 1 in ``config``: rank 0's part (the other ranks follow its engine). ``keep``
+    returns the compiled model too, under ``compiled``."""
     compiled, engine, compile_s, engine_s = compile_engine(model, config)
     try:
         out = engine_measures(engine, model.config.vocab_size, prompts, long_prompt, short_prompt)
     finally:
         if compiled.tp_group is not None:
             compiled.stop_followers()
-    return {"compile_s": compile_s, "engine_setup_s": engine_s, "engine_setup": engine.setup, **out}
+    out = {"compile_s": compile_s, "engine_setup_s": engine_s, "engine_setup": engine.setup, **out}
+    del engine
+    return {**out, "compiled": compiled} if keep else out
 
 
 def engine_measures(engine, vocab: int, prompts, long_prompt, short_prompt) -> dict:
@@ -238,20 +248,60 @@ def inputs(vocab: int) -> tuple[list[int], list[int], list[list[int]]]:
     return short, long_prompt, workload(vocab)
 
 
-def run(name: str, bandwidth: float, systems: set) -> dict:
+def variant_key(variant: str) -> str:
+    return "fusegen" if variant == "bf16" else f"fusegen[{variant}]"
+
+
+def fusegen_variant(model, variant: str, bandwidth: float, inputs_) -> dict:
+    """fusegen_measures under ENGINE_CONFIG plus ``variant``, with the roofline of the bytes
+    its compiled graph reads as constants (the packed weights and their scales)."""
+    from fusegen.quality import compiled_weight_bytes
+
+    short, long_prompt, prompts = inputs_
+    config = ENGINE_CONFIG + ("" if variant == "bf16" else "," + variant)
+    out = fusegen_measures(model, prompts, long_prompt, short, config, keep=True)
+    compiled = out.pop("compiled")
+    weight_bytes = compiled_weight_bytes(compiled)
+    del compiled
+    gc.collect()  # the engine's pool and graphs go before the next variant sizes its own
+    torch.cuda.empty_cache()
+    return {"config": config, "weight_GB": weight_bytes / 1e9, "roofline_ms": weight_bytes / bandwidth * 1e3, **out}
+
+
+def add_variant_ratios(out: dict, variants: list[str]) -> None:
+    """Each variant's speed-up over the first: decode ms (batch 1 and 64) and 64-request tok/s."""
+    base = out.get(variant_key(variants[0]))
+    for v in variants[1:]:
+        m = out.get(variant_key(v))
+        if base and m:
+            m["vs_" + variants[0]] = {"decode_b1": base["decode_ms_per_token"] / m["decode_ms_per_token"],
+                                      "decode_b64": base["decode_b64_ms_per_step"] / m["decode_b64_ms_per_step"],
+                                      "throughput": m["throughput_tok_s"] / base["throughput_tok_s"]}
+
+
+def run(name: str, bandwidth: float, systems: set, variants: list[str] = ("bf16",), out: dict | None = None,
+        save=lambda: None) -> dict:
+    """One model's measurements, filled into ``out``; ``save`` runs after each system, so that a
+    run cut short keeps what it measured."""
     model = build(name)
     vocab = model.config.vocab_size
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     short, long_prompt, prompts = inputs(vocab)
-    out = {"model": name, "weight_GB": weight_bytes / 1e9, "roofline_ms": weight_bytes / bandwidth * 1e3}
+    out = {} if out is None else out
+    out.update({"model": name, "weight_GB": weight_bytes / 1e9, "roofline_ms": weight_bytes / bandwidth * 1e3})
     with torch.no_grad():
         if "fusegen" in systems:
-            out["fusegen"] = fusegen_measures(model, prompts, long_prompt, short)
+            for variant in variants:
+                out[variant_key(variant)] = fusegen_variant(model, variant, bandwidth, (short, long_prompt, prompts))
+                add_variant_ratios(out, list(variants))
+                save()
         if "hf" in systems:
             out["hf_eager"] = hf_decode(model, short, static=False)
             out["hf_eager"]["ttft_2048_ms"] = hf_ttft(model, long_prompt)
+            save()
         if "hf_compile" in systems:
             out["hf_static_compile"] = hf_decode(model, short, static=True)
+            save()
         if "hf_batch" in systems:
             out["hf_generate_batch_tok_s"] = hf_generate_batch(model, prompts)
         if "hf" in systems:
@@ -378,6 +428,9 @@ def main() -> None:
     parser.add_argument("--tp", nargs="+", type=int, default=None, metavar="N",
                         help="fusegen only, at each tensor-parallel size (one process per GPU), with the "
                              "ratio against tp=1; --systems is ignored")
+    parser.add_argument("--variants", nargs="+", default=["bf16"], metavar="CONFIG",
+                        help="fusegen compile configs to measure, each added to the engine config "
+                             "(bf16: none), e.g. bf16 weights=fp8 weights=int4 weights=fp8,kv_dtype=fp8")
     parser.add_argument("--out", default=None, help="default: bench/results/e2e.json, with --tp e2e_tp.json")
     args = parser.parse_args()
     if args.tp is not None and min(args.tp) < 1:
@@ -389,28 +442,42 @@ def main() -> None:
         return main_tp(args.models, sorted(set(args.tp)), args.out or "bench/results/e2e_tp.json")
     args.out = args.out or "bench/results/e2e.json"
     bandwidth = copy_bandwidth()
-    results = {"device": torch.cuda.get_device_name(), "copy_TBps": bandwidth / 1e12,
-               "runs": [run(m, bandwidth, set(args.systems)) for m in args.models]}
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2, default=str)
+    results = {"device": torch.cuda.get_device_name(), "copy_TBps": bandwidth / 1e12, "runs": []}
+
+    def save() -> None:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+
+    for m in args.models:
+        results["runs"].append({})
+        run(m, bandwidth, set(args.systems), args.variants, results["runs"][-1], save)
+        save()
     print(f"{results['device']}, copy {results['copy_TBps']:.2f} TB/s")
     for r in results["runs"]:
         print(f"== {r['model']}: weights {r['weight_GB']:.1f} GB, decode roofline {r['roofline_ms']:.2f} ms/token")
-        for key in ("fusegen", "hf_eager", "hf_static_compile"):
+        keys = [variant_key(v) for v in args.variants]
+        for key in (*keys, "hf_eager", "hf_static_compile"):
             m = r.get(key)
             if m:
-                pct = 100 * r["roofline_ms"] / m["decode_ms_per_token"]
+                roofline = m.get("roofline_ms", r["roofline_ms"])
+                pct = 100 * roofline / m["decode_ms_per_token"]
                 extra = "".join(f", {k} {v:.1f}" for k, v in m.items() if k in ("ttft_2048_ms", "throughput_tok_s", "compile_s"))
-                print(f"{key:18} decode {m['decode_ms_per_token']:.2f} ms/token ({pct:.0f}% of roofline){extra}")
-        if "fusegen" in r:
-            ms = r["fusegen"]["decode_b64_ms_per_step"]
-            print(f"{'fusegen':18} decode at batch 64 {ms:.2f} ms/step ({100 * r['roofline_ms'] / ms:.0f}% of the "
-                  f"weight roofline), {64 / ms * 1e3:.0f} tok/s")
+                ratios = "".join(f", {k} {v:.2f}x" for k, v in m.get("vs_" + args.variants[0], {}).items())
+                print(f"{key:18} decode {m['decode_ms_per_token']:.2f} ms/token ({pct:.0f}% of its roofline "
+                      f"{roofline:.2f}){extra}{ratios}")
+        for key in keys:
+            if key in r:
+                m = r[key]
+                ms = m["decode_b64_ms_per_step"]
+                print(f"{key:18} decode at batch 64 {ms:.2f} ms/step ({100 * m['roofline_ms'] / ms:.0f}% of the "
+                      f"weight roofline), {64 / ms * 1e3:.0f} tok/s")
         for key in ("hf_generate_batch_tok_s", "hf_padded_generate_tok_s"):
             if key in r:
                 print(f"{key:26} {r[key]}")
-        if "fusegen" in r:
-            print_steps(r["fusegen"]["steps"])
+        for key in keys:
+            if key in r:
+                print(f"  {key}:")
+                print_steps(r[key]["steps"])
 
 
 if __name__ == "__main__":

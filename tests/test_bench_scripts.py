@@ -67,3 +67,16 @@ def test_e2e_tp_rows_carry_their_ratio_against_tp1(monkeypatch, capsys):
     e2e["print_tp"](rows)
     lines = capsys.readouterr().out.splitlines()
     assert lines[2].split()[:4] == ["1b", "2", "5.00", "2.00x"] and lines[2].endswith("50%")
+
+
+def test_e2e_variants_carry_their_ratio_against_the_first(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    e2e = runpy.run_path(str(BENCH / "e2e.py"), run_name="e2e")
+    assert e2e["variant_key"]("bf16") == "fusegen"
+    assert e2e["variant_key"]("weights=fp8") == "fusegen[weights=fp8]"
+    base = {"decode_ms_per_token": 4.0, "decode_b64_ms_per_step": 8.0, "throughput_tok_s": 1000.0}
+    fp8 = {"decode_ms_per_token": 2.0, "decode_b64_ms_per_step": 5.0, "throughput_tok_s": 1500.0}
+    out = {"fusegen": dict(base), "fusegen[weights=fp8]": dict(fp8)}
+    e2e["add_variant_ratios"](out, ["bf16", "weights=fp8", "weights=int4"])  # int4 absent: left out
+    assert out["fusegen[weights=fp8]"]["vs_bf16"] == {"decode_b1": 2.0, "decode_b64": 1.6, "throughput": 1.5}
+    assert "vs_bf16" not in out["fusegen"]

@@ -282,6 +282,8 @@ class _Source:
             tile = ["    a = tl.load(x_ptr + rows * stride_xm + cols * stride_xk, mask=m_ok & (cols < K), other=0.0)"]
             x_name = "a"
         lines += [f"    acc{s} = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)" for s in range(S)]
+        # one row (fma): products accumulate elementwise, summed over K once, after the loop
+        lines += [f"    accw{s} = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)" for s in range(S)]
         if qkv:   # the head's rows rotated by half a head; v heads need none (masked off)
             lines += ["    rot_rows = pid_n * BLOCK_N + (tl.arange(0, BLOCK_N) + BLOCK_N // 2) % BLOCK_N",
                       "    rot_ok = n_ok & (rn[:, None] < (HQ + HKV) * BLOCK_N)"]
@@ -298,8 +300,12 @@ class _Source:
                       f"                acc{s} = tl.dot(xt, tl.trans(b), acc{s}, input_precision=\"ieee\")",
                       "            else:",
                       f"                acc{s} = tl.dot(xt, tl.trans(b), acc{s})",
+                      "        elif BLOCK_M == 1:",
+                      f"            accw{s} += xt.to(tl.float32) * b.to(tl.float32)",
                       "        else:",
                       f"            acc{s} += tl.sum(xt.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)"]
+        lines.append("    if not USE_DOT and BLOCK_M == 1:")
+        lines += [f"        acc{s} = tl.sum(accw{s}, axis=1)[None, :]" for s in range(S)]
         area = "BLOCK_M * BLOCK_N"
         lines += ["    cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)", "    ncols = cn[None, :]",
                   "    ymask = m_ok & (ncols < N)",

@@ -13,6 +13,10 @@ whole number of them (``BLOCK_K`` divides 128 or 128 divides it). int4 unpacks w
 shuffle: the low nibbles meet x's even columns and the high nibbles its odd ones, as two
 products over K/2. ``a`` [K] is an optional per-input-channel activation scale (AWQ's, where
 it could not be folded into the op before; fusegen/quant.py), applied to x as it is loaded.
+One row through the fma variant (BLOCK_M = 1, decode at batch 1) accumulates products
+elementwise and sums over K once at the end, as the bf16 template does; for int4 the group
+scale then multiplies each element's pair of products, and a bf16 x is read as 32-bit column
+pairs (``X_PAIRS``), each half converted by one integer op, instead of two strided loads.
 
 The tiling, split-K and the fused deterministic reduction (and its workspace and tickets) are
 the bf16 template's (skinny_gemm.py, ``_finish_tile``); the measured table is its
@@ -75,13 +79,33 @@ def _load_x(x_ptr, a_ptr, rm, cols, M, K, stride_xm, stride_xk, HAS_ACT: tl.cons
 
 
 @triton.jit
+def _load_bf16_pairs(x_ptr, a_ptr, k0, half, K, HAS_ACT: tl.constexpr, MASK_K: tl.constexpr):
+    """Row 0 of a bf16 x at the columns even = k0 + 2 * half and even + 1 as two [1, len(half)]
+    fp32 tensors, from one 32-bit load per pair (x's address and k0 are even): a bf16's
+    float32 value is its bits shifted up by 16, so both halves of the word convert by one
+    integer op each (times the activation scale a, with HAS_ACT)."""
+    even = k0 + 2 * half
+    words = x_ptr.to(tl.pointer_type(tl.int32)) + (k0 // 2 + half)[None, :]
+    if MASK_K:
+        pairs = tl.load(words, mask=(even < K)[None, :], other=0)
+    else:
+        pairs = tl.load(words)
+    x_even = (pairs << 16).to(tl.float32, bitcast=True)
+    x_odd = (pairs & -65536).to(tl.float32, bitcast=True)
+    if HAS_ACT:
+        x_even = x_even * tl.load(a_ptr + even, mask=even < K, other=0.0)[None, :]
+        x_odd = x_odd * tl.load(a_ptr + even + 1, mask=even < K, other=0.0)[None, :]
+    return x_even, x_odd
+
+
+@triton.jit
 def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, a_ptr, bias_ptr, y_ptr, part_ptr, count_ptr,
                        M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_ym,
                        FMT: tl.constexpr, GROUP_K: tl.constexpr, SUB_K: tl.constexpr,
                        HAS_ACT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
-                       USE_GDC: tl.constexpr, PREFETCH: tl.constexpr = 0):
+                       USE_GDC: tl.constexpr, PREFETCH: tl.constexpr = 0, X_PAIRS: tl.constexpr = False):
     """y[m, n] = sum_k x[m, k] a[k] W[n, k] + bias[n], W dequantized from q and s per FMT
     (0 int8, 1 fp8, 2 int4 in groups of GROUP_K, unpacked SUB_K = min(BLOCK_K, GROUP_K) at a
     time); IEEE keeps fp32 dots out of tf32. See the module docstring."""
@@ -103,6 +127,9 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, a_ptr, bias_ptr, y_ptr, part_ptr, co
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # one row (BLOCK_M == 1, fma): products accumulate elementwise, summed over K at the end
+    acc_w = tl.zeros((BLOCK_N, BLOCK_K if FMT != 2 else SUB_K // 2), dtype=tl.float32)
+    ROW: tl.constexpr = BLOCK_M == 1 and not USE_DOT
     for k in range(k_begin, k_begin + k_chunk, BLOCK_K):
         if FMT == 2:
             half = tl.arange(0, SUB_K // 2)
@@ -115,15 +142,21 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, a_ptr, bias_ptr, y_ptr, part_ptr, co
                 high = _small_int_to_float((packed >> 4).to(tl.int32), 8)
                 if USE_DOT:
                     low, high = low.to(x_ptr.dtype.element_ty), high.to(x_ptr.dtype.element_ty)
-                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                part = _mma(part, _load_x(x_ptr, a_ptr, rm, even, M, K, stride_xm, stride_xk, HAS_ACT, not EVEN_K),
-                            low, USE_DOT, IEEE)
-                part = _mma(part, _load_x(x_ptr, a_ptr, rm, even + 1, M, K, stride_xm, stride_xk, HAS_ACT,
-                                          not EVEN_K), high, USE_DOT, IEEE)
+                if ROW and X_PAIRS:   # bf16 x: one 32-bit load per column pair
+                    x_even, x_odd = _load_bf16_pairs(x_ptr, a_ptr, k0, half, K, HAS_ACT, not EVEN_K)
+                else:
+                    x_even = _load_x(x_ptr, a_ptr, rm, even, M, K, stride_xm, stride_xk, HAS_ACT, not EVEN_K)
+                    x_odd = _load_x(x_ptr, a_ptr, rm, even + 1, M, K, stride_xm, stride_xk, HAS_ACT, not EVEN_K)
                 group = rn * 0 + k0 // GROUP_K
                 s_mask = (rn < N) if EVEN_K else (rn < N) & (group < K // GROUP_K)
                 group_scale = tl.load(s_ptr + rn * stride_sn + group, mask=s_mask, other=0.0)
-                acc += part * group_scale[None, :]
+                if ROW:
+                    acc_w += (x_even.to(tl.float32) * low + x_odd.to(tl.float32) * high) * group_scale[:, None]
+                else:
+                    part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                    part = _mma(part, x_even, low, USE_DOT, IEEE)
+                    part = _mma(part, x_odd, high, USE_DOT, IEEE)
+                    acc += part * group_scale[None, :]
         else:
             cols = k + tl.arange(0, BLOCK_K)
             w_mask = n_ok if EVEN_K else n_ok & (cols[None, :] < K)
@@ -133,7 +166,12 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, a_ptr, bias_ptr, y_ptr, part_ptr, co
                 w = _small_int_to_float(w.to(tl.int32) + 128, 128)
             if USE_DOT or FMT == 1:
                 w = w.to(x_ptr.dtype.element_ty if USE_DOT else tl.float32)
-            acc = _mma(acc, a, w, USE_DOT, IEEE)
+            if ROW:
+                acc_w += a.to(tl.float32) * w
+            else:
+                acc = _mma(acc, a, w, USE_DOT, IEEE)
+    if ROW:
+        acc = tl.sum(acc_w, axis=1)[None, :]
     # int8/fp8: the per-channel scale once, on the finished sum; int4 was scaled per group
     _finish_tile(acc, pid_n, pid_k, M, N, y_ptr, stride_ym, bias_ptr, s_ptr, part_ptr, count_ptr,
                  HAS_BIAS, FMT != 2, BLOCK_M, BLOCK_N, SPLIT_K)
@@ -195,9 +233,16 @@ def quant_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, bias:
         FMT=CODES[fmt], GROUP_K=GROUP, SUB_K=min(config.block_k, GROUP), HAS_ACT=act_scale is not None,
         HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
         BLOCK_M=bm, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
-        USE_DOT=config.dot, EVEN_K=even_k, num_warps=config.warps, num_stages=config.stages, **pdl(x),
-        **_prefetch(data, config))
+        USE_DOT=config.dot, EVEN_K=even_k, X_PAIRS=_bf16_pairs(x2, fmt, bm, config),
+        num_warps=config.warps, num_stages=config.stages, **pdl(x), **_prefetch(data, config))
     return y.view(*x.shape[:-1], N)
+
+
+def _bf16_pairs(x2: torch.Tensor, fmt: str, block_m: int, config: GemmConfig) -> bool:
+    """Whether the int4 kernel reads one row of bf16 x as 32-bit column pairs (X_PAIRS): one
+    row through the fma path, unit column stride, a 4-byte aligned row."""
+    return (fmt == "int4" and block_m == 1 and not config.dot and x2.dtype == torch.bfloat16
+            and x2.stride(1) == 1 and x2.data_ptr() % 4 == 0)
 
 
 # --- prefill -----------------------------------------------------------------------------------

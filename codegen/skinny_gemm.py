@@ -10,7 +10,11 @@ the counter, so the workspace needs no clearing between launches (CUDA-graph saf
 that share a workspace must run in stream order).
 
     USE_DOT = 1   tl.dot on [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] (BLOCK_M >= 16)
-    USE_DOT = 0   fp32 multiply and row sums on [BLOCK_M, BLOCK_N, BLOCK_K] (small M)
+    USE_DOT = 0   fp32 multiply and row sums on [BLOCK_M, BLOCK_N, BLOCK_K] (small M); one
+                  row (BLOCK_M = 1) accumulates the products elementwise in a [BLOCK_N, BLOCK_K]
+                  tile and sums it once after the K loop: a row sum per K block costs warp
+                  shuffles and, across warps, shared memory and barriers (per weight byte more
+                  instructions than the SM can issue at the memory's rate)
 
 Which configuration runs for a shape, or whether cuBLAS (``F.linear``) does, is measured on
 the device (``GemmTable.measure``) when the engine is set up; ``linear`` looks the choice up.
@@ -58,6 +62,7 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr,
     x_rows = x_ptr + rm[:, None] * stride_xm
     w_rows = w_ptr + rn[:, None] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_w = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)   # one row: products summed at the end
     for k in range(k_begin, k_begin + k_chunk, BLOCK_K):
         cols = k + rk[None, :]
         if EVEN_K:
@@ -71,8 +76,12 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr,
                 acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")   # fp32 stays fp32, not tf32
             else:
                 acc = tl.dot(a, tl.trans(b), acc)
+        elif BLOCK_M == 1:
+            acc_w += a.to(tl.float32) * b.to(tl.float32)
         else:
             acc += tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)
+    if not USE_DOT and BLOCK_M == 1:
+        acc = tl.sum(acc_w, axis=1)[None, :]
     _finish_tile(acc, pid_n, pid_k, M, N, y_ptr, stride_ym, bias_ptr, bias_ptr, part_ptr, count_ptr,
                  HAS_BIAS, False, BLOCK_M, BLOCK_N, SPLIT_K)
 

@@ -116,8 +116,9 @@ CONFIGS = [GemmConfig(8, 32), GemmConfig(16, 16, split_k=3), GemmConfig(16, 16, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
 @pytest.mark.parametrize("bias", [False, True])
-def test_silu_mul_epilogue(table_entry, dtype, config, bias):
-    M, H, I = 5, 40, 24
+@pytest.mark.parametrize("M", [1, 5])   # 1: the fma path's one-row accumulation
+def test_silu_mul_epilogue(table_entry, dtype, config, bias, M):
+    H, I = 40, 24
     torch.manual_seed(0)
     module = GatedMLP(H, I, bias).to(DEVICE, dtype)
     x = torch.randn(1, M, H, device=DEVICE, dtype=dtype)
@@ -161,8 +162,9 @@ def test_single_segment_epilogue_with_extra_input(table_entry, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
-def test_rmsnorm_prologue(table_entry, dtype, config):
-    M, H, N = 3, 37, 12
+@pytest.mark.parametrize("M", [1, 3])
+def test_rmsnorm_prologue(table_entry, dtype, config, M):
+    H, N = 37, 12
     torch.manual_seed(2)
     module = NormQKV(H, N, bias=True).to(DEVICE, dtype)
     x = torch.randn(1, M, H, device=DEVICE, dtype=dtype)
@@ -181,8 +183,9 @@ def test_rmsnorm_prologue(table_entry, dtype, config):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("config", CONFIGS[1:], ids=str)
-def test_prologue_and_epilogue_with_a_side_output(table_entry, dtype, config):
-    M, H, I = 4, 40, 24
+@pytest.mark.parametrize("M", [1, 4])
+def test_prologue_and_epilogue_with_a_side_output(table_entry, dtype, config, M):
+    H, I = 40, 24
     torch.manual_seed(3)
     module = ResidualNormMLP(H, I).to(DEVICE, dtype)
     x = torch.randn(1, M, H, device=DEVICE, dtype=dtype)

@@ -55,6 +55,8 @@ CASES = [   # M, N, K, fmt, bias, act, config
     (17, 24, 256, "int4", True, True, GemmConfig(16, 64, split_k=2, dot=True)),
     (3, 9, 128, "fp8", True, True, GemmConfig(16, 32, split_k=3)),          # a split count that is not a power of two
     (1, 11, 1280, "int4", False, True, GemmConfig(8, 1024, split_k=2)),     # eight groups per block, ragged split
+    (1, 29, 300, "fp8", True, False, GemmConfig(8, 128, split_k=2)),       # one row, ragged K, split-K
+    (1, 21, 512, "int4", True, False, GemmConfig(16, 256)),                # one row, two groups per block
 ]
 
 
@@ -64,6 +66,27 @@ def test_template_matches_the_dequantized_reference(M, N, K, fmt, bias, act, con
     got = quant_linear(x, data, scale, b, fmt, config, r)
     assert got.shape == (M, N) and got.dtype == x.dtype
     assert_close_report(got.cpu().double(), reference(x, data, scale, b, fmt, r), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("act", [False, True])
+def test_int4_reads_one_bf16_row_as_column_pairs(act):
+    """One bf16 row through the int4 fma path loads x as 32-bit column pairs; the result is the
+    reference up to bf16's rounding of y. An x whose row is not 4-byte aligned (a view one
+    element in) takes the per-column loads: the same values, but that with an activation scale
+    the per-column path rounds x * a to bf16 first."""
+    x, data, scale, b, r = operands(1, 21, 512, "int4", True, act, dtype=torch.bfloat16)
+    config = GemmConfig(16, 256)
+    assert quant_gemm._bf16_pairs(x, "int4", 1, config)
+    want = reference(x, data, scale, b, "int4", r)
+    got = quant_linear(x, data, scale, b, "int4", config, r)
+    torch.testing.assert_close(got.cpu().double(), want, atol=1e-3, rtol=8e-3)   # bf16: 8 mantissa bits
+    shifted = torch.cat([x.new_zeros(1, 1), x], dim=1)[:, 1:]
+    assert not quant_gemm._bf16_pairs(shifted, "int4", 1, config)
+    unpaired = quant_linear(shifted, data, scale, b, "int4", config, r)
+    if act:
+        assert ((unpaired.cpu().double() - want).norm() / want.norm()).item() < 1e-2
+    else:
+        torch.testing.assert_close(unpaired, got, atol=0, rtol=0)
 
 
 def test_split_k_is_deterministic_and_leaves_tickets_at_zero():

@@ -44,6 +44,7 @@ from collections import Counter
 import torch
 import triton
 from torch import fx
+from triton.runtime.errors import OutOfResources
 
 from fusegen.codegen import cache, skinny_gemm
 from fusegen.codegen.launch import pdl
@@ -862,7 +863,13 @@ def measure_fused(gm: fx.GraphModule, ms, device, kv_pool, margin: float = 0.97)
             weights = [weight] + [weight.clone() for _ in range(copies - 1)]
             with_w = [args[:w_at] + [w] + args[w_at + 1:] for w in weights]
             unfused = skinny_gemm._time_us([lambda a=a: fused.reference(*a) for a in with_w])
-            fast = skinny_gemm._time_us([lambda a=a: fused.fused(best, *a) for a in with_w])
+            try:
+                fast = skinny_gemm._time_us([lambda a=a: fused.fused(best, *a) for a in with_w])
+            except (triton.CompilationError, OutOfResources) as exc:   # the tile does not build with this group
+                logging.getLogger("fusegen.gemm").warning(
+                    "%s at M=%d with %s does not build (%s: %s); it runs unfused",
+                    fused.__name__, M, best, type(exc).__name__, str(exc).splitlines()[-1][:200])
+                fast = float("inf")
             done[key] = fused.choice[M] = best if fast < margin * unfused else None
             rows.append({"call": fused.__name__, "M": M, "fused_us": fast, "unfused_us": unfused,
                          "config": str(best), "chosen": "fused" if fused.choice[M] else "unfused"})

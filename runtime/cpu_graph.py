@@ -16,7 +16,8 @@ is per-op overhead. First a flat copy of the graph:
 
 What every layer of a step shares (sequences grouped by query count, their blocks, masks
 and slots) is made once (cpu_ops.py). Then the rewrites of cpu_rewrites.REWRITES, in order
-(merged repeats, RMSNorm, rotary, oneDNN linears: the engine leaves the last out where
+(merged repeats, RMSNorm, rotary, q's and k's rotary in one call, attention laid out by token
+for the output projection, oneDNN linears: the engine leaves the last out where
 cpu_rewrites.onednn_linear_pays finds them slower than aten.linear on this CPU), the fusegen
 ops left called as their Python functions (no dispatcher, autograd or dynamo wrappers), and
 every aten overload through torch's own binding. The graph the caller holds is left as it

@@ -5,10 +5,17 @@ ops, since a decode step's small ops cost their dispatch on the CPU, not their a
 
     common_subexpressions   u = unsqueeze(cos, 1) in every layer   ->  one u for the step
     rms_norm                w * (x * rsqrt(mean(x ** 2, [-1], keepdim=True) + eps))
-                                                                   ->  aten.rms_norm(x, [D], w, eps)
+                                                                   ->  cpu_ops.rms_norm(x, w, eps)
     rotary                  x * cos + rotate_half(x) * sin         ->  cpu_ops.rotary(x, cos, s)
                                                                        s = cpu_ops.signed_sin(sin),
                                                                        once per sin
+    rotary_heads            q, k = split(qkv)[0:2] as heads,       ->  q, k = cpu_ops.rotary_heads(
+                            each rotary(.., cos, s)                           qkv, 0, [Hq, Hkv], ..)
+                                                                       (one rotary over both)
+    attention_tokens        paged_attention(q, ..) [B, Hq, T, D]   ->  cpu_ops.paged_attention_tokens(
+                            .reshape(..).transpose(1, 2)                       q, ..)
+                            .reshape(B, T, -1)                         (a decode step's attention
+                                                                       comes out in that layout)
     onednn_linear           aten.linear(x, w, b)                   ->  mkldnn._linear_pointwise(x, w, b)
                             (float32; within float rounding, the only rewrite that is not bitwise)
     python_bindings         torch.ops.aten.mul.Tensor(a, b)        ->  torch.mul(a, b)
@@ -39,7 +46,8 @@ ROTATE_HALF = torch.ops.fusegen.rotate_half.default
 # Python functions the flat graph calls: which argument each mutates (None: none).
 _PYTHON_CALLS: dict[Callable, Optional[int]] = {
     operator.getitem: None, cpu_ops.kv_slots: None, cpu_ops.step_plan: None, cpu_ops.paged_attention: None,
-    cpu_ops.signed_sin: None, cpu_ops.rotary: None, cpu_ops.paged_kv_write: 0,
+    cpu_ops.paged_attention_tokens: None, cpu_ops.signed_sin: None, cpu_ops.rotary: None,
+    cpu_ops.rotary_heads: None, cpu_ops.paged_kv_write: 0, cpu_ops.rms_norm: None,
 }
 
 
@@ -159,16 +167,15 @@ def _key(node: fx.Node):
 # --- RMSNorm ---------------------------------------------------------------------------------
 
 def rms_norm(graph: fx.Graph) -> int:
-    """w * (x * rsqrt(mean(x ** 2, [-1], keepdim=True) + eps)) -> aten.rms_norm(x, [D], w, eps),
-    either operand order of every mul and the add; x and w of one float dtype of at least 32
-    bits (ATen's rms_norm computes lower precisions in float32, the pattern would not)."""
+    """w * (x * rsqrt(mean(x ** 2, [-1], keepdim=True) + eps)) -> cpu_ops.rms_norm(x, w, eps),
+    either operand order of every mul and the add; x and w both float32 or both float64."""
     done = 0
     for node in list(graph.nodes):
         match = _rms_norm_match(node)
         if match is None:
             continue
         (normed, chain, x, eps), weight = match
-        _replace(graph, node, aten.rms_norm.default, (x, [_val(x).shape[-1]], weight, eps))
+        _replace(graph, node, cpu_ops.rms_norm, (x, weight, eps))
         _erase_unused(graph, chain)
         done += 1
     return done
@@ -264,6 +271,148 @@ def _rotary_match(node: fx.Node):
             continue
         return x, cos[1], sin, [direct, turned, rotated]
     return None
+
+
+# --- rotary of q and k in one call -------------------------------------------------------------
+
+def rotary_heads(graph: fx.Graph) -> int:
+    """Two rotary calls over the same cos and sin whose inputs are neighbouring pieces of one
+    split of a projection's output, each viewed as heads,
+
+        q, k, v = split(qkv, [Hq*D, Hkv*D, ..], -1)
+        rotary(q.view(B, T, -1, D).transpose(1, 2), cos, s)      (and the same for k)
+
+    -> one ``cpu_ops.rotary_heads(qkv, offset, [Hq, Hkv], D, cos, s)`` over the columns of
+    both, its two outputs in their place: every value of the rotary is its element's alone,
+    so computing the heads together changes none (the outputs are [B, H, T, D] views of one
+    tensor laid out by token, as each was). The views and transposes go where nothing
+    else reads them."""
+    done, erased = 0, set()
+    for node in list(graph.nodes):
+        pair = None if node in erased else _rotary_pair(node)
+        if pair is None:
+            continue
+        split, index, heads, D, cos, signed, first, second = pair
+        sizes = split.args[1]
+        earliest = next(n for n in graph.nodes if n is first or n is second)
+        with graph.inserting_before(earliest):
+            both = graph.call_function(cpu_ops.rotary_heads,
+                                       (split.args[0], sum(sizes[:index]), heads, D, cos, signed))
+            parts = [graph.call_function(operator.getitem, (both, i)) for i in range(2)]
+        for rotated, part in zip((first, second), parts):
+            part.meta = dict(rotated.meta)
+            turned = rotated.args[0]
+            chain = [turned, turned.args[0], turned.args[0].args[0]]   # transpose, view, piece
+            rotated.replace_all_uses_with(part)
+            graph.erase_node(rotated)
+            erased.add(rotated)
+            _erase_unused(graph, chain)
+        done += 1
+    return done
+
+
+def _rotary_pair(node: fx.Node):
+    """(split, index, [H1, H2], D, cos, s, first, second) when ``node`` is the first of two
+    rotary calls as rotary_heads rewrites them (the second one found among the users of the
+    split's next piece)."""
+    first = _rotary_of_split_piece(node)
+    if first is None:
+        return None
+    split, index, H1, D, cos, signed = first
+    following = [n for n in split.users if _is(n, operator.getitem) and n.args[1] == index + 1]
+    for piece in following:
+        for view in piece.users:
+            for turned in view.users:
+                for second in turned.users:
+                    found = _rotary_of_split_piece(second)
+                    if (found is not None and found[:2] == (split, index + 1) and found[3:] == (D, cos, signed)
+                            and second is not node):
+                        return split, index, [H1, found[2]], D, cos, signed, node, second
+    return None
+
+
+def _rotary_of_split_piece(node):
+    """(split, index, heads, D, cos, s) for rotary(transpose(view(split(x, sizes, -1)[i],
+    [B, T, -1, D]), 1, 2), cos, s) over x [B, T, C], where the view and transpose feed this
+    rotary only and the piece is a whole number of heads."""
+    if not _is(node, cpu_ops.rotary) or node.kwargs:
+        return None
+    turned, cos, signed = node.args
+    if not _is(turned, aten.transpose.int) or tuple(turned.args[1:]) != (1, 2) or len(turned.users) != 1:
+        return None
+    view = turned.args[0]
+    if not _is(view, aten.view.default) or len(view.users) != 1:
+        return None
+    piece, shape = view.args
+    if not _is(piece, operator.getitem) or not _is(piece.args[0], aten.split_with_sizes.default):
+        return None
+    split, index = piece.args
+    x = _val(split.args[0])
+    dim = split.args[2] if len(split.args) > 2 else 0
+    if (not isinstance(x, torch.Tensor) or x.ndim != 3 or dim not in (-1, 2) or split.kwargs
+            or not isinstance(index, int)):
+        return None
+    D = shape[-1] if isinstance(shape, (list, tuple)) and len(shape) == 4 and shape[2] == -1 else None
+    size = split.args[1][index]
+    if not isinstance(D, int) or D < 1 or not isinstance(size, int) or size % D:
+        return None
+    heads = _val(view)
+    if not isinstance(heads, torch.Tensor) or not _known_equal(heads.shape, (*x.shape[:2], size // D, D)):
+        return None
+    return split, index, size // D, D, cos, signed
+
+
+# --- attention laid out by token ----------------------------------------------------------------
+
+def attention_tokens(graph: fx.Graph) -> int:
+    """paged_attention(q, ..) [B, Hq, T, D] followed by a reshape to its own shape, transpose(1, 2)
+    and a reshape to [B, T, Hq * D] (what the output projection reads), each the only reader
+    of the one before -> cpu_ops.paged_attention_tokens(q, ..), the same values in that
+    layout. The shapes are checked on the nodes' recorded values, as far as they are known
+    statically (symbolic sizes compare as expressions)."""
+    done = 0
+    for node in list(graph.nodes):
+        chain = _tokens_chain(node)
+        if chain is None:
+            continue
+        last = chain[-1]
+        with graph.inserting_before(node):
+            new = graph.call_function(cpu_ops.paged_attention_tokens, node.args, node.kwargs)
+        new.meta = dict(last.meta)
+        last.replace_all_uses_with(new)
+        for n in reversed([node, *chain]):
+            graph.erase_node(n)
+        done += 1
+    return done
+
+
+def _tokens_chain(node: fx.Node):
+    if not _is(node, cpu_ops.paged_attention) or len(node.users) != 1:
+        return None
+    q = _val(node.args[0])
+    (first,) = node.users
+    if not _is(first, aten.reshape.default) or len(first.users) != 1:
+        return None
+    (turned,) = first.users
+    if not _is(turned, aten.transpose.int) or tuple(turned.args[1:]) != (1, 2) or len(turned.users) != 1:
+        return None
+    (last,) = turned.users
+    if not _is(last, aten.reshape.default):
+        return None
+    same, out = _val(first), _val(last)
+    if not all(isinstance(t, torch.Tensor) for t in (q, same, out)) or q.ndim != 4:
+        return None
+    B, H, T, D = q.shape
+    if not (_known_equal(same.shape, q.shape) and _known_equal(out.shape, (B, T, H * D))):
+        return None
+    return [first, turned, last]
+
+
+def _known_equal(a, b) -> bool:
+    """Shapes equal for every value of their symbols (False where that is not known)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
 
 
 # --- linears through oneDNN ------------------------------------------------------------------
@@ -423,6 +572,8 @@ REWRITES: list[tuple[str, Callable[[fx.Graph], int]]] = [
     ("common_subexpressions", common_subexpressions),
     ("rms_norm", rms_norm),
     ("rotary", rotary),
+    ("rotary_heads", rotary_heads),
+    ("attention_tokens", attention_tokens),
     ("onednn_linear", onednn_linear),
 ]
 """In order; then cpu_graph.py calls fusegen ops' Python functions directly and, last,

@@ -46,6 +46,8 @@ def test_rewrite_counts_and_nothing_left_to_dispatch(paged):
     assert stats["kv_writes_planned"] == LAYERS and stats["kv_slots"] == 1
     assert stats["rms_norm"] == 2 * LAYERS + 1              # two per layer and the final norm
     assert stats["rotary"] == 2 * LAYERS                    # q and k
+    assert stats["rotary_heads"] == LAYERS                  # ... in one call
+    assert stats["attention_tokens"] == LAYERS
     assert stats["common_subexpressions"] == 2 * (LAYERS - 1)   # each layer's unsqueeze of cos, sin
     assert stats["onednn_linear"] == 4 * LAYERS + 1         # qkv, o, gate/up, down per layer, the LM head
     assert stats["direct_ops"] == 0                         # the rewrites above took every fusegen op
@@ -155,12 +157,12 @@ def test_column_major_weights_keep_values_and_leave_the_source_model_alone():
 
 # --- cpu_ops: the planned KV write and attention against the references ----------------------
 
-def _pool_and_tables(lens, block_size, Hkv, D, gen, stale=float("nan")):
-    """A pool holding random K/V for sequences of ``lens`` in shuffled blocks; the slots past
-    each sequence's length and the spare blocks hold ``stale``."""
+def _pool_and_tables(lens, block_size, Hkv, D, gen, stale=float("nan"), in_order=False):
+    """A pool holding random K/V for sequences of ``lens`` in shuffled blocks (``in_order``:
+    blocks 1, 2, ...); the slots past each sequence's length and the spare blocks hold ``stale``."""
     needed = [-(-L // block_size) for L in lens]
     num_blocks = sum(needed) + 2
-    ids = torch.randperm(num_blocks, generator=gen).tolist()
+    ids = list(range(1, num_blocks)) if in_order else torch.randperm(num_blocks, generator=gen).tolist()
     tables = torch.zeros(len(lens), max(needed), dtype=torch.int32)
     pool = torch.full((2, 2, num_blocks, block_size, Hkv, D), stale)
     for n, (L, count) in enumerate(zip(lens, needed)):
@@ -171,27 +173,35 @@ def _pool_and_tables(lens, block_size, Hkv, D, gen, stale=float("nan")):
     return pool, tables
 
 
-@pytest.mark.parametrize("lens, q_lens", [
-    ([37], [1]),                       # one decode
-    ([5, 17, 9], [1, 1, 1]),           # batched decode, padded to 17, NaN past each length
-    ([12, 3, 7, 6], [1, 3, 0, 6]),     # mixed: a decode, a chunk, no queries, a prefill
+@pytest.mark.parametrize("lens, q_lens, in_order", [
+    ([37], [1], False),                # one decode
+    ([37], [1], True),                 # ... whose blocks follow each other: read in place
+    ([5, 17, 9], [1, 1, 1], True),     # batched decode, padded to 17, NaN past each length
+    ([12, 3, 7, 6], [1, 3, 0, 6], False),   # mixed: a decode, a chunk, no queries, a prefill
 ])
 @pytest.mark.parametrize("causal, window", [(True, 0), (True, 4), (False, 0)])
 @pytest.mark.parametrize("block_size, Hq, Hkv, D", [(4, 6, 2, 24), (3, 5, 5, 7)])
-def test_planned_attention_is_the_reference_bitwise(lens, q_lens, causal, window, block_size, Hq, Hkv, D):
+def test_planned_attention_is_the_reference_bitwise(lens, q_lens, in_order, causal, window, block_size, Hq, Hkv, D):
+    """Either layout of the output; the padding rows and what the first call planned
+    (masks, where K and V are read) reused by a second layer's call."""
     from fusegen import ops
     from fusegen.runtime import cpu_ops
 
     gen = torch.Generator().manual_seed(sum(lens) + block_size)
-    pool, tables = _pool_and_tables(lens, block_size, Hkv, D, gen)
-    q = torch.randn(1, Hq, sum(q_lens) + 2, D, generator=gen)       # two padding rows at the end
+    pool, tables = _pool_and_tables(lens, block_size, Hkv, D, gen, in_order=in_order)
+    T = sum(q_lens) + 2                                             # two padding rows at the end
+    q = torch.randn(1, Hq, T, D, generator=gen)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     starts = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
-    want = ops.paged_attention(q, pool, 1, tables, seq_lens, starts, 0.3, causal, window, 0.0)
     plan = cpu_ops.step_plan(pool, tables, seq_lens, starts)
-    got = cpu_ops.paged_attention(q, pool, 1, plan, 0.3, causal, window, 0.0)
-    assert not got.isnan().any() and torch.equal(got, want)
-    assert torch.equal(cpu_ops.paged_attention(q, pool, 1, plan, 0.3, causal, window, 0.0), want)  # masks reused
+    for layer in (1, 0):
+        want = ops.paged_attention(q, pool, layer, tables, seq_lens, starts, 0.3, causal, window, 0.0)
+        got = cpu_ops.paged_attention(q, pool, layer, plan, 0.3, causal, window, 0.0)
+        assert not got.isnan().any() and torch.equal(got, want)
+        tokens = cpu_ops.paged_attention_tokens(q, pool, layer, plan, 0.3, causal, window, 0.0)
+        assert torch.equal(tokens, want.transpose(1, 2).reshape(1, T, Hq * D))
+    decode = [g for g in plan.paged.groups if g.queries == 1]
+    assert (plan.decode_kv(decode[0]).buffer is None) == (len(lens) == 1 and in_order)
 
 
 def test_planned_kv_write_is_the_reference_bitwise():
@@ -252,6 +262,7 @@ def test_common_subexpressions_merge_repeats_but_nothing_a_mutation_touches():
 @pytest.mark.parametrize("weight_first", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_rms_norm_rewrite_bitwise(weight_first, dtype):
+    from fusegen.runtime import cpu_ops
     from fusegen.runtime.cpu_rewrites import rms_norm
 
     def f(x, w):
@@ -261,7 +272,21 @@ def test_rms_norm_rewrite_bitwise(weight_first, dtype):
     x, w = torch.randn(3, 5, 423, dtype=dtype), torch.randn(423, dtype=dtype)
     count, gm, want, got = _rewrite(f, rms_norm, x, w)
     assert count == 1 and torch.equal(got, want)
-    assert _targets(gm) == [torch.ops.aten.rms_norm.default]
+    assert _targets(gm) == [cpu_ops.rms_norm]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_rms_norm_is_aten_rms_norm_bitwise(dtype):
+    """On rows viewed from a transposed tensor too; the input is left as it was."""
+    from fusegen.runtime import cpu_ops
+
+    gen = torch.Generator().manual_seed(6)
+    for x in (torch.randn(1, 1, 577, generator=gen, dtype=dtype) * 40,
+              torch.randn(7, 3, 577, generator=gen, dtype=dtype).transpose(0, 1)):
+        w, before = torch.randn(577, generator=gen, dtype=dtype), x.clone()
+        got = cpu_ops.rms_norm(x, w, 1e-5)
+        assert torch.equal(got, torch.rms_norm(x, [577], w, 1e-5)) and torch.equal(x, before)
+        assert torch.equal(got, w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)))
 
 
 @pytest.mark.parametrize("case", ["bf16", "weight_3d", "cube", "other_tensor", "first_dim"])
@@ -302,6 +327,84 @@ def test_rotary_rewrite_bitwise_and_sin_signed_once(swap):
     count, gm, want, got = _rewrite(f, rotary, q, k, cos, sin)
     assert count == 2 and all(torch.equal(a, b) for a, b in zip(got, want))
     assert _targets(gm).count(cpu_ops.signed_sin) == 1 and _targets(gm).count(cpu_ops.rotary) == 2
+
+
+@pytest.mark.parametrize("sizes, pair", [([5 * 8, 3 * 8, 3 * 8], (0, 1)), ([3 * 8, 5 * 8, 2 * 8], (1, 2))])
+def test_rotary_heads_rewrite_bitwise(sizes, pair):
+    """Two neighbouring pieces of a split, rotated alike: one call over both; a third piece
+    (v) left as it was."""
+    from fusegen.runtime import cpu_ops
+    from fusegen.runtime.cpu_rewrites import rotary, rotary_heads
+
+    def rope(x, cos, sin):
+        return x * cos + torch.ops.fusegen.rotate_half(x) * sin
+
+    def f(x, cos, sin):
+        heads = [p.view(1, 7, -1, 8).transpose(1, 2) for p in torch.split(x, sizes, -1)]
+        return tuple(rope(h, cos, sin) if i in pair else h for i, h in enumerate(heads))
+
+    x = torch.randn(7, sum(sizes) + 3)[:, :sum(sizes)][None]    # [1, T, C] rows of a wider tensor
+    cos, sin = torch.randn(1, 1, 7, 8), torch.randn(1, 1, 7, 8)
+    count, gm, want, got = _rewrite(f, lambda g: (rotary(g), rotary_heads(g))[1], x, cos, sin)
+    assert count == 1 and all(torch.equal(a, b) for a, b in zip(got, want))
+    assert _targets(gm).count(cpu_ops.rotary_heads) == 1 and cpu_ops.rotary not in _targets(gm)
+    assert _targets(gm).count(torch.ops.aten.transpose.int) == 1                 # the third piece's
+
+
+def test_rotary_heads_rewrite_leaves_other_pairs():
+    """Pieces that are not neighbours, or rotated with another sin, stay two calls."""
+    from fusegen.runtime import cpu_ops
+    from fusegen.runtime.cpu_rewrites import rotary, rotary_heads
+
+    def rope(x, cos, sin):
+        return x * cos + torch.ops.fusegen.rotate_half(x) * sin
+
+    def f(x, cos, sin, other):
+        q, v, k = (p.view(1, 5, -1, 8).transpose(1, 2) for p in torch.split(x, [16, 8, 16], -1))
+        a, b = torch.split(x, [24, 16], -1)
+        a, b = (p.view(1, 5, -1, 8).transpose(1, 2) for p in (a, b))
+        return rope(q, cos, sin), rope(k, cos, sin), rope(a, cos, sin), rope(b, cos, other)
+
+    x, cos, sin, other = torch.randn(1, 5, 40), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8)
+    count, gm, want, got = _rewrite(f, lambda g: (rotary(g), rotary_heads(g))[1], x, cos, sin, other)
+    assert count == 0 and all(torch.equal(a, b) for a, b in zip(got, want))
+    assert _targets(gm).count(cpu_ops.rotary) == 4
+
+
+def _attention_chain(q: torch.Tensor, dims=(1, 2), last=None) -> fx.Graph:
+    """paged_attention(q, ..) -> reshape to q's shape -> transpose(*dims) -> reshape to
+    ``last`` (default [B, T, H * D]), each node's value recorded as the tracer records it."""
+    from fusegen.runtime import cpu_ops
+
+    aten, graph = torch.ops.aten, fx.Graph()
+    x = graph.placeholder("q")
+    x.meta["val"] = q
+    attended = graph.call_function(cpu_ops.paged_attention, (x, None, 0, None, 0.5, True, 0, 0.0))
+    same = graph.call_function(aten.reshape.default, (attended, list(q.shape)))
+    same.meta["val"] = q
+    turned = graph.call_function(aten.transpose.int, (same, *dims))
+    turned.meta["val"] = q.transpose(*dims)
+    B, H, T, D = q.shape
+    last = last or [B, T, H * D]
+    out = graph.call_function(aten.reshape.default, (turned, last))
+    out.meta["val"] = q.transpose(*dims).reshape(last)
+    graph.output(out)
+    return graph
+
+
+@pytest.mark.parametrize("dims, last, sites", [((1, 2), None, 1), ((1, 3), [1, 35, 3], 0), ((1, 2), [1, 5, 3, 7], 0)])
+def test_attention_tokens_rewrite_takes_the_token_layout_chain_only(dims, last, sites):
+    from fusegen.runtime import cpu_ops
+    from fusegen.runtime.cpu_rewrites import attention_tokens
+
+    graph = _attention_chain(torch.randn(1, 3, 5, 7), dims, last)
+    assert attention_tokens(graph) == sites
+    graph.lint()
+    targets = [n.target for n in graph.nodes if n.op == "call_function"]
+    if sites:
+        assert targets == [cpu_ops.paged_attention_tokens]
+    else:
+        assert targets[0] is cpu_ops.paged_attention and len(targets) == 4
 
 
 def test_rotary_rewrite_needs_sin_over_the_head_dim():

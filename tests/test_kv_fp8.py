@@ -220,6 +220,17 @@ def test_cpu_step_ops_are_bitwise_the_references_on_an_fp8_pool(q_lens):
     assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
+def test_cpu_decode_reads_an_fp8_pool_in_place_bitwise():
+    """One sequence whose blocks follow each other in the pool: K and V read as views of the
+    pool, dequantised as the reference does."""
+    q, _, pool8, scales, (_, lens, starts) = paged_case([37], [1], 4, 2, 16, 4)
+    tables = torch.arange(1, 11, dtype=torch.int32)[None]          # 37 tokens in blocks 1..10
+    plan = cpu_ops.step_plan(pool8, tables, lens, starts)
+    got = cpu_ops.paged_attention(q, pool8, 1, plan, 0.25, True, 0, 0.0, scales)
+    assert plan.decode_kv(plan.paged.groups[0]).buffer is None
+    assert torch.equal(got, ops.paged_attention(q, pool8, 1, tables, lens, starts, 0.25, True, 0, 0.0, scales))
+
+
 # --- kernels (Triton interpreter on CPU, compiled on a GPU) ---------------------------------
 
 # (Hq, Hkv, D, block_size, seq_lens, q_lens, window, softcap)

@@ -14,6 +14,7 @@ for one-off forwards (``CompiledModel.__call__``) and tests; it is not on the se
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +25,12 @@ from fusegen.kv import KVGeometry, byte_view
 from fusegen.codegen import launch, skinny_gemm
 from fusegen.codegen.skinny_gemm import route_linears
 from fusegen.runtime.batch import BatchState, staged
-from fusegen.runtime.cpu_graph import column_major_weights, cpu_step_graph, linear_weights
+from fusegen.runtime.cpu_graph import column_major_weights, cpu_step_graph, linear_weights, row_major_weights
 from fusegen.runtime.cpu_rewrites import onednn_linear_pays
+
+
+# per step graph, whether its CPU graphs take oneDNN's linears (its weights then row-major)
+_ONEDNN_LINEARS: "weakref.WeakKeyDictionary[fx.GraphModule, bool]" = weakref.WeakKeyDictionary()
 
 
 class PagedRunner:
@@ -118,12 +123,18 @@ class PagedRunner:
         if self.device.type != "cpu" or os.environ.get(KERNELS_ENV) == "1":
             return self.gm
         if self._cpu_graph is None:
-            relaid = column_major_weights(self.gm)
-            # oneDNN's linears where they beat aten.linear on this CPU (cpu_rewrites.onednn_linear)
-            onednn = onednn_linear_pays(linear_weights(self.gm))
+            relaid = row_major = 0
+            if self.gm not in _ONEDNN_LINEARS:   # decided once per graph: later runners share its weights
+                relaid = column_major_weights(self.gm)
+                # oneDNN's linears where they beat aten.linear on this CPU (cpu_rewrites.onednn_linear),
+                # over row-major weights, which oneDNN reads faster (cpu_graph.py)
+                _ONEDNN_LINEARS[self.gm] = onednn_linear_pays(linear_weights(self.gm))
+                row_major = row_major_weights(self.gm) if _ONEDNN_LINEARS[self.gm] else 0
+            onednn = _ONEDNN_LINEARS[self.gm]
             self._cpu_graph, self.cpu_graph_stats = cpu_step_graph(
                 self.gm, leave_out=() if onednn else ("onednn_linear",))
             self.cpu_graph_stats["weights_column_major"] = relaid
+            self.cpu_graph_stats["weights_row_major"] = row_major
             self.cpu_graph_stats["onednn_linear_left_out"] = int(not onednn)
         return self._cpu_graph
 

@@ -123,7 +123,7 @@ def test_engine_runs_the_cpu_graph_unless_kernels_are_asked_for(paged, monkeypat
 def test_column_major_weights_keep_values_and_leave_the_source_model_alone():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fusegen.runtime.cpu_graph import LINEAR, column_major_weights
+    from fusegen.runtime.cpu_graph import LINEAR, column_major_weights, row_major_weights
 
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=96, intermediate_size=128, num_hidden_layers=LAYERS,
                          num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128)
@@ -153,6 +153,8 @@ def test_column_major_weights_keep_values_and_leave_the_source_model_alone():
     assert column_major_weights(gm) == len(weights)
     assert all(torch.equal(attr(t), w) for t, w in row_major.items())
     torch.testing.assert_close(compiled(ids), before, atol=1e-5, rtol=1e-5)
+    assert row_major_weights(gm) == len(weights) and row_major_weights(gm) == 0     # and back, once
+    assert all(attr(t).is_contiguous() and torch.equal(attr(t), w) for t, w in row_major.items())
 
 
 # --- cpu_ops: the planned KV write and attention against the references ----------------------
@@ -477,16 +479,29 @@ def test_python_bindings_rewrite_calls_and_leaves_calls_it_cannot_pass():
 def test_engine_takes_onednn_linears_only_where_they_pay(paged, monkeypatch, pays):
     import fusegen.runtime.paged as paged_runtime
 
+    from fusegen.runtime.cpu_graph import linear_weights
+
     seen = []
     monkeypatch.setattr(paged_runtime, "onednn_linear_pays", lambda weights: seen.append(weights) or pays)
+    monkeypatch.setattr(paged_runtime, "_ONEDNN_LINEARS", __import__("weakref").WeakKeyDictionary())
     monkeypatch.delenv(KERNELS_ENV, raising=False)
     engine = paged.engine(num_blocks=8, max_num_seqs=1, max_num_batched_tokens=64)
     engine.runner.step_graph()
     stats = engine.runner.cpu_graph_stats
     assert len(seen) == 1 and len(seen[0]) == 4 * LAYERS + 1   # every linear's weight (the LM head's too)
-    assert all(w.dim() == 2 and not w.is_contiguous() for w in seen[0])   # read column-major
+    assert all(w.dim() == 2 and w.stride()[0] == 1 for w in seen[0])      # measured column-major
     assert stats["onednn_linear"] == (4 * LAYERS + 1 if pays else 0)
     assert stats["onednn_linear_left_out"] == (0 if pays else 1)
+    # oneDNN's linears read the weights row-major, aten.linear column-major
+    assert stats["weights_row_major"] == (4 * LAYERS + 1 if pays else 0)
+    assert all(w.is_contiguous() == pays for w in linear_weights(paged.graph_module))
+    again = paged.engine(num_blocks=8, max_num_seqs=1, max_num_batched_tokens=64).runner
+    again.step_graph()                                        # the same graph: decided once
+    assert len(seen) == 1 and again.cpu_graph_stats["onednn_linear"] == stats["onednn_linear"]
+    assert again.cpu_graph_stats["weights_row_major"] == 0 == again.cpu_graph_stats["weights_column_major"]
+    if pays:   # as the next engine of another process finds them: column-major again
+        from fusegen.runtime.cpu_graph import column_major_weights
+        assert column_major_weights(paged.graph_module) == 4 * LAYERS + 1
 
 
 def test_onednn_linear_pays_measures_once_per_shapes_and_threads(monkeypatch):

@@ -429,10 +429,11 @@ def _stream_completion(compiled, tokenizer, args: argparse.Namespace) -> int:
         ids = tokenizer(text, add_special_tokens=False).input_ids
     else:
         ids = tokenizer(args.prompt).input_ids
-        print(args.prompt, end="", flush=True)
     block = compiled.facts["kv"].block_size
     engine = compiled.engine(num_blocks=-(-(len(ids) + args.max_new_tokens) // block), max_num_seqs=1,
                              max_num_batched_tokens=max(len(ids), 1))
+    if not args.chat:   # after the engine's set-up, whose progress lines go to stderr
+        print(args.prompt, end="", flush=True)
     tokens: list[int] = []
     shown = ""
     clock = TokenClock()

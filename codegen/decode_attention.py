@@ -56,7 +56,8 @@ def _decode_split_kernel(Q, KPool, VPool, Out, PartOut, PartLse, BlockTables, Se
     The token's visible keys [lo, hi) (lo rounded down to a tile) are cut into NUM_SPLITS
     ranges of equal size (a multiple of BLOCK_N); this program writes, for its range R,
         o_s = sum_{j in R} 2^(s_j - m_s) V_j / l_s,   lse_s = m_s + log2 l_s  (log2 units),
-    an empty range giving o_s = 0, lse_s = -inf. With NUM_SPLITS == 1 it writes O directly.
+    an empty range giving o_s = 0 (not stored), lse_s = -inf. With NUM_SPLITS == 1 it writes
+    O directly.
     Each packed token finds its own sequence (the n with qsl[n] <= t < qsl[n+1]) and its
     position, so any batch with T == N tokens is handled, not only one query per sequence;
     tokens no sequence owns come out as zeros.
@@ -144,7 +145,9 @@ def _decode_split_kernel(Q, KPool, VPool, Out, PartOut, PartLse, BlockTables, Se
     else:
         lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
         part = t64 * stride_pt + heads * stride_ph + split * stride_ps
-        tl.store(PartOut + part[:, None] + offs_d[None, :], out, mask=mask)
+        # an empty range stores only its lse = -inf: the reduction does not read its o_s
+        nonempty = (g * 0 + stop > start)[:, None]
+        tl.store(PartOut + part[:, None] + offs_d[None, :], out, mask=mask & nonempty)
         tl.store(PartLse + t64 * stride_lt + heads * stride_lh + split, lse, mask=head_ok)
 
 
@@ -157,7 +160,8 @@ def _decode_reduce_kernel(PartOut, PartLse, Out, stride_pt, stride_ph, stride_ps
 
         M = max_s lse_s,  w_s = 2^(lse_s - M),  O = sum_s w_s o_s / sum_s w_s
     (O = 0 when every split was empty, i.e. all lse_s = -inf). Columns HEAD_DIM..D_PAD of
-    the tile are padding: not read, not stored.
+    the tile are padding: not read, not stored. o_s of an empty split (lse_s = -inf) is not
+    read either: the split kernel did not store it, and its weight is 0.
     """
     if USE_GDC:
         tl.extra.cuda.gdc_wait()
@@ -173,10 +177,10 @@ def _decode_reduce_kernel(PartOut, PartLse, Out, stride_pt, stride_ph, stride_ps
     m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(lse - m)
     part_ptrs = PartOut + t * stride_pt + h * stride_ph + s[:, None] * stride_ps + offs_d[None, :]
-    if HEAD_DIM < D_PAD:
-        o = tl.load(part_ptrs, mask=d_ok[None, :], other=0.0)
-    else:
-        o = tl.load(part_ptrs)
+    # empty splits (lse = -inf, weight 0) stored no o_s: read as the 0 they stand for, so a
+    # short context reads its few partials, not NUM_SPLITS of them
+    used = (lse > float("-inf"))[:, None]
+    o = tl.load(part_ptrs, mask=used & d_ok[None, :] if HEAD_DIM < D_PAD else used, other=0.0)
     total = tl.sum(w, 0)
     out = tl.sum(o * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
     o_ptrs = Out + h * stride_oh + t * stride_ot + offs_d * stride_od

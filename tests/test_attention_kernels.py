@@ -123,15 +123,16 @@ def test_paged_prefill_rows_before_first_start_are_zero():
 
 @pytest.fixture
 def nan_outputs(monkeypatch):
-    """The wrappers' ``torch.empty_like`` outputs start as NaN, so a row no program writes
-    shows up (a fresh CPU allocation is often zeros already)."""
-    empty_like = torch.empty_like
+    """The wrappers' ``torch.empty_like`` outputs and ``torch.empty`` workspaces (the split-KV
+    partials) start as NaN, so a row no program writes, or a partial read that no program
+    stored, shows up (a fresh CPU allocation is often zeros already)."""
+    empty_like, empty = torch.empty_like, torch.empty
 
-    def nan_empty_like(t, *args, **kwargs):
-        out = empty_like(t, *args, **kwargs)
+    def nan(out):
         return out.fill_(float("nan")) if out.is_floating_point() else out
 
-    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
+    monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: nan(empty_like(*args, **kwargs)))
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: nan(empty(*args, **kwargs)))
 
 
 # (Hq, Hkv, D, block_size, seq_lens, q_lens, pad_tokens), the runtime's padding: sequences

@@ -491,7 +491,8 @@ def onednn_linear_pays(weights, rounds: int = 3) -> bool:
     aten.linear, which is bitwise the step graph's). aten.linear reads the weights as given
     (column-major, as the engine lays them for it), oneDNN row-major copies of them (as the
     engine lays them where it takes oneDNN: cpu_graph.row_major_weights), each library in
-    the layout it reads faster; the copies live for the measurement only. One row is a
+    the layout it reads faster; the copies live for the measurement only, and only the first
+    MEASURE_BYTES of weights are timed (``measured_weights``). One row is a
     decode step, where these products cost most of the step. Measured once per process for
     weights of the same shapes and strides at the same torch thread count; False without a
     working oneDNN."""
@@ -505,8 +506,29 @@ def onednn_linear_pays(weights, rounds: int = 3) -> bool:
     return _PAYS[key]
 
 
+# the weights onednn_linear_pays times (a prefix of the step's, in step order), at most this
+# many bytes: oneDNN's pass reads row-major copies of them, which must not double a large
+# model's memory (a 7B model in fp32 is 27 GB); far past any CPU's cache, so the products
+# still stream from memory, and all of a small model's weights (SmolLM2-135M: 513 MiB)
+MEASURE_BYTES = 1 << 30
+
+
+def measured_weights(weights: list) -> list:
+    """The prefix of ``weights`` that onednn_linear_pays times: at least one, at most
+    MEASURE_BYTES in all."""
+    chosen, total = [], 0
+    for w in weights:
+        size = w.numel() * w.element_size()
+        if chosen and total + size > MEASURE_BYTES:
+            break
+        chosen.append(w)
+        total += size
+    return chosen
+
+
 @torch.no_grad()
 def _measure_onednn(weights, rounds: int) -> bool:
+    count, weights = len(weights), measured_weights(weights)
     gen = torch.Generator().manual_seed(0)
     rows = {w.shape[1]: torch.randn(1, w.shape[1], generator=gen) for w in weights}
     onednn, row_major = _onednn_linear_op(), [w.contiguous() for w in weights]
@@ -527,8 +549,9 @@ def _measure_onednn(weights, rounds: int) -> bool:
             run()
             best[run] = min(best[run], time.perf_counter() - start)
     pays = best[onednn_pass] <= ONEDNN_MARGIN * best[aten_pass]
-    log.info("onednn_linear: one-row products over %d weights take %.2f ms through oneDNN (row-major), "
-             "%.2f ms through aten.linear (as given) (%d threads): %s", len(weights), 1e3 * best[onednn_pass],
+    log.info("onednn_linear: one-row products over %d weights%s take %.2f ms through oneDNN (row-major), "
+             "%.2f ms through aten.linear (as given) (%d threads): %s", len(weights),
+             f" (the first of {count})" if count > len(weights) else "", 1e3 * best[onednn_pass],
              1e3 * best[aten_pass], torch.get_num_threads(), "oneDNN" if pays else "aten.linear")
     return pays
 

@@ -528,6 +528,19 @@ def test_onednn_linear_measurement_gives_a_bool():
     assert _measure_onednn([torch.randn(64, 48), torch.randn(48, 64).t().contiguous().t()], rounds=1) in (True, False)
 
 
+def test_onednn_linear_measurement_times_a_bounded_prefix(monkeypatch):
+    """oneDNN's pass reads row-major copies of the weights it times: only the first
+    MEASURE_BYTES of them (at least one), so a large model's memory is not doubled."""
+    from fusegen.runtime import cpu_rewrites
+
+    monkeypatch.setattr(cpu_rewrites, "MEASURE_BYTES", 3 * 100 * 4)   # three 10x10 float32 weights
+    weights = [torch.randn(10, 10) for _ in range(5)]
+    assert cpu_rewrites.measured_weights(weights) == weights[:3]
+    big = torch.randn(20, 20)   # over the bound alone: still timed
+    assert cpu_rewrites.measured_weights([big, *weights]) == [big]
+    assert cpu_rewrites.measured_weights([]) == []
+
+
 def _linear_graph(x, weight, bias):
     """A graph of one aten.linear, its nodes carrying FakeTensor values as the step graph's do."""
     from torch._subclasses.fake_tensor import FakeTensorMode

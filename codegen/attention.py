@@ -16,7 +16,8 @@ wrapper can be captured in a CUDA graph; kernels are chosen from shapes only.
 
     public wrapper        kernels                                   reference op
     paged_kv_write        _paged_kv_write_kernel                    fusegen::paged_kv_write
-    paged_attention       T == N: _decode_split_kernel (+ _decode_reduce_kernel)
+    paged_attention       T == N: _decode_split_kernel (its splits combined by the last to
+                          finish, or by _decode_reduce_kernel)
                           otherwise: _paged_prefill_kernel          fusegen::paged_attention
     flash_attention       _flash_fwd_kernel (dense)                 fusegen::attention (no key mask)
 
@@ -114,13 +115,14 @@ def _check_paged_inputs(q: Tensor, kv_pool: Tensor, layer: int, block_tables: Te
 def paged_attention(q: Tensor, kv_pool: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,
                     query_start_loc: Tensor, scale: float, causal: bool, window: int, softcap: float,
                     kv_scales: Optional[Tensor] = None, *, num_splits: Optional[int] = None,
-                    config: Union[None, str, dict] = None) -> Tensor:
+                    config: Union[None, str, dict] = None, fused_reduce: bool = True) -> Tensor:
     """Triton version of ``fusegen.ops.paged_attention``: packed queries q [1, Hq, T, D] of N
     sequences over their paged context; returns [1, Hq, T, D] (q's strides), zeros for rows
     no sequence owns. N and T may be padded (sequences with no queries, tokens past
     query_start_loc[N]). T == N selects split-KV decode (``num_splits`` overrides the shape
     heuristic, a power of two), any other T the FlashAttention-2 kernel (``config`` picks its
-    tiles, see PREFILL_CONFIGS). Sequence values are not validated (that would sync). An fp8
+    tiles, see PREFILL_CONFIGS; ``fused_reduce`` False combines decode's splits in a second
+    kernel). Sequence values are not validated (that would sync). An fp8
     pool (float8_e4m3fn) is dequantised in registers with ``kv_scales`` [layers, 2, Hkv];
     other pools ignore it."""
     _check_paged_inputs(q, kv_pool, layer, block_tables, seq_lens, query_start_loc, kv_scales)
@@ -133,7 +135,8 @@ def paged_attention(q: Tensor, kv_pool: Tensor, layer: int, block_tables: Tensor
     with _device_guard(q):
         if T == N:
             launch_decode(q, kv_pool, layer, block_tables, seq_lens, query_start_loc, out,
-                          qk_scale, cap_scale, causal, window, softcap, num_splits, kv_scales)
+                          qk_scale, cap_scale, causal, window, softcap, num_splits, kv_scales,
+                          fused_reduce)
         else:
             launch_paged_prefill(q, kv_pool, layer, block_tables, seq_lens, query_start_loc, out,
                                  scale, qk_scale, cap_scale, causal, window, softcap, config, kv_scales)

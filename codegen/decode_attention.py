@@ -1,8 +1,9 @@
 """Split-KV paged decode attention (Flash-Decoding), the ``T == N`` path of
 ``fusegen.codegen.attention.paged_attention``.
 
-    launch_decode         _decode_split_kernel, grid (T, Hkv, NUM_SPLITS)
-                          + _decode_reduce_kernel, grid (T, Hq), when NUM_SPLITS > 1
+    launch_decode         _decode_split_kernel, grid (T, Hkv, NUM_SPLITS); with NUM_SPLITS > 1
+                          the last split of each (token, KV head) to finish combines the
+                          partials (FUSED_REDUCE), or _decode_reduce_kernel, grid (T, Hq), does
 
 One program serves one token and one KV head: the GROUP query heads of that KV head are the
 rows of its tile, so each K/V tile is read once per group. A token's visible keys are cut
@@ -12,6 +13,16 @@ into NUM_SPLITS ranges, each written as a partial (o_s, lse_s) to float32 buffer
 
 (real head dim, padded columns masked off) which the reduction combines. The split count
 comes from shapes only (``decode_num_splits``), so the launch can be captured in a CUDA graph.
+
+Fused reduction: a token's keys fill only the first n_used = cdiv(keys, per_split) splits
+(one, for a short context under a graph captured for the longest). With n_used <= 1 split 0
+writes O itself and nothing else is stored; otherwise every used split stores its partial and
+takes a ticket from a per-(token, KV head) counter,
+
+    Tickets [T, Hkv] int32        0 between launches: the last taker resets its own
+
+and the program that draws ticket n_used - 1 (every other partial is stored by then) combines
+the n_used partials into O. One launch per layer instead of two.
 """
 
 from __future__ import annotations
@@ -34,10 +45,16 @@ from fusegen.codegen.launch import pdl
 DECODE_MIN_KEYS_PER_SPLIT = 64
 DECODE_MAX_SPLITS = 64
 DECODE_PROGRAMS_PER_SM = 4
+# The fused reduction reads a head's partials DECODE_SPLIT_CHUNK splits at a time.
+DECODE_SPLIT_CHUNK = 16
+# The ticket counters, zeros between launches; every buffer made stays alive, since a
+# captured CUDA graph keeps the address it was captured with.
+_TICKET_ENTRIES = 1 << 16
+_tickets: dict[str, list[Tensor]] = {}
 
 
 @triton.jit
-def _decode_split_kernel(Q, KPool, VPool, Out, PartOut, PartLse, BlockTables, SeqLens,
+def _decode_split_kernel(Q, KPool, VPool, Out, PartOut, PartLse, Tickets, BlockTables, SeqLens,
                          QueryStartLoc, KScale, VScale,
                          stride_qh, stride_qt, stride_qd,
                          stride_kh, stride_kb, stride_kr, stride_kd,
@@ -48,6 +65,7 @@ def _decode_split_kernel(Q, KPool, VPool, Out, PartOut, PartLse, BlockTables, Se
                          HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                          NUM_SPLITS: tl.constexpr, SEQS_PAD: tl.constexpr,
                          CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, QUANT: tl.constexpr,
+                         FUSED_REDUCE: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
                          DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_GDC: tl.constexpr):
     """Flash-Decoding (Dao, Haziza, Massa, Sizov 2023), split step, for one (token t, KV head,
     split): the GROUP query heads sharing the KV head form the rows of one [GROUP_PAD, D_PAD]
@@ -57,7 +75,9 @@ def _decode_split_kernel(Q, KPool, VPool, Out, PartOut, PartLse, BlockTables, Se
     ranges of equal size (a multiple of BLOCK_N); this program writes, for its range R,
         o_s = sum_{j in R} 2^(s_j - m_s) V_j / l_s,   lse_s = m_s + log2 l_s  (log2 units),
     an empty range giving o_s = 0 (not stored), lse_s = -inf. With NUM_SPLITS == 1 it writes
-    O directly.
+    O directly. FUSED_REDUCE: only the n_used non-empty ranges store partials, the last of them
+    to finish combines them (``_combine_splits``), and with n_used <= 1 split 0 writes O
+    directly (zeros for a token with no keys).
     Each packed token finds its own sequence (the n with qsl[n] <= t < qsl[n+1]) and its
     position, so any batch with T == N tokens is handled, not only one query per sequence;
     tokens no sequence owns come out as zeros.
@@ -139,16 +159,80 @@ def _decode_split_kernel(Q, KPool, VPool, Out, PartOut, PartLse, BlockTables, Se
         acc = acc * tl.load(VScale + kvh)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     mask = _tile_mask(head_ok, d_ok, HEAD_DIM < D_PAD)
+    o_ptrs = Out + heads[:, None] * stride_oh + t64 * stride_ot + offs_d[None, :] * stride_od
+    lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+    part_ptrs = PartOut + t64 * stride_pt + heads[:, None] * stride_ph + split * stride_ps + offs_d[None, :]
+    lse_ptrs = PartLse + t64 * stride_lt + heads * stride_lh + split
     if NUM_SPLITS == 1:
-        o_ptrs = Out + heads[:, None] * stride_oh + t64 * stride_ot + offs_d[None, :] * stride_od
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask)
+    elif FUSED_REDUCE:
+        n_used = tl.cdiv(hi - lo_tile, tl.maximum(per_split, 1))
+        if n_used <= 1:
+            if split == 0:
+                tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask)
+        elif split < n_used:
+            tl.store(part_ptrs, out, mask=mask)
+            tl.store(lse_ptrs, lse, mask=head_ok)
+            tl.debug_barrier()  # every thread's partial is stored before the ticket is taken
+            ticket_ptr = Tickets + t64 * tl.num_programs(1) + kvh
+            ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+            if ticket == n_used - 1:
+                _combine_splits(PartOut + t64 * stride_pt, PartLse + t64 * stride_lt,
+                                Out + t64 * stride_ot, kvh, n_used, stride_ph, stride_ps,
+                                stride_lh, stride_oh, stride_od, GROUP, NUM_SPLITS, SPLIT_CHUNK,
+                                HEAD_DIM, D_PAD)
+                tl.atomic_xchg(ticket_ptr, 0)  # ready for the next launch
     else:
-        lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
-        part = t64 * stride_pt + heads * stride_ph + split * stride_ps
         # an empty range stores only its lse = -inf: the reduction does not read its o_s
         nonempty = (g * 0 + stop > start)[:, None]
-        tl.store(PartOut + part[:, None] + offs_d[None, :], out, mask=mask & nonempty)
-        tl.store(PartLse + t64 * stride_lt + heads * stride_lh + split, lse, mask=head_ok)
+        tl.store(part_ptrs, out, mask=mask & nonempty)
+        tl.store(lse_ptrs, lse, mask=head_ok)
+
+
+@triton.jit
+def _combine_head(PartOut, PartLse, Out, head, n_used, stride_ph, stride_ps, stride_lh,
+                  stride_oh, stride_od, NUM_SPLITS: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """O[head] = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M) over the n_used stored splits,
+    M = max_s lse_s (every used split saw at least one key, so M is finite). Partials are
+    read from L2 (``.cg``): other multiprocessors wrote them."""
+    offs_s = tl.arange(0, NUM_SPLITS)
+    offs_c = tl.arange(0, SPLIT_CHUNK)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    lse_head = PartLse + head * stride_lh
+    lse = tl.load(lse_head + offs_s, mask=offs_s < n_used, other=float("-inf"), cache_modifier=".cg")
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.sum(tl.exp2(lse - m), 0)
+    acc = tl.zeros([D_PAD], dtype=tl.float32)
+    for c in tl.static_range(NUM_SPLITS // SPLIT_CHUNK):
+        s = c * SPLIT_CHUNK + offs_c
+        used = s < n_used
+        w = tl.exp2(tl.load(lse_head + s, mask=used, other=float("-inf"), cache_modifier=".cg") - m)
+        o = tl.load(PartOut + head * stride_ph + s[:, None] * stride_ps + offs_d[None, :],
+                    mask=used[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
+        acc += tl.sum(o * w[:, None], 0)
+    out = acc / tl.where(total == 0.0, 1.0, total)
+    tl.store(Out + head * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def _combine_splits(PartOut, PartLse, Out, kvh, n_used, stride_ph, stride_ps, stride_lh,
+                    stride_oh, stride_od, GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                    SPLIT_CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """The fused reduction of one (token, KV head): ``_combine_head`` for each of its GROUP
+    query heads (pointers already at the token), unrolled up to 8 heads so that their loads
+    are in flight together."""
+    tl.static_assert(NUM_SPLITS % SPLIT_CHUNK == 0, "SPLIT_CHUNK must divide NUM_SPLITS")
+    if GROUP <= 8:
+        for g in tl.static_range(GROUP):
+            _combine_head(PartOut, PartLse, Out, kvh * GROUP + g, n_used, stride_ph, stride_ps,
+                          stride_lh, stride_oh, stride_od, NUM_SPLITS, SPLIT_CHUNK, HEAD_DIM, D_PAD)
+    else:
+        for g in range(GROUP):
+            _combine_head(PartOut, PartLse, Out, kvh * GROUP + g, n_used, stride_ph, stride_ps,
+                          stride_lh, stride_oh, stride_od, NUM_SPLITS, SPLIT_CHUNK, HEAD_DIM, D_PAD)
 
 
 @triton.jit
@@ -225,12 +309,29 @@ def decode_num_splits(num_tokens: int, kv_heads: int, max_keys: int, multiproces
     return min(_prev_pow2(min(want, by_length)), DECODE_MAX_SPLITS)
 
 
+def ticket_counters(device: torch.device, n: int) -> Tensor:
+    """``n`` int32 zeros that the fused reduction leaves at zero: one buffer per device, made
+    outside any CUDA-graph capture and reused by every launch in stream order. During a
+    capture that needs more than the buffer holds, a fresh zeroed tensor (its memset is part
+    of the graph, so every replay starts from zeros)."""
+    key = str(device)
+    buffers = _tickets.setdefault(key, [])
+    if buffers and buffers[-1].numel() >= n:
+        return buffers[-1][:n]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    buffers.append(torch.zeros(max(n, _TICKET_ENTRIES), dtype=torch.int32, device=device))
+    return buffers[-1][:n]
+
+
 def launch_decode(q: Tensor, kv_pool: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,
                   query_start_loc: Tensor, out: Tensor, qk_scale: float, cap_scale: float,
-                  causal: bool, window: int, softcap: float, num_splits, kv_scales=None) -> None:
+                  causal: bool, window: int, softcap: float, num_splits, kv_scales=None,
+                  fused_reduce: bool = True) -> None:
     """Decode attention of T == N packed tokens into ``out``; inputs already checked by
     ``paged_attention`` (``kv_scales``: an fp8 pool's). ``num_splits`` None:
-    ``decode_num_splits`` from the shapes."""
+    ``decode_num_splits`` from the shapes. ``fused_reduce`` False: the partials are combined
+    by ``_decode_reduce_kernel``, a second launch (kept to compare against)."""
     Hq, T, D = q.shape[1], q.shape[2], q.shape[3]
     page, hkv = kv_pool.shape[3], kv_pool.shape[4]
     N = seq_lens.numel()
@@ -249,10 +350,12 @@ def launch_decode(q: Tensor, kv_pool: Tensor, layer: int, block_tables: Tensor, 
         part_lse = torch.empty((T, Hq, num_splits), dtype=torch.float32, device=q.device)
     else:  # written straight to out; the pointers are unused
         part_out = part_lse = out
+    fused_reduce = fused_reduce and num_splits > 1
+    tickets = ticket_counters(q.device, T * hkv) if fused_reduce else seq_lens
     quant = kv_scales is not None
     k_scale, v_scale = (kv_scales[layer, 0], kv_scales[layer, 1]) if quant else (seq_lens, seq_lens)
     _decode_split_kernel[(T, hkv, num_splits)](
-        q, k_pool, v_pool, out, part_out, part_lse, block_tables, seq_lens, query_start_loc,
+        q, k_pool, v_pool, out, part_out, part_lse, tickets, block_tables, seq_lens, query_start_loc,
         k_scale, v_scale,
         q.stride(1), q.stride(2), q.stride(3),
         kh, kb, kr, kd,
@@ -262,9 +365,10 @@ def launch_decode(q: Tensor, kv_pool: Tensor, layer: int, block_tables: Tensor, 
         GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), PAGE=page, HEAD_DIM=D,
         D_PAD=head_dim_pad(D), BLOCK_N=cfg["BLOCK_N"], NUM_SPLITS=num_splits,
         SEQS_PAD=_next_pow2(N + 1), CAUSAL=bool(causal), SOFTCAP=softcap > 0.0, QUANT=quant,
+        FUSED_REDUCE=fused_reduce, SPLIT_CHUNK=min(num_splits, DECODE_SPLIT_CHUNK),
         DTYPE=_TL_DTYPES[q.dtype], DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(q))
-    if num_splits > 1:
+    if num_splits > 1 and not fused_reduce:
         _decode_reduce_kernel[(T, Hq)](
             part_out, part_lse, out,
             Hq * num_splits * D, num_splits * D, D, Hq * num_splits, num_splits,

@@ -21,6 +21,7 @@ import pytest  # noqa: E402
 
 from fusegen import ops  # noqa: E402
 from fusegen.codegen import attention as attn  # noqa: E402
+from fusegen.codegen import decode_attention  # noqa: E402
 from helpers import assert_close_report  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -189,21 +190,36 @@ DECODE_CASES = {
 }
 
 
+@pytest.mark.parametrize("fused_reduce", [True, False], ids=["fused-reduce", "reduce-kernel"])
 @pytest.mark.parametrize("case, dtype", with_dtypes(
     DECODE_CASES, ["gqa4/2-d16-b4-auto-splits", "mqa3/1-d32-b8-window-4splits",
                    "d80-gqa4/2-4splits-window"]))
-def test_paged_decode_matches_reference(case, dtype, nan_outputs):
+def test_paged_decode_matches_reference(case, dtype, fused_reduce, nan_outputs):
     Hq, Hkv, D, bs, seq_lens, q_lens, causal, window, softcap, splits = DECODE_CASES[case]
     pad = len(seq_lens) - sum(q_lens)
     b = paged_batch(seq_lens, q_lens, Hq, Hkv, D, bs, dtype, pad_tokens=pad)
     assert b["q"].shape[2] == len(seq_lens)  # the split-KV path
-    got, args = run_paged(b, 1, 1.0, causal, window, softcap, num_splits=splits)
+    got, args = run_paged(b, 1, 1.0, causal, window, softcap, num_splits=splits,
+                          fused_reduce=fused_reduce)
     want = reference(ops.paged_attention, *args)
     atol, rtol = TOL[dtype]
     assert_close_report(got, want, atol, rtol, msg=case)
     assert not got.isnan().any()
     if pad:
         assert torch.count_nonzero(got[:, :, -pad:]) == 0
+    tickets = decode_attention.ticket_counters(b["q"].device, len(seq_lens) * Hkv)
+    assert torch.count_nonzero(tickets) == 0, "a ticket counter left for the next launch"
+
+
+def test_fused_decode_reduction_combines_many_splits_and_skips_unused_ones(nan_outputs):
+    """64 splits (4 chunks of the combine) with contexts that use 0, 1, 2, 5, 33 and all 64 of
+    them; a group of 9 query heads per KV head takes the combine's rolled head loop."""
+    seq_lens = [0, 3, 20, 77, 520, 1024]  # the first a padded sequence: its row has no owner
+    b = paged_batch(seq_lens, [0, 1, 1, 1, 1, 1], 9, 1, 8, 16, torch.float32, pad_tokens=1, layers=1)
+    got, args = run_paged(b, 0, 0.5, True, 0, 0.0, num_splits=64)
+    assert_close_report(got, reference(ops.paged_attention, *args), 1e-4, 1e-4)
+    assert torch.count_nonzero(got[:, :, -1]) == 0
+    assert torch.count_nonzero(decode_attention.ticket_counters(b["q"].device, 6)) == 0
 
 
 def test_decode_split_heuristic_uses_shapes_only():

@@ -2,6 +2,7 @@
 ceilings measured in the same run.
 
     python bench/kernel_bench.py [--out bench/results/kernels.json]
+    python bench/kernel_bench.py --only decode --out bench/results/decode_attention.json
     python bench/kernel_bench.py --only prefill --out bench/results/prefill_attention.json
         [--prefill-configs hopper_m128_n64_w8_s3,hopper_m128_n128_w8_s2_persistent]
 
@@ -12,8 +13,10 @@ ceilings measured in the same run.
   as paged prefill over block-16 and block-64 pools (tuning, once per shape class, runs in
   the first call and is not timed; see codegen/prefill_tuning.py);
 - paged decode attention, GQA 32/8, D128, block 16, random block tables, at B1 L8192,
-  B1 L32768, B32 L4096: fusegen paged_attention vs SDPA on dense KV (TB/s of KV read), both
-  replayed from CUDA graphs as the runtime runs decode;
+  B1 L32768, B32 L4096, and at short contexts under tables sized for 4096 keys (as the
+  runtime's graphs run them): fusegen paged_attention (splits combined in the kernel, and by
+  the separate reduction kernel) vs SDPA on dense KV (TB/s of KV read), all replayed from
+  CUDA graphs as the runtime runs decode;
 - generated fused groups (RMSNorm T4096 H4096, residual + RMSNorm, SiLU*mul T4096 I11008)
   vs the same ops in eager torch (TB/s of the bytes each must move), each replayed from a
   CUDA graph so the kernel, not the Python launch, is timed;
@@ -168,37 +171,59 @@ def prefill_rows(matmul_tflops: float, configs=()) -> dict:
     return rows
 
 
-def decode(B: int, L: int, Hq=32, Hkv=8, D=128, block=16) -> dict:
+def decode(B: int, L: int, Hq=32, Hkv=8, D=128, block=16, context=None) -> dict:
+    """Paged decode at B sequences of ``context`` keys (default L) in block tables sized for L,
+    the split count chosen for L: the runtime captures decode graphs for the longest context
+    and replays them at shorter ones. Also timed with the splits combined by the separate
+    reduction kernel (``fused_reduce=False``)."""
+    context = context or L
     blocks_per_seq = L // block
     num_blocks = B * blocks_per_seq
     pool = torch.randn(1, 2, num_blocks, block, Hkv, D, device="cuda", dtype=DT)
     tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).reshape(B, blocks_per_seq)
     q = torch.randn(1, Hq, B, D, device="cuda", dtype=DT)
-    seq_lens = torch.full((B,), L, device="cuda", dtype=torch.int32)
+    seq_lens = torch.full((B,), context, device="cuda", dtype=torch.int32)
     starts = torch.arange(B + 1, device="cuda", dtype=torch.int32)
     scale = 1 / math.sqrt(D)
-    kv_bytes = 2 * B * L * Hkv * D * 2
-    call = lambda: attn_kernels.paged_attention(q, pool, 0, tables, seq_lens, starts, scale, True, 0, 0.0)
-    got = call()
-    # Decode runs inside CUDA graphs in the runtime, so time graph replays (no launch overhead).
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
-    run = graph.replay
+    kv_bytes = 2 * B * context * Hkv * D * 2
+
+    def graph_of(fused_reduce):
+        call = lambda: attn_kernels.paged_attention(q, pool, 0, tables, seq_lens, starts, scale, True, 0, 0.0,
+                                                    fused_reduce=fused_reduce)
+        got = call()
+        # Decode runs inside CUDA graphs in the runtime, so time graph replays (no launch overhead).
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            call()
+        return got, graph.replay
+    got, run = graph_of(True)
+    got_two, run_two = graph_of(False)
     # the same K/V, dense, for SDPA (and as the reference)
-    k = pool[0, 0, tables.long()].reshape(B, L, Hkv, D).transpose(1, 2).contiguous()
-    v = pool[0, 1, tables.long()].reshape(B, L, Hkv, D).transpose(1, 2).contiguous()
+    rows = tables[:, :triton.cdiv(context, block)].long()
+    k = pool[0, 0, rows].reshape(B, -1, Hkv, D)[:, :context].transpose(1, 2).contiguous()
+    v = pool[0, 1, rows].reshape(B, -1, Hkv, D)[:, :context].transpose(1, 2).contiguous()
     qd = q[0].transpose(0, 1).unsqueeze(2).contiguous()  # [B, Hq, 1, D]
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(qd, k, v, enable_gqa=True)
     want = sdpa()
-    out = {"shape": f"B{B} L{L} GQA {Hq}/{Hkv} D{D} block {block}",
-           "rel_err": rel_err(got[0].transpose(0, 1), want[:, :, 0])}
-    out["fusegen_TBps"] = kv_bytes / bench(run) / 1e9
+    shape = f"B{B} L{L}" if context == L else f"B{B} L{context} (tables for {L})"
+    out = {"shape": f"{shape} GQA {Hq}/{Hkv} D{D} block {block}",
+           "rel_err": rel_err(got[0].transpose(0, 1), want[:, :, 0]),
+           "reduce_kernel_rel_err": rel_err(got_two[0].transpose(0, 1), want[:, :, 0]),
+           "num_splits": attn_kernels.decode_num_splits(B, Hkv, L, torch.cuda.get_device_properties(0).multi_processor_count)}
+    out["fusegen_us"] = 1e3 * bench(run)
+    out["fusegen_reduce_kernel_us"] = 1e3 * bench(run_two)
+    out["fusegen_TBps"] = kv_bytes / out["fusegen_us"] / 1e6
     sdpa_graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(sdpa_graph):
         sdpa()
-    out["sdpa_dense_TBps"] = kv_bytes / bench(sdpa_graph.replay) / 1e9
+    out["sdpa_dense_us"] = 1e3 * bench(sdpa_graph.replay)
+    out["sdpa_dense_TBps"] = kv_bytes / out["sdpa_dense_us"] / 1e6
     return out
+
+
+def decode_rows() -> list[dict]:
+    return [decode(1, 8192), decode(1, 32768), decode(32, 4096),
+            decode(1, 4096, context=52), decode(1, 4096, context=1000), decode(8, 4096, context=300)]
 
 
 class RMSNorm(nn.Module):
@@ -322,7 +347,7 @@ def _best_template(table, M, N, K):
 def main() -> None:
     parser = argparse.ArgumentParser(description="fusegen kernel benchmark (GPU)")
     parser.add_argument("--out", default="bench/results/kernels.json")
-    parser.add_argument("--only", choices=["prefill"], help="run only these rows (and the ceilings)")
+    parser.add_argument("--only", choices=["prefill", "decode"], help="run only these rows (and the ceilings)")
     parser.add_argument("--prefill-configs", default="",
                         help="comma-separated PREFILL_CONFIGS names timed as extra dense prefill rows")
     args = parser.parse_args()
@@ -335,17 +360,21 @@ def main() -> None:
     c = result["ceilings"]
     print(f"device {result['device']}: copy {c['copy_TBps']:.2f} TB/s, bf16 matmul {c['matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
     configs = [n for n in args.prefill_configs.split(",") if n]
-    result["prefill"] = prefill_rows(c["matmul_TFLOPs"], configs)
-    if args.only != "prefill":
-        result["decode"] = [decode(1, 8192), decode(1, 32768), decode(32, 4096)]
+    if args.only in (None, "prefill"):
+        result["prefill"] = prefill_rows(c["matmul_TFLOPs"], configs)
+    if args.only in (None, "decode"):
+        result["decode"] = decode_rows()
+    if args.only is None:
         result["fused_groups"] = fused_groups()
         result["skinny_gemm"] = skinny_gemms(result["ceilings"]["copy_TBps"])
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     for d in result.get("decode", []):
-        print(f"decode {d['shape']}: fusegen {d['fusegen_TBps']:.2f} TB/s "
-              f"({100 * d['fusegen_TBps'] / c['copy_TBps']:.0f}% of copy), SDPA dense {d['sdpa_dense_TBps']:.2f}"
-              f", rel err {d['rel_err']:.1e}")
+        print(f"decode {d['shape']}, {d['num_splits']} splits: fusegen {d['fusegen_us']:.1f} us, "
+              f"{d['fusegen_TBps']:.2f} TB/s ({100 * d['fusegen_TBps'] / c['copy_TBps']:.0f}% of copy); "
+              f"with the reduction kernel {d['fusegen_reduce_kernel_us']:.1f} us; SDPA dense "
+              f"{d['sdpa_dense_us']:.1f} us, {d['sdpa_dense_TBps']:.2f} TB/s; rel err {d['rel_err']:.1e}"
+              f" / {d['reduce_kernel_rel_err']:.1e}")
     for f_ in result.get("fused_groups", []):
         print(f"{f_['kernel']} {f_['shape']}: fusegen {f_['fusegen_TBps']:.2f} TB/s "
               f"({100 * f_['fusegen_TBps'] / c['copy_TBps']:.0f}% of copy, {100 * f_['fusegen_TBps'] / f_['same_bytes_copy_TBps']:.0f}%"

@@ -89,6 +89,22 @@ def test_int4_reads_one_bf16_row_as_column_pairs(act):
         torch.testing.assert_close(unpaired, got, atol=0, rtol=0)
 
 
+def test_int4_one_row_reads_packed_words_or_falls_back_to_bytes():
+    """One row through the int4 fma path reads q as int32 words of eight nibbles; q whose rows
+    are not 4-byte aligned (a view two bytes in) takes the byte-at-a-time unpacking. Both
+    match the reference, at one K block per group and at several groups per block."""
+    for K, config in ((384, GemmConfig(8, 128, split_k=3)), (1024, GemmConfig(16, 512))):
+        x, data, scale, b, _ = operands(1, 13, K, "int4", bias=True)
+        assert quant_gemm._int4_words(data, "int4", 1, config)
+        want = reference(x, data, scale, b, "int4", None)
+        got = quant_linear(x, data, scale, b, "int4", config)
+        assert_close_report(got.cpu().double(), want, atol=1e-5, rtol=1e-5)
+        offset = torch.cat([data.new_zeros(13, 2), data], dim=1)[:, 2:]
+        assert not quant_gemm._int4_words(offset, "int4", 1, config)
+        assert_close_report(quant_linear(x, offset, scale, b, "int4", config).cpu().double(), want,
+                            atol=1e-5, rtol=1e-5)
+
+
 def test_split_k_is_deterministic_and_leaves_tickets_at_zero():
     x, data, scale, b, _ = operands(3, 20, 512, "int4", bias=True)
     config = GemmConfig(8, 128, split_k=4)

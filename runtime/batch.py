@@ -12,7 +12,8 @@ derived from it on the device.
 The host writes a row's known tokens once, when its request is admitted, and block ids only
 as they are appended (``write_tokens``, ``write_blocks``: one pinned staging buffer and one
 asynchronous copy each). Sampled tokens are scattered into ``tokens`` on the device
-(``record_sampled``), so the next step's decode reads its input there without a round
+(``record_sampled``; an all-greedy step's argmax and scatter are one launch where kernels
+run, ``record_greedy``), so the next step's decode reads its input there without a round
 trip. A step is described by four int32 numbers per entry, (row, start, count, samples):
 
     entries   (0, 5, 1, 1)  (1, 0, 3, 1)  (R, 0, 0, 0)  ...    T = 4 packed tokens (padded to Tp)
@@ -32,6 +33,7 @@ import torch
 
 from fusegen.fused_group import kernels_wanted
 from fusegen.kv import PAGED_INPUTS
+from fusegen.runtime.sampling import greedy_tokens
 
 
 def _host(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -152,6 +154,18 @@ class BatchState:
         rows, starts, counts, samples = entries.long()
         cols = torch.where(samples.bool(), starts + counts, self.scratch)
         self.tokens[rows, cols] = sampled[: rows.shape[0]]
+
+    def record_greedy(self, entries: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """``record_sampled(entries, greedy_tokens(logits))``, returning the tokens ([B] long
+        for [B, V] logits, B >= N). Where kernels run that is one launch
+        (codegen/greedy.py); elsewhere, and as its reference, the two calls."""
+        if kernels_wanted([logits]):
+            from fusegen.codegen.greedy import record_greedy
+
+            return record_greedy(logits, entries, self.tokens, self.scratch)
+        sampled = greedy_tokens(logits)
+        self.record_sampled(entries, sampled)
+        return sampled
 
     def history(self, rows: torch.Tensor) -> torch.Tensor:
         """Every token of each row so far ([N, max_len]; read up to the entry's length)."""

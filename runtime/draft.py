@@ -31,7 +31,7 @@ import torch
 from fusegen.runtime.batch import staged
 from fusegen.runtime.kv_manager import KVCacheManager
 from fusegen.runtime.paged import PagedRunner
-from fusegen.runtime.sampling import SamplingRows, draw, greedy_tokens, probabilities, sample, uniform
+from fusegen.runtime.sampling import SamplingRows, draw, probabilities, sample, uniform
 
 DRAFT_SALT = 0x5DEECE66D     # the draft's draws use seed ^ DRAFT_SALT, not the target's uniforms
 
@@ -182,22 +182,21 @@ class DraftProposer:
         any_random = any(not p.greedy for p in params)
         any_penalty = any(p.repetition_penalty != 1.0 for p in params)
         if not (any_random or any_penalty):
-            tokens = greedy_tokens(logits)
+            return self.batch.record_greedy(device_entries, logits)
+        b = self.batch
+        rows = device_entries[0].long()
+        lengths = (device_entries[1] + device_entries[2]).long()
+        rows_params = SamplingRows(b.temperature[rows], b.top_k[rows], b.top_p[rows], b.repetition_penalty[rows],
+                                   b.seed[rows] ^ DRAFT_SALT, lengths, any_random=any_random,
+                                   any_penalty=any_penalty)
+        history = b.history(rows) if any_penalty else None
+        if any_random:
+            q = probabilities(logits, rows_params, history, lengths)
+            tokens = draw(q, uniform(rows_params.seed, lengths))
+            for e, (p, draft) in enumerate(zip(params, drafts)):
+                if entries[3][e] and not p.greedy:
+                    draft.q.append(q[e])
         else:
-            b = self.batch
-            rows = device_entries[0].long()
-            lengths = (device_entries[1] + device_entries[2]).long()
-            rows_params = SamplingRows(b.temperature[rows], b.top_k[rows], b.top_p[rows], b.repetition_penalty[rows],
-                                       b.seed[rows] ^ DRAFT_SALT, lengths, any_random=any_random,
-                                       any_penalty=any_penalty)
-            history = b.history(rows) if any_penalty else None
-            if any_random:
-                q = probabilities(logits, rows_params, history, lengths)
-                tokens = draw(q, uniform(rows_params.seed, lengths))
-                for e, (p, draft) in enumerate(zip(params, drafts)):
-                    if entries[3][e] and not p.greedy:
-                        draft.q.append(q[e])
-            else:
-                tokens = sample(logits, rows_params, history, lengths)
+            tokens = sample(logits, rows_params, history, lengths)
         self.batch.record_sampled(device_entries, tokens)
         return tokens

@@ -45,7 +45,7 @@ from fusegen.runtime.kv_manager import KVCacheManager
 from fusegen.runtime.outputs import RequestOutput
 from fusegen.runtime.paged import PagedRunner
 from fusegen.runtime.requests import count, token_ids, token_list
-from fusegen.runtime.sampling import SamplingParams, SamplingRows, greedy_tokens, probabilities, sample, uniform
+from fusegen.runtime.sampling import SamplingParams, SamplingRows, probabilities, sample, uniform
 from fusegen.runtime.scheduler import Scheduler, StepPlan, TokenEvent, TokenLogprob
 from fusegen.runtime.speculative import ACCEPT_SALT, accepted_prefix, rejection_sample, split_entries
 
@@ -306,11 +306,8 @@ class Engine:
             batch.write_tokens([(row, start + 1, p) for row, start, p in zip(rows, plan.starts, plan.proposals) if p])
             entries, offsets = split_entries(entries, plan.proposals)
         logits, device_entries, graphed = self.runner.forward(entries)
-        sampled = self._sample(plan, logits, device_entries)
+        sampled = self._choose(plan, logits, device_entries, offsets)
         n = len(entries[0])
-        if offsets is not None:
-            sampled = self._against_draft(plan, offsets, logits, device_entries, sampled)
-        batch.record_sampled(device_entries, sampled)
         top = max(r.logprobs for r in plan.requests)
         logprobs = _logprobs(logits[:n], sampled[:n], top) if top else None
         tokens, done = self._to_host(sampled, logprobs)
@@ -320,12 +317,25 @@ class Engine:
         self.step_log.append(record)
         return _InFlight(plan, tokens[0], done, start, record, tokens[1], offsets)
 
-    def _sample(self, plan: StepPlan, logits: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+    def _choose(self, plan: StepPlan, logits: torch.Tensor, entries: torch.Tensor,
+                offsets: list[int] | None) -> torch.Tensor:
+        """Each entry's token, also put where the next step's input gather reads it
+        (``BatchState.record_sampled``). An all-greedy step is one argmax, fused with that
+        scatter where kernels run (``record_greedy``); a speculating one too, since
+        ``_against_draft`` changes only the tokens of requests that draw."""
         params = [r.sampling for r in plan.requests]
         any_random = any(not p.greedy for p in params)
         any_penalty = any(p.repetition_penalty != 1.0 for p in params)
         if not (any_random or any_penalty):
-            return greedy_tokens(logits)
+            return self.batch.record_greedy(entries, logits)
+        sampled = self._sample(logits, entries, any_random, any_penalty)
+        if offsets is not None:
+            sampled = self._against_draft(plan, offsets, logits, entries, sampled)
+        self.batch.record_sampled(entries, sampled)
+        return sampled
+
+    def _sample(self, logits: torch.Tensor, entries: torch.Tensor, any_random: bool,
+                any_penalty: bool) -> torch.Tensor:
         batch = self.batch
         rows = entries[0].long()
         lengths = (entries[1] + entries[2]).long()

@@ -37,7 +37,7 @@ from torch import Tensor
 from fusegen.codegen.attention_common import (_TL_DTYPES, _attend_tiles, _dot_precision, _fail,
                                               _load_tile, _next_pow2, _prev_pow2, _tile_mask,
                                               head_dim_pad)
-from fusegen.codegen.launch import pdl
+from fusegen.codegen.launch import pdl, ticket_counters
 
 # Split-KV decode: a split gets at least this many keys (one BLOCK_N tile), and the split
 # count aims at DECODE_PROGRAMS_PER_SM programs per multiprocessor while the (token, KV head)
@@ -47,10 +47,6 @@ DECODE_MAX_SPLITS = 64
 DECODE_PROGRAMS_PER_SM = 4
 # The fused reduction reads a head's partials DECODE_SPLIT_CHUNK splits at a time.
 DECODE_SPLIT_CHUNK = 16
-# The ticket counters, zeros between launches; every buffer made stays alive, since a
-# captured CUDA graph keeps the address it was captured with.
-_TICKET_ENTRIES = 1 << 16
-_tickets: dict[str, list[Tensor]] = {}
 
 
 @triton.jit
@@ -307,21 +303,6 @@ def decode_num_splits(num_tokens: int, kv_heads: int, max_keys: int, multiproces
     want = triton.cdiv(per_sm * multiprocessors, programs)
     by_length = triton.cdiv(max(1, max_keys), DECODE_MIN_KEYS_PER_SPLIT)
     return min(_prev_pow2(min(want, by_length)), DECODE_MAX_SPLITS)
-
-
-def ticket_counters(device: torch.device, n: int) -> Tensor:
-    """``n`` int32 zeros that the fused reduction leaves at zero: one buffer per device, made
-    outside any CUDA-graph capture and reused by every launch in stream order. During a
-    capture that needs more than the buffer holds, a fresh zeroed tensor (its memset is part
-    of the graph, so every replay starts from zeros)."""
-    key = str(device)
-    buffers = _tickets.setdefault(key, [])
-    if buffers and buffers[-1].numel() >= n:
-        return buffers[-1][:n]
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.zeros(n, dtype=torch.int32, device=device)
-    buffers.append(torch.zeros(max(n, _TICKET_ENTRIES), dtype=torch.int32, device=device))
-    return buffers[-1][:n]
 
 
 def launch_decode(q: Tensor, kv_pool: Tensor, layer: int, block_tables: Tensor, seq_lens: Tensor,

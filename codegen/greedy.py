@@ -16,7 +16,7 @@ launch, for B >= N logits rows and N entries (row, start, count, samples):
                         tokens[row, start + count if samples else scratch] = sampled[b];
                         its counter back to 0
 
-The counters are ``decode_attention.ticket_counters`` (zeros between launches, the same
+The counters are ``launch.ticket_counters`` (zeros between launches, the same
 buffer the fused decode reduction uses, in stream order). The choice is ``torch.argmax``'s:
 the first index of the maximum, NaN counted above every number (the first NaN wins).
 Everything is sized from shapes, so a CUDA graph can capture the launch.
@@ -28,8 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusegen.codegen.decode_attention import ticket_counters
-from fusegen.codegen.launch import pdl
+from fusegen.codegen.launch import pdl, ticket_counters
 
 # A row is cut into about this many chunks (each at least MIN_BLOCK_V columns), so a
 # 128k-column batch-1 row spreads over a wave of programs; the combine holds the partials

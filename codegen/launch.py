@@ -14,6 +14,9 @@ The one read that may start before the wait is of data no kernel of the step wri
 weights. The skinny GEMMs ask L2 for the first part of their weight slice
 (``prefetch_rows``) before they wait, so a decode linear's weight stream starts while the
 kernel before it (a norm, attention) is still running, instead of after its launch gap.
+
+``ticket_counters`` is the zeroed int32 buffer that kernels whose last program to finish
+combines the others' partials take their tickets from.
 """
 
 from __future__ import annotations
@@ -47,6 +50,28 @@ PREFETCH_BYTES = 32 << 10
 def enabled() -> bool:
     """Whether kernels launched now use PDL (inside ``dependent_launches(True)``)."""
     return _ENABLED[0]
+
+
+# Ticket counters, zeros between launches; every buffer made stays alive, since a captured
+# CUDA graph keeps the address it was captured with.
+_TICKET_ENTRIES = 1 << 16
+_tickets: dict[str, list[torch.Tensor]] = {}
+
+
+def ticket_counters(device: torch.device, n: int) -> torch.Tensor:
+    """``n`` int32 zeros that the kernels taking tickets from them (the fused decode
+    reduction, the greedy token choice) leave at zero: one buffer per device, made outside
+    any CUDA-graph capture and reused by every launch in stream order. During a capture that
+    needs more than the buffer holds, a fresh zeroed tensor (its memset is part of the
+    graph, so every replay starts from zeros)."""
+    key = str(device)
+    buffers = _tickets.setdefault(key, [])
+    if buffers and buffers[-1].numel() >= n:
+        return buffers[-1][:n]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    buffers.append(torch.zeros(max(n, _TICKET_ENTRIES), dtype=torch.int32, device=device))
+    return buffers[-1][:n]
 
 
 def supported(device) -> bool:

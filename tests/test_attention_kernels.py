@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 
 from fusegen import ops  # noqa: E402
 from fusegen.codegen import attention as attn  # noqa: E402
-from fusegen.codegen import decode_attention  # noqa: E402
+from fusegen.codegen.launch import ticket_counters  # noqa: E402
 from helpers import assert_close_report  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -207,7 +207,7 @@ def test_paged_decode_matches_reference(case, dtype, fused_reduce, nan_outputs):
     assert not got.isnan().any()
     if pad:
         assert torch.count_nonzero(got[:, :, -pad:]) == 0
-    tickets = decode_attention.ticket_counters(b["q"].device, len(seq_lens) * Hkv)
+    tickets = ticket_counters(b["q"].device, len(seq_lens) * Hkv)
     assert torch.count_nonzero(tickets) == 0, "a ticket counter left for the next launch"
 
 
@@ -219,7 +219,7 @@ def test_fused_decode_reduction_combines_many_splits_and_skips_unused_ones(nan_o
     got, args = run_paged(b, 0, 0.5, True, 0, 0.0, num_splits=64)
     assert_close_report(got, reference(ops.paged_attention, *args), 1e-4, 1e-4)
     assert torch.count_nonzero(got[:, :, -1]) == 0
-    assert torch.count_nonzero(decode_attention.ticket_counters(b["q"].device, 6)) == 0
+    assert torch.count_nonzero(ticket_counters(b["q"].device, 6)) == 0
 
 
 def test_decode_split_heuristic_uses_shapes_only():

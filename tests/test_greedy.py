@@ -13,7 +13,7 @@ import torch
 import fusegen
 import fusegen.codegen.greedy as greedy
 from families import VOCAB, mini_model
-from fusegen.codegen.decode_attention import ticket_counters
+from fusegen.codegen.launch import ticket_counters
 from fusegen.codegen.greedy import record_greedy
 from fusegen.fused_group import kernels_wanted
 from fusegen.runtime.batch import BatchState

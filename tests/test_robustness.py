@@ -177,7 +177,7 @@ class Faults:
 @pytest.mark.parametrize("where", ["forward", "sample"])
 def test_a_raising_step_fails_its_requests_and_the_engine_serves_on(compiled, where):
     engine = fresh(compiled)
-    target = (engine.runner, "forward") if where == "forward" else (engine, "_sample")
+    target = (engine.runner, "forward") if where == "forward" else (engine, "_choose")
     Faults(*target, fail_on=lambda n: n == 2)
     stream = engine.stream([5, 9, 33], NEW, eos_token_ids=[])
     assert next(stream) == solo(compiled, [5, 9, 33])[0]
@@ -200,7 +200,7 @@ def test_soak_with_invalid_requests_and_injected_faults(compiled):
     alone = {tuple(p): solo_engine.generate_batch([p], NEW, eos_token_ids=[])[0] for p in distinct}
     engine = fresh(compiled, num_blocks=24, max_num_seqs=8, max_num_batched_tokens=24)
     Faults(engine.runner, "forward", fail_on=lambda n: rng.random() < 0.01)
-    Faults(engine, "_sample", fail_on=lambda n: rng.random() < 0.005)
+    Faults(engine, "_choose", fail_on=lambda n: rng.random() < 0.005)
     invalid = closed = 0
     wanted, outputs = {}, {}
     start = time.perf_counter()

@@ -39,6 +39,8 @@ UNARY = {
     aten.rsqrt.default: "(1.0 / tl.sqrt({0}))",
     aten.sqrt.default: "tl.sqrt({0})",
     aten.exp.default: "tl.exp({0})",
+    aten.cos.default: "tl.cos({0})",   # libdevice's cosf/sinf on NVIDIA: full range reduction,
+    aten.sin.default: "tl.sin({0})",   # as rotary tables at positions in the thousands need
     aten.tanh.default: "(2.0 * tl.sigmoid(2.0 * {0}) - 1.0)",
     aten.sigmoid.default: "tl.sigmoid({0})",
     aten.silu.default: "({0} * tl.sigmoid({0}))",

@@ -31,6 +31,7 @@ aten = torch.ops.aten
 POINTWISE = {
     aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default,
     aten.rsqrt.default, aten.sqrt.default, aten.exp.default, aten.tanh.default,
+    aten.cos.default, aten.sin.default,
     aten.sigmoid.default, aten.silu.default, aten.relu.default, aten.reciprocal.default,
     aten.pow.Tensor_Scalar, aten.to.dtype, aten._to_copy.default,
 }

@@ -637,18 +637,19 @@ def _layers_once(nodes, position: int) -> None:
 # in front of it, except layer 0's, which reads the embedding), rotary on q and rotary on k
 # (x * cos + rotate_half(x) * sin, the cos/sin tables [B, 1, S, D] broadcast over the heads),
 # the RMSNorm before the MLP with its residual add, and silu(gate) * up; then the final norm
-# with the last residual add.
-GROUPS = 5 * LAYERS + 1
+# with the last residual add; once per step the rotary tables, cos(angles) and sin(angles)
+# each times the attention scaling.
+GROUPS = 5 * LAYERS + 1 + 2
 ROW_GROUPS = 2 * LAYERS + 1        # the norms: a mean over the last dim
-POINTWISE_GROUPS = 3 * LAYERS      # rotary on q, rotary on k, silu * up
+POINTWISE_GROUPS = 3 * LAYERS + 2  # rotary on q, rotary on k, silu * up; the cos and sin tables
 ROTARY_OPS = [aten.mul.Tensor, ops.rotate_half.default, aten.mul.Tensor, aten.add.Tensor]
 # fp32 RMSNorm: pow, mean, add eps, rsqrt, mul, mul weight (cleanup drops its no-op casts), 7
-# with the residual add in front; rotary: 4; silu * up: 2
-NODES_FUSED = 6 + 7 * 2 * LAYERS + len(ROTARY_OPS) * 2 * LAYERS + 2 * LAYERS
+# with the residual add in front; rotary: 4; silu * up: 2; each table: 2
+NODES_FUSED = 6 + 7 * 2 * LAYERS + len(ROTARY_OPS) * 2 * LAYERS + 2 * LAYERS + 2 * 2
 # ops that only occur in those groups (the norms' pow/mean/rsqrt, rotary's rotate_half, the
-# MLP's silu)
+# MLP's silu, the tables' cos and sin)
 GROUPED_OPS = {aten.pow.Tensor_Scalar, aten.mean.dim, aten.rsqrt.default, ops.rotate_half.default,
-               aten.silu.default}
+               aten.silu.default, aten.cos.default, aten.sin.default}
 FUSED_PROJ = "fusegen_fused_proj_"
 
 

@@ -28,15 +28,17 @@ VOCAB = 256
 # add in front of it, except layer 0's, which reads the embedding), rotary on q and rotary on k
 # (x * cos + rotate_half(x) * sin, the cos/sin tables [B, 1, S, D] broadcast over the heads),
 # the RMSNorm before the MLP with its residual add, and silu(gate) * up; then the final norm
-# with the last residual add.
-GROUPS = 5 * LAYERS + 1
+# with the last residual add. Before the layers, once: the rotary tables, cos(angles) and
+# sin(angles) each times the attention scaling.
+TABLE_GROUPS = 2
+GROUPS = TABLE_GROUPS + 5 * LAYERS + 1
 ROW_GROUPS = 2 * LAYERS + 1  # the norms: a mean over the last dim
 ROTARY_GROUPS = 2 * LAYERS  # q and k
-POINTWISE_GROUPS = ROTARY_GROUPS + LAYERS  # and silu * up
+POINTWISE_GROUPS = TABLE_GROUPS + ROTARY_GROUPS + LAYERS  # and silu * up
 ROTARY_OPS = ["mul.Tensor", "fusegen.rotate_half.default", "mul.Tensor", "add.Tensor"]
 # An fp32 RMSNorm is pow, mean, add eps, rsqrt, mul, mul weight (cleanup drops its no-op
-# casts); a residual add in front makes 7; rotary is 4; silu * up is 2.
-NODES_FUSED = 6 + 7 * (2 * LAYERS) + len(ROTARY_OPS) * ROTARY_GROUPS + 2 * LAYERS
+# casts); a residual add in front makes 7; rotary is 4; silu * up is 2; a table is 2.
+NODES_FUSED = 6 + 7 * (2 * LAYERS) + len(ROTARY_OPS) * ROTARY_GROUPS + 2 * LAYERS + 2 * TABLE_GROUPS
 # normalize_graph: rotate_half's cat([neg(x[..., D/2:]), x[..., :D/2]], -1) on q and on k of
 # every layer becomes one fusegen.rotate_half(x); the one cat left builds the cos/sin tables.
 ROTATIONS = 2 * LAYERS
@@ -286,7 +288,7 @@ def test_dump_kernels_hold_the_source_of_each_fused_group(dumped):
         else:
             assert lead == 2 and "(cols + N // 2)" not in source, name  # [B, S] x N
     # per layer: q's rotary right after the input norm, then k's
-    assert rotary == [f"fused_{i}" for layer in range(LAYERS) for i in (5 * layer + 1, 5 * layer + 2)]
+    assert rotary == [f"fused_{TABLE_GROUPS + i}" for layer in range(LAYERS) for i in (5 * layer + 1, 5 * layer + 2)]
 
 
 def test_dump_summary_json_matches_the_report(dumped):

@@ -3,7 +3,8 @@
 
     launch_decode         _decode_split_kernel, grid (T, Hkv, NUM_SPLITS); with NUM_SPLITS > 1
                           the last split of each (token, KV head) to finish combines the
-                          partials (FUSED_REDUCE), or _decode_reduce_kernel, grid (T, Hq), does
+                          partials (FUSED_REDUCE); without it _decode_reduce_kernel,
+                          grid (T, Hq), combines them in a second launch
 
 One program serves one token and one KV head: the GROUP query heads of that KV head are the
 rows of its tile, so each K/V tile is read once per group. A token's visible keys are cut

@@ -19,6 +19,7 @@ scale then multiplies each word's sum of eight products: q is read as int32 word
 nibbles, each nibble made a float 128 + nibble by one shift and one and-or (``Q_WORDS``),
 and a bf16 x is read as 32-bit column
 pairs (``X_PAIRS``), each half converted by one integer op, instead of two strided loads.
+The tile helpers (unpacking, x loads, the product) are in quant_tiles.py.
 
 The tiling, split-K and the fused deterministic reduction (and its workspace and tickets) are
 the bf16 template's (skinny_gemm.py, ``_finish_tile``); the measured table is its
@@ -38,103 +39,13 @@ import triton.language as tl
 
 from fusegen.codegen import launch, skinny_gemm
 from fusegen.codegen.launch import pdl, prefetch_rows
+from fusegen.codegen.quant_tiles import int4_words_row, load_bf16_pairs, load_x, mma, small_int_to_float
 from fusegen.codegen.skinny_gemm import MAX_M, WORKSPACE, Choice, GemmConfig, _finish_tile, _prefetch, candidates
 from fusegen.fused_group import kernels_wanted
 from fusegen.quant import FORMATS, GROUP, dequantize
 
 CODES = {"int8": 0, "fp8": 1, "int4": 2}
 FP8_MAX = 448.0   # e4m3's largest finite value
-
-
-@triton.jit
-def _mma(acc, a, b, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
-    """acc + a @ b.T for a [BM, BK], b [BN, BK] of one dtype (fp32 products, fp32 sum)."""
-    if USE_DOT:
-        if IEEE:
-            acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, tl.trans(b), acc)
-    else:
-        acc += tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)
-    return acc
-
-
-@triton.jit
-def _small_int_to_float(u, OFFSET: tl.constexpr):
-    """float(u - OFFSET) for int32 0 <= u < 2^23 without an int-to-float conversion (a
-    quarter-rate instruction on NVIDIA GPUs, which would bound the weight stream): u's bits
-    under the exponent of 2^23 make the float 2^23 + u exactly."""
-    return (u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
-
-
-@triton.jit
-def _nibble_plus_128(words, j: tl.constexpr):
-    """float32 128 + (nibble j of each int32 word, bits 4j..4j+3), in one shift and one
-    and-or: 128's mantissa bits 16..22 count ones, so the nibble moved there is added
-    exactly."""
-    if j < 4:
-        bits = words << (16 - 4 * j)
-    elif j > 4:
-        bits = words >> (4 * j - 16)   # the bits shifted in from above are masked off
-    else:
-        bits = words
-    return ((bits & 0x000F0000) | 0x43000000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _int4_words_row(x_ptr, a_ptr, words, k0, wi, K, stride_xk, HAS_ACT: tl.constexpr,
-                    MASK_K: tl.constexpr, X_PAIRS: tl.constexpr):
-    """sum_j x[k0 + 8 wi + j] (nibble_j - 8) for each int32 word of 8 nibbles (tile
-    [BLOCK_N, len(wi)], nibble j = column k0 + 8 wi + j), for one row of x: a nibble becomes
-    (128 + nibble) - 136 in one shift, one and-or and one add, exactly. Static sm90 SASS
-    (16 x 512 tile, 4 warps) has 0.46 warp instructions per weight byte in the K loop against
-    0.52 unpacking bytes one nibble at a time, and 48 registers against 70. X_PAIRS: a bf16
-    x is read as 32-bit column pairs."""
-    rm = tl.arange(0, 1)
-    acc = tl.zeros(words.shape, dtype=tl.float32)
-    for p in tl.static_range(4):
-        if X_PAIRS:
-            x_even, x_odd = _load_bf16_pairs(x_ptr, a_ptr, k0 + 2 * p, 4 * wi, K, HAS_ACT, MASK_K)
-        else:
-            even = k0 + 8 * wi + 2 * p
-            x_even = _load_x(x_ptr, a_ptr, rm, even, 1, K, 0, stride_xk, HAS_ACT, MASK_K).to(tl.float32)
-            x_odd = _load_x(x_ptr, a_ptr, rm, even + 1, 1, K, 0, stride_xk, HAS_ACT, MASK_K).to(tl.float32)
-        acc += x_even * (_nibble_plus_128(words, 2 * p) - 136.0)
-        acc += x_odd * (_nibble_plus_128(words, 2 * p + 1) - 136.0)
-    return acc
-
-
-@triton.jit
-def _load_x(x_ptr, a_ptr, rm, cols, M, K, stride_xm, stride_xk, HAS_ACT: tl.constexpr, MASK_K: tl.constexpr):
-    """x[rm, cols] (times the activation scale a[cols]) in x's dtype; zero outside."""
-    mask = rm[:, None] < M
-    if MASK_K:
-        mask = mask & (cols[None, :] < K)
-    a = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
-    if HAS_ACT:
-        act = tl.load(a_ptr + cols, mask=cols < K, other=0.0)
-        a = (a.to(tl.float32) * act[None, :]).to(x_ptr.dtype.element_ty)
-    return a
-
-
-@triton.jit
-def _load_bf16_pairs(x_ptr, a_ptr, k0, half, K, HAS_ACT: tl.constexpr, MASK_K: tl.constexpr):
-    """Row 0 of a bf16 x at the columns even = k0 + 2 * half and even + 1 as two [1, len(half)]
-    fp32 tensors, from one 32-bit load per pair (x's address and k0 are even): a bf16's
-    float32 value is its bits shifted up by 16, so both halves of the word convert by one
-    integer op each (times the activation scale a, with HAS_ACT)."""
-    even = k0 + 2 * half
-    words = x_ptr.to(tl.pointer_type(tl.int32)) + (k0 // 2 + half)[None, :]
-    if MASK_K:
-        pairs = tl.load(words, mask=(even < K)[None, :], other=0)
-    else:
-        pairs = tl.load(words)
-    x_even = (pairs << 16).to(tl.float32, bitcast=True)
-    x_odd = (pairs & -65536).to(tl.float32, bitcast=True)
-    if HAS_ACT:
-        x_even = x_even * tl.load(a_ptr + even, mask=even < K, other=0.0)[None, :]
-        x_odd = x_odd * tl.load(a_ptr + even + 1, mask=even < K, other=0.0)[None, :]
-    return x_even, x_odd
 
 
 @triton.jit
@@ -149,7 +60,7 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, a_ptr, bias_ptr, y_ptr, part_ptr, co
     """y[m, n] = sum_k x[m, k] a[k] W[n, k] + bias[n], W dequantized from q and s per FMT
     (0 int8, 1 fp8, 2 int4 in groups of GROUP_K, unpacked SUB_K = min(BLOCK_K, GROUP_K) at a
     time); IEEE keeps fp32 dots out of tf32. Q_WORDS (int4, one row through the fma path, rows
-    of q 4-byte aligned): q is read as int32 words of 8 nibbles (``_int4_words_row``). See the
+    of q 4-byte aligned): q is read as int32 words of 8 nibbles (``int4_words_row``). See the
     module docstring."""
     if FMT == 2:   # a K block lies in one group or is a whole number of groups
         tl.static_assert(BLOCK_K % SUB_K == 0, "int4: BLOCK_K must be a multiple of SUB_K")
@@ -184,7 +95,7 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, a_ptr, bias_ptr, y_ptr, part_ptr, co
                 group = rn * 0 + k0 // GROUP_K
                 s_mask = (rn < N) if EVEN_K else (rn < N) & (group < K // GROUP_K)
                 group_scale = tl.load(s_ptr + rn * stride_sn + group, mask=s_mask, other=0.0)
-                acc_w += _int4_words_row(x_ptr, a_ptr, words, k0, wi, K, stride_xk, HAS_ACT,
+                acc_w += int4_words_row(x_ptr, a_ptr, words, k0, wi, K, stride_xk, HAS_ACT,
                                          not EVEN_K, X_PAIRS) * group_scale[:, None]
         elif FMT == 2:
             half = tl.arange(0, SUB_K // 2)
@@ -193,15 +104,15 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, a_ptr, bias_ptr, y_ptr, part_ptr, co
                 even = k0 + 2 * half
                 w_mask = n_ok if EVEN_K else n_ok & (even[None, :] < K)
                 packed = tl.load(q_ptr + rn[:, None] * stride_qn + (k0 // 2 + half)[None, :], mask=w_mask, other=0)
-                low = _small_int_to_float((packed & 0xF).to(tl.int32), 8)
-                high = _small_int_to_float((packed >> 4).to(tl.int32), 8)
+                low = small_int_to_float((packed & 0xF).to(tl.int32), 8)
+                high = small_int_to_float((packed >> 4).to(tl.int32), 8)
                 if USE_DOT:
                     low, high = low.to(x_ptr.dtype.element_ty), high.to(x_ptr.dtype.element_ty)
                 if ROW and X_PAIRS:   # bf16 x: one 32-bit load per column pair
-                    x_even, x_odd = _load_bf16_pairs(x_ptr, a_ptr, k0, half, K, HAS_ACT, not EVEN_K)
+                    x_even, x_odd = load_bf16_pairs(x_ptr, a_ptr, k0, half, K, HAS_ACT, not EVEN_K)
                 else:
-                    x_even = _load_x(x_ptr, a_ptr, rm, even, M, K, stride_xm, stride_xk, HAS_ACT, not EVEN_K)
-                    x_odd = _load_x(x_ptr, a_ptr, rm, even + 1, M, K, stride_xm, stride_xk, HAS_ACT, not EVEN_K)
+                    x_even = load_x(x_ptr, a_ptr, rm, even, M, K, stride_xm, stride_xk, HAS_ACT, not EVEN_K)
+                    x_odd = load_x(x_ptr, a_ptr, rm, even + 1, M, K, stride_xm, stride_xk, HAS_ACT, not EVEN_K)
                 group = rn * 0 + k0 // GROUP_K
                 s_mask = (rn < N) if EVEN_K else (rn < N) & (group < K // GROUP_K)
                 group_scale = tl.load(s_ptr + rn * stride_sn + group, mask=s_mask, other=0.0)
@@ -209,22 +120,22 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, a_ptr, bias_ptr, y_ptr, part_ptr, co
                     acc_w += (x_even.to(tl.float32) * low + x_odd.to(tl.float32) * high) * group_scale[:, None]
                 else:
                     part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                    part = _mma(part, x_even, low, USE_DOT, IEEE)
-                    part = _mma(part, x_odd, high, USE_DOT, IEEE)
+                    part = mma(part, x_even, low, USE_DOT, IEEE)
+                    part = mma(part, x_odd, high, USE_DOT, IEEE)
                     acc += part * group_scale[None, :]
         else:
             cols = k + tl.arange(0, BLOCK_K)
             w_mask = n_ok if EVEN_K else n_ok & (cols[None, :] < K)
             w = tl.load(q_ptr + rn[:, None] * stride_qn + cols[None, :], mask=w_mask, other=0.0)
-            a = _load_x(x_ptr, a_ptr, rm, cols, M, K, stride_xm, stride_xk, HAS_ACT, not EVEN_K)
+            a = load_x(x_ptr, a_ptr, rm, cols, M, K, stride_xm, stride_xk, HAS_ACT, not EVEN_K)
             if FMT == 0:
-                w = _small_int_to_float(w.to(tl.int32) + 128, 128)
+                w = small_int_to_float(w.to(tl.int32) + 128, 128)
             if USE_DOT or FMT == 1:
                 w = w.to(x_ptr.dtype.element_ty if USE_DOT else tl.float32)
             if ROW:
                 acc_w += a.to(tl.float32) * w
             else:
-                acc = _mma(acc, a, w, USE_DOT, IEEE)
+                acc = mma(acc, a, w, USE_DOT, IEEE)
     if ROW:
         acc = tl.sum(acc_w, axis=1)[None, :]
     # int8/fp8: the per-channel scale once, on the finished sum; int4 was scaled per group
